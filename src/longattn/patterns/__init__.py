@@ -1,0 +1,39 @@
+"""Sparse attention patterns: one algebra for the patterns of the literature.
+
+Every pattern gives a FlexAttention ``mask_mod``, a dense oracle, an exact block layout, its density and
+a readable name; ``|``, ``&`` and ``per_head`` compose them.
+"""
+
+from ._base import Geometry, Pattern
+from .bigbird import bigbird
+from .causal import causal
+from .compose import per_head
+from .full import full
+from .global_tokens import global_tokens
+from .layout import BlockPlan, clear_caches, get_plan
+from .longformer import longformer
+from .parse import parse_pattern
+from .random_blocks import random_blocks
+from .sparse_transformer import fixed, sparse_transformer, strided
+from .window import dilated, sliding_window
+
+__all__ = [
+    "BlockPlan",
+    "Geometry",
+    "Pattern",
+    "bigbird",
+    "causal",
+    "clear_caches",
+    "dilated",
+    "fixed",
+    "full",
+    "get_plan",
+    "global_tokens",
+    "longformer",
+    "parse_pattern",
+    "per_head",
+    "random_blocks",
+    "sliding_window",
+    "sparse_transformer",
+    "strided",
+]

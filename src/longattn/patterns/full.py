@@ -1,0 +1,23 @@
+"""The full pattern: every query attends every key (what ``pattern=None`` means)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import AllowedFn, Geometry, Pattern
+
+
+class Full(Pattern):
+    name = "full"
+
+    @property
+    def key(self):
+        return ("full",)
+
+    def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
+        return lambda b, h, i, j: j >= 0
+
+
+def full() -> Pattern:
+    """Dense attention as a pattern; ``attention(..., pattern=full())`` equals SDPA."""
+    return Full()

@@ -1,0 +1,56 @@
+"""Patterns from text, for the command line: ``"longformer(window=512, global_idx=[0]) | causal()"``.
+
+Only the registered constructors, literal arguments and the ``|`` / ``&`` operators are accepted; the
+text is parsed with ``ast``, never evaluated.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Callable
+
+from ._base import Pattern
+from .bigbird import bigbird
+from .causal import causal
+from .compose import per_head
+from .full import full
+from .global_tokens import global_tokens
+from .longformer import longformer
+from .random_blocks import random_blocks
+from .sparse_transformer import fixed, sparse_transformer, strided
+from .window import dilated, sliding_window
+
+CONSTRUCTORS: dict[str, Callable[..., Pattern]] = {
+    f.__name__: f
+    for f in (full, sliding_window, dilated, global_tokens, random_blocks, bigbird, strided, fixed, causal,
+              per_head, longformer, sparse_transformer)
+}
+
+
+def parse_pattern(text: str) -> Pattern:
+    """Build a pattern from an expression such as ``"causal(sliding_window(128)) | global_tokens([0])"``."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as err:
+        raise ValueError(f"pattern: cannot parse {text!r}: {err.msg}") from None
+    return _build(tree.body, text)
+
+
+def _build(node: ast.AST, text: str):
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitOr, ast.BitAnd)):
+        left, right = _build(node.left, text), _build(node.right, text)
+        return left | right if isinstance(node.op, ast.BitOr) else left & right
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        if node.func.id not in CONSTRUCTORS:
+            raise ValueError(f"pattern: unknown constructor {node.func.id!r} in {text!r}; "
+                             f"known: {', '.join(sorted(CONSTRUCTORS))}")
+        args = [_build(a, text) for a in node.args]
+        kwargs = {kw.arg: _build(kw.value, text) for kw in node.keywords}
+        return CONSTRUCTORS[node.func.id](*args, **kwargs)
+    if isinstance(node, ast.Name) and node.id in CONSTRUCTORS:
+        return CONSTRUCTORS[node.id]()
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_build(e, text) for e in node.elts]
+    if isinstance(node, (ast.Constant, ast.UnaryOp)):
+        return ast.literal_eval(node)
+    raise ValueError(f"pattern: unsupported expression {ast.unparse(node)!r} in {text!r}")
