@@ -77,19 +77,24 @@ def gathered_positions(geo: Geometry, block: int, kv_index: Tensor, q_blocks: Te
 
 
 def evaluate_blocks(pattern: Pattern, geo: Geometry, block: int, kv_index: Tensor, kv_count: Tensor,
-                    device: torch.device) -> Tensor:
-    """Token mask of the gathered blocks (B'', H'', nQB, block, K * block); False outside real pairs."""
+                    device: torch.device, q_blocks: Tensor | None = None) -> Tensor:
+    """Token mask of the gathered blocks (B'', H'', n, block, K * block); False outside real pairs.
+
+    ``kv_index`` (B', H', n, K) lists key blocks for the query blocks ``q_blocks`` (default: all).
+    """
     allowed = pattern.allowed_fn(geo, device)
     bp, hp, nqb, k = kv_index.shape
     b = torch.arange(geo.batch, device=device).view(-1, 1, 1, 1, 1)
     h = torch.arange(geo.num_heads, device=device).view(1, -1, 1, 1, 1)
     slot_real = (torch.arange(k, device=device) < kv_count[..., None])  # (B', H', nQB, K)
+    if q_blocks is None:
+        q_blocks = torch.arange(nqb, device=device)
     per_chunk = max(1, _EVAL_CHUNK // max(1, bp * hp * block * k * block))
     chunks = []
     for start in range(0, nqb, per_chunk):
         sel = torch.arange(start, min(nqb, start + per_chunk), device=device)
-        i, j = gathered_positions(geo, block, kv_index[:, :, sel], sel)
-        real = (i < geo.kv_len) & (i - geo.offset < geo.q_len) & (j < geo.kv_len)
+        i, j = gathered_positions(geo, block, kv_index[:, :, sel], q_blocks[sel])
+        real = (i - geo.offset < geo.q_len) & (j < geo.kv_len)
         real = real & slot_real[:, :, sel].repeat_interleave(block, -1).unsqueeze(-2)
         chunks.append(allowed(b, h, i, j) & real)
     bb, hh = max(c.shape[0] for c in chunks), max(c.shape[1] for c in chunks)

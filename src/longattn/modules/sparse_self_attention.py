@@ -1,0 +1,56 @@
+"""``SparseSelfAttention``: multi-head self-attention over ``x: (B, N, C)`` with a longattn pattern."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import attention
+from ..patterns import Pattern
+
+
+class SparseSelfAttention(nn.Module):
+    """Multi-head self-attention whose score pattern is a longattn ``Pattern``.
+
+    Args:
+        dim: model width C; must be divisible by ``num_heads``.
+        num_heads: number of heads H (per-head patterns need a multiple of their head count).
+        pattern: the attention pattern; ``None`` = full attention.
+        qkv_bias: bias on the q/k/v projection.
+        dropout: attention-probability dropout, active in training mode only.
+        backend: passed to ``longattn.attention``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, pattern: Pattern | None = None, qkv_bias: bool = True,
+                 proj_bias: bool = True, dropout: float = 0.0, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if pattern is not None and not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a longattn Pattern or None, got {type(pattern).__name__}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.pattern, self.dropout, self.backend = pattern, dropout, backend
+        factory = {"device": device, "dtype": dtype}
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.qkv, self.proj):
+            nn.init.xavier_uniform_(lin.weight)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None
+                ) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (B, N, C={self.dim}), got {tuple(x.shape)}")
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
+        out = attention(q, k, v, pattern=self.pattern, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                        dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.dim))  # (B, N, C)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, pattern={self.pattern}, backend={self.backend!r}"
