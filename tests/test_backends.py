@@ -1,0 +1,194 @@
+"""Every pattern x backend x dtype against the float64 oracle: forward and gradients of q, k, v.
+
+Odd sizes (N = 97, 1025; head dim 40), key padding, causal, Nq != Nk and fully masked rows.
+FlexAttention on CPU is forward-only and compiles per shape, so it runs a representative subset here and
+the whole matrix under ``-m slow`` (and on CUDA, where it also trains).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import longattn as la
+from conftest import DEVICES, assert_close_to_reference, qkv
+
+
+def _per_example_globals(batch, n):
+    flags = torch.zeros(batch, n, dtype=torch.bool)
+    flags[0, 0] = True
+    flags[-1, n // 3] = flags[-1, n - 1] = True
+    return la.global_tokens(flags) | la.sliding_window(8)
+
+
+# Factories (batch, kv_len) -> pattern, so per-example patterns get matching shapes.
+PATTERNS = {
+    "full": lambda b, n: la.full(),
+    "window": lambda b, n: la.sliding_window(7),
+    "window_left": lambda b, n: la.sliding_window(5, 0),
+    "dilated": lambda b, n: la.dilated(8, 3),
+    "global": lambda b, n: la.global_tokens([0, n // 2]),
+    "global_per_example": _per_example_globals,
+    "random": lambda b, n: la.random_blocks(2, 16, seed=3),
+    "bigbird": lambda b, n: la.bigbird(16),
+    "strided": lambda b, n: la.strided(8),
+    "fixed": lambda b, n: la.fixed(16, 4),
+    "causal": lambda b, n: la.causal(),
+    "causal_window": lambda b, n: la.causal(la.sliding_window(16)),
+    "longformer": lambda b, n: la.longformer(32, global_idx=[1]),
+    "st_strided": lambda b, n: la.sparse_transformer("strided", stride=16),
+    "st_fixed": lambda b, n: la.sparse_transformer("fixed", block=16, c=4),
+    "causal_bigbird": lambda b, n: la.causal(la.bigbird(16)),
+    "composed": lambda b, n: (la.sliding_window(8) & la.dilated(16, 2)) | la.global_tokens([5]),
+    "per_head": lambda b, n: la.per_head([la.sliding_window(4), la.causal(), la.bigbird(16), la.full()]),
+}
+
+# name -> (B, H, Nq, Nk, D, pad): pad masks the second half of the last example's keys.
+SCENARIOS = {
+    "square97": (2, 4, 97, 97, 40, False),
+    "padded1025": (2, 4, 1025, 1025, 40, True),
+    "kvcache": (2, 4, 33, 97, 40, True),
+}
+
+
+def _case(pattern_name, scenario, dtype, device):
+    b, h, nq, nk, d, pad = SCENARIOS[scenario]
+    pattern = PATTERNS[pattern_name](b, nk)
+    q, k, v = qkv(b, h, nq, nk, d, dtype, device)
+    kpm = None
+    if pad:
+        kpm = torch.ones(b, nk, dtype=torch.bool, device=device)
+        kpm[-1, nk // 2:] = False
+    keep = pattern.dense(nq, nk, num_heads=h, batch_size=b, device=device)
+    if kpm is not None:
+        keep = keep & kpm[:, None, None, :]
+    return pattern, q, k, v, kpm, keep
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("pattern_name", list(PATTERNS))
+def test_blocked_matches_oracle(pattern_name, scenario, dtype, device):
+    pattern, q, k, v, kpm, keep = _case(pattern_name, scenario, dtype, device)
+    assert_close_to_reference("blocked", q, k, v, keep, pattern=pattern, key_padding_mask=kpm)
+
+
+@pytest.mark.parametrize("pattern_name", ["window", "causal_window", "global_per_example", "bigbird"])
+def test_auto_matches_oracle(pattern_name):
+    pattern, q, k, v, kpm, keep = _case(pattern_name, "padded1025", torch.float32, "cpu")
+    assert_close_to_reference("auto", q, k, v, keep, pattern=pattern, key_padding_mask=kpm)
+
+
+FLEX_CPU_QUICK = [("longformer", "square97"), ("causal_bigbird", "kvcache"), ("global_per_example", "padded1025"),
+                  ("st_fixed", "padded1025")]
+
+
+def _flex_case(pattern_name, scenario, dtype, device):
+    pattern, q, k, v, kpm, keep = _case(pattern_name, scenario, dtype, device)
+    grad = device != "cpu"
+    assert_close_to_reference("flex", q, k, v, keep, grad=grad, pattern=pattern, key_padding_mask=kpm)
+
+
+@pytest.mark.parametrize("pattern_name,scenario", FLEX_CPU_QUICK)
+def test_flex_cpu_forward_matches_oracle(pattern_name, scenario):
+    _flex_case(pattern_name, scenario, torch.float32, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("pattern_name", list(PATTERNS))
+def test_flex_matches_oracle_full_matrix(pattern_name, scenario, dtype, device):
+    _flex_case(pattern_name, scenario, dtype, device)
+
+
+@pytest.mark.parametrize("backend", ["dense", "blocked"])
+def test_fully_masked_rows_are_zero_with_zero_grad(backend):
+    b, h, n, d = 2, 2, 97, 40
+    q, k, v = (t.requires_grad_() for t in qkv(b, h, n, n, d))
+    kpm = torch.ones(b, n, dtype=torch.bool)
+    kpm[1] = False  # every key of example 1 is padding
+    kpm[0, :50] = False  # causal rows 0..49 of example 0 see only padding
+    out = la.attention(q, k, v, pattern=la.causal(la.sliding_window(20)), key_padding_mask=kpm, backend=backend)
+    assert not out.isnan().any()
+    assert (out[1] == 0).all() and (out[0, :, :50] == 0).all() and (out[0, :, 50:] != 0).any()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert not t.grad.isnan().any()
+    assert (q.grad[1] == 0).all() and (q.grad[0, :, :50] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["dense", "blocked"])
+def test_empty_pattern_rows_when_queries_outnumber_keys(backend):
+    q, k, v = qkv(1, 2, 40, 25, 16)
+    out = la.attention(q, k, v, pattern=la.causal(), backend=backend)
+    assert (out[:, :, :15] == 0).all() and not out.isnan().any()
+
+
+@pytest.mark.parametrize("backend", ["dense", "blocked"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_attn_mask_combines_with_pattern(backend, kind):
+    b, h, n, d = 2, 2, 97, 40
+    q, k, v = qkv(b, h, n, n, d)
+    gen = torch.Generator().manual_seed(1)
+    extra = torch.rand(b, 1, n, n, generator=gen) > 0.3
+    pattern = la.sliding_window(9) | la.global_tokens([3])
+    keep = pattern.dense(n, num_heads=h) & extra
+    if kind == "bool":
+        assert_close_to_reference(backend, q, k, v, keep, pattern=pattern, attn_mask=extra)
+    else:
+        bias = torch.randn(b, 1, n, n, generator=gen).masked_fill(~extra, float("-inf"))
+        assert_close_to_reference(backend, q, k, v, pattern.dense(n, num_heads=h), pattern=pattern, bias=bias)
+
+
+@pytest.mark.parametrize("backend", ["dense", "blocked", "auto"])
+def test_no_pattern_equals_sdpa(backend):
+    q, k, v = qkv(2, 3, 97, 97, 40)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for pattern in (None, la.full()):
+        torch.testing.assert_close(la.attention(q, k, v, pattern=pattern, backend=backend), expected)
+
+
+def test_custom_scale_and_value_dim():
+    q, k, _ = qkv(1, 2, 97, 97, 40)
+    v = torch.randn(1, 2, 97, 24)
+    keep = la.sliding_window(5).dense(97, num_heads=2)
+    assert_close_to_reference("blocked", q, k, v, keep, pattern=la.sliding_window(5), scale=0.3)
+
+
+def test_blocked_gradcheck_float64():
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 23, 23, 8, torch.float64))
+    kpm = torch.ones(1, 23, dtype=torch.bool)
+    kpm[0, -3:] = False
+    pattern = la.causal(la.sliding_window(5)) | la.global_tokens([0])
+
+    def fn(q, k, v):
+        return la.attention(q, k, v, pattern=pattern, key_padding_mask=kpm, backend="blocked")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_blocked_gradcheck_with_heavy_rows_and_kvcache():
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 9, 40, 4, torch.float64))
+    pattern = la.bigbird(4, random_blocks=1) | la.global_tokens([37])
+
+    def fn(q, k, v):
+        return la.attention(q, k, v, pattern=pattern, backend="blocked")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_dropout_blocked_is_unbiased_and_seeded():
+    q, k, v = qkv(1, 2, 64, 64, 8)
+    pattern = la.sliding_window(8)
+    torch.manual_seed(0)
+    a = la.attention(q, k, v, pattern=pattern, dropout_p=0.5, backend="blocked")
+    torch.manual_seed(0)
+    b = la.attention(q, k, v, pattern=pattern, dropout_p=0.5, backend="blocked")
+    torch.testing.assert_close(a, b)
+    mean = torch.stack([la.attention(q, k, v, pattern=pattern, dropout_p=0.5, backend="blocked")
+                        for _ in range(200)]).mean(0)
+    expected = la.attention(q, k, v, pattern=pattern)
+    assert (mean - expected).abs().mean() < 0.03  # inverted dropout keeps the expectation

@@ -1,0 +1,55 @@
+"""SparseSelfAttention, the auto rule and explain()."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import longattn as la
+from conftest import qkv
+from longattn.backends import CROSSOVER
+
+
+def test_module_matches_manual_computation():
+    torch.manual_seed(0)
+    attn = la.SparseSelfAttention(32, 4, pattern=la.sliding_window(3))
+    x = torch.randn(2, 50, 32)
+    kpm = torch.ones(2, 50, dtype=torch.bool)
+    kpm[1, 40:] = False
+    out = attn(x, key_padding_mask=kpm)
+    q, k, v = attn.qkv(x).view(2, 50, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    keep = la.sliding_window(3).dense(50, num_heads=4) & kpm[:, None, None, :]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    torch.testing.assert_close(out, attn.proj(ref.transpose(1, 2).reshape(2, 50, 32)))
+    out.sum().backward()
+    assert attn.qkv.weight.grad is not None
+
+
+def test_module_device_dtype_and_reset_parameters():
+    attn = la.SparseSelfAttention(16, 2, device="meta", dtype=torch.float64)
+    assert attn.qkv.weight.device.type == "meta" and attn.qkv.weight.dtype == torch.float64
+    real = attn.to_empty(device="cpu")
+    real.reset_parameters()
+    assert torch.isfinite(real.qkv.weight).all() and (real.qkv.bias == 0).all()
+    assert "pattern=None" in repr(real)
+
+
+def test_module_dropout_only_in_training():
+    attn = la.SparseSelfAttention(16, 2, pattern=la.sliding_window(2), dropout=0.5).eval()
+    x = torch.randn(1, 30, 16)
+    torch.testing.assert_close(attn(x), attn(x))
+
+
+def test_auto_rule_and_explain(caplog):
+    short = qkv(1, 2, 64, 64, 16)
+    long_ = qkv(1, 2, CROSSOVER + 1, CROSSOVER + 1, 16)
+    assert la.explain(*short, pattern=la.sliding_window(8)).backend == "dense"
+    assert la.explain(*long_).backend == "dense"
+    assert la.explain(*long_, pattern=la.sliding_window(8)).backend == "blocked"
+    assert la.explain(*long_, pattern=la.causal()).backend == "dense"  # density 0.5 + a little
+    choice = la.explain(*long_, pattern=la.sliding_window(8), backend="dense")
+    assert choice.backend == "dense" and "explicitly" in choice.reason
+    with caplog.at_level(logging.DEBUG, logger="longattn"):
+        la.attention(*long_, pattern=la.sliding_window(8))
+    assert "blocked" in caplog.text
