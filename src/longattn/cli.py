@@ -1,1 +1,86 @@
-def main(): pass
+"""The ``longattn`` command: ``show`` draws a pattern, ``bench`` times every path."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .patterns import parse_pattern
+    from .viz import draw_pattern
+
+    pattern = parse_pattern(args.pattern)
+    out = args.out or f"{pattern.name.replace('/', '_')}.png"
+    path = draw_pattern(pattern, args.seq_len, out, kv_len=args.kv_len, block=args.block, num_heads=args.num_heads,
+                        head=args.head)
+    density = pattern.density(args.seq_len, args.kv_len, num_heads=args.num_heads, block=args.block)
+    print(f"{pattern.name}: density {density:.4f} at Nq={args.seq_len}; wrote {path}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    cfg = bench.BenchConfig(device=args.device, heads=args.heads, head_dim=args.head_dim, batch=args.batch)
+    if args.quick:
+        for key, value in bench.QUICK.items():
+            setattr(cfg, key, value)
+    for key in ("patterns", "paths", "modes", "lengths", "dtypes"):
+        value = getattr(args, key)
+        if value:
+            setattr(cfg, key, value)
+    if args.min_run_time is not None:
+        cfg.min_run_time = args.min_run_time
+    bench.run(cfg, Path(args.out) if args.out else None, progress=not args.no_progress)
+    if args.out:
+        print(f"wrote {args.out}/bench.json and {args.out}/bench.csv")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench import BENCH_PATTERNS, DTYPES, MODES, PATHS
+
+    parser = argparse.ArgumentParser(prog="longattn", description="Sparse attention for long inputs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    show = sub.add_parser("show", help="draw a pattern's token mask and block layout")
+    show.add_argument("pattern", help='pattern expression, e.g. "longformer(window=512, global_idx=[0])"')
+    show.add_argument("--seq-len", type=int, required=True, help="query length Nq")
+    show.add_argument("--kv-len", type=int, default=None, help="key length Nk (default: Nq)")
+    show.add_argument("--block", type=int, default=64, help="block size of the layout")
+    show.add_argument("--num-heads", type=int, default=1, help="heads (per-head patterns need a multiple)")
+    show.add_argument("--head", type=int, default=0, help="which head to draw")
+    show.add_argument("--out", default=None, help="PNG path (default: <pattern name>.png)")
+    show.set_defaults(func=_cmd_show)
+
+    b = sub.add_parser("bench", help="time patterns x paths against dense SDPA and FlexAttention")
+    b.add_argument("--quick", action="store_true", help="a subset that runs in under 2 minutes")
+    b.add_argument("--patterns", nargs="+", choices=list(BENCH_PATTERNS))
+    b.add_argument("--paths", nargs="+", choices=list(PATHS))
+    b.add_argument("--modes", nargs="+", choices=list(MODES))
+    b.add_argument("--lengths", nargs="+", type=int)
+    b.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
+    b.add_argument("--heads", type=int, default=12)
+    b.add_argument("--head-dim", type=int, default=64)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement")
+    b.add_argument("--out", default=None, help="folder for bench.json and bench.csv")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as err:
+        print(f"longattn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

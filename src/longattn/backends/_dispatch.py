@@ -1,7 +1,7 @@
 """``backend="auto"``: pick a backend by a fixed, documented rule, and say why.
 
 1. No pattern (or the full pattern), or a pattern denser than ``DENSE_DENSITY``: dense SDPA.
-2. Fewer than ``CROSSOVER`` keys: dense SDPA (launch and gather overheads dominate short inputs).
+2. At most ``CROSSOVER`` keys: dense SDPA (launch and gather overheads dominate short inputs).
 3. CUDA and FlexAttention can serve the call: flex.
 4. Otherwise: blocked (trains everywhere, no compilation).
 
@@ -64,8 +64,8 @@ def choose(inp: AttentionInputs, backend: str = "auto") -> Choice:
     geo = inp.geometry
     if inp.sparse_pattern is None:
         return Choice("dense", "no sparse pattern: full attention is SDPA")
-    if geo.kv_len < CROSSOVER:
-        return Choice("dense", f"{geo.kv_len} keys < crossover {CROSSOVER}: dense SDPA is faster on short inputs")
+    if geo.kv_len <= CROSSOVER:
+        return Choice("dense", f"{geo.kv_len} keys <= crossover {CROSSOVER}: dense SDPA is faster on short inputs")
     density = _density(inp)
     if density > DENSE_DENSITY:
         return Choice("dense", f"pattern density {density:.2f} > {DENSE_DENSITY}: little to skip")

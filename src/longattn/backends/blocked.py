@@ -33,6 +33,8 @@ class QueryGroup:
     q_blocks: Tensor  # (n,) long: which query blocks
     kv_index: Tensor | None  # (B', H', n, K) long key blocks, or None = every key block (heavy rows)
     keep: Tensor  # (B', H', n, s, K * s) bool, or (B', H', 1, n * s, Nk_pad) for heavy rows
+    drop: Tensor  # what the pattern alone drops, and its dead rows (see drop_mask)
+    dead: Tensor | None
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,15 +68,15 @@ def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.de
     groups = []
     if light.numel():
         k = max(1, int(counts[light.cpu()].max()))
-        groups.append(QueryGroup(light, plan.kv_index[:, :, light, :k].contiguous(),
-                                 plan.token_mask[:, :, light, :, : k * block].contiguous()))
+        keep = plan.token_mask[:, :, light, :, : k * block].contiguous()
+        groups.append(QueryGroup(light, plan.kv_index[:, :, light, :k].contiguous(), keep, *drop_mask(keep)))
     if heavy.numel():
         nkb = plan.num_kv_blocks
         all_blocks = torch.arange(nkb, device=device).expand(1, 1, heavy.numel(), nkb)
         keep = evaluate_blocks(pattern, geo, block, all_blocks, torch.full((1, 1, heavy.numel()), nkb, device=device),
                                device, q_blocks=heavy)
-        bp, hp = keep.shape[:2]
-        groups.append(QueryGroup(heavy, None, keep.reshape(bp, hp, 1, heavy.numel() * block, nkb * block)))
+        keep = keep.reshape(*keep.shape[:2], 1, heavy.numel() * block, nkb * block)
+        groups.append(QueryGroup(heavy, None, keep, *drop_mask(keep)))
     ids = torch.cat([g.q_blocks for g in groups])
     identity = torch.equal(ids, torch.arange(ids.numel(), device=device))
     return Schedule(block, tuple(groups), None if identity else torch.argsort(ids))
@@ -88,26 +90,48 @@ def get_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.devi
     return _SCHEDULES.get_or_build(key, lambda: build_schedule(pattern, geo, block, device))
 
 
-def masked_attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, bias: Tensor | None, scale: float,
-                  dropout_p: float) -> Tensor:
-    """softmax(q k^T * scale + bias, masked by keep) v, with rows that keep nothing giving 0 (no NaN).
+def drop_mask(keep: Tensor) -> tuple[Tensor, Tensor | None]:
+    """From a keep mask (..., m, n): the entries to drop, and (..., m, 1) rows that keep nothing (or None).
 
-    q (..., m, d), k (..., n, d), v (..., n, dv), keep/bias broadcast to (..., m, n).
+    Dead rows keep their scores (so softmax stays finite) and are zeroed after it.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    live = keep.any(-1, keepdim=True)
+    if bool(live.all()):
+        return ~keep, None
+    return ~keep & live, ~live
+
+
+def masked_attend(q: Tensor, k: Tensor, v: Tensor, drop: Tensor | None, dead: Tensor | None, scale: float,
+                  dropout_p: float, bias: Tensor | None = None) -> Tensor:
+    """softmax(q k^T * scale + bias, dropping ``drop``) v, with ``dead`` rows giving 0 (no NaN).
+
+    q (..., m, d), k (..., n, d), v (..., n, dv); drop/bias broadcast to (..., m, n), dead to (..., m, 1).
+    """
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
     if bias is not None:
         scores = scores + bias
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    # The max only stabilises exp and cancels in the ratio: no gradient needs to flow through it.
-    row_max = scores.amax(-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    probs = torch.exp(scores - row_max)
-    total = probs.sum(-1, keepdim=True)
-    probs = probs / torch.where(total > 0, total, 1.0)
+    if drop is not None:
+        scores.masked_fill_(drop, float("-inf"))  # matmul saves its inputs, not its output: in-place is safe
+    probs = torch.softmax(scores, dim=-1)
+    if dead is not None:
+        probs = probs.masked_fill(dead, 0.0)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return torch.matmul(probs, v)
+
+
+def gather_blocks(x: Tensor, kv_index: Tensor, block: int) -> Tensor:
+    """x (b, h, N_pad, d), kv_index (B', H', n, K) -> (b, h, n, K * block, d), copying whole blocks."""
+    b, h, n_pad, d = x.shape
+    nkb = n_pad // block
+    n, k = kv_index.shape[2:]
+    # index_select over flattened (b, h, block) rows copies contiguous blocks, far faster than
+    # advanced indexing with three index tensors.
+    base = (torch.arange(b, device=x.device).view(b, 1, 1, 1) * h
+            + torch.arange(h, device=x.device).view(1, h, 1, 1)) * nkb
+    flat = (base + kv_index).reshape(-1)  # (b * h * n * K,)
+    out = x.reshape(b * h * nkb, block, d).index_select(0, flat)
+    return out.view(b, h, n, k * block, d)
 
 
 def _pad_rows(t: Tensor, rows: int) -> Tensor:
@@ -135,7 +159,6 @@ def blocked_attention(inp: AttentionInputs, *, block: int | None = None) -> Tens
             am = am.unsqueeze(0)
         am = F.pad(am, (0, nkb * block - nk, 0, nqb * block - nq))  # (B?, H?, Nq_pad, Nk_pad)
     bi = torch.arange(b, device=device).view(b, 1, 1, 1)
-    hi = torch.arange(h, device=device).view(1, h, 1, 1)
 
     outs = []
     for g in sched.groups:
@@ -146,11 +169,9 @@ def blocked_attention(inp: AttentionInputs, *, block: int | None = None) -> Tens
             kg, vg = k.unsqueeze(2), v.unsqueeze(2)  # (b, h, 1, Nk_pad, d)
             cols = torch.arange(nkb * block, device=device).view(1, 1, 1, 1, -1)
         else:
-            kw = g.kv_index.shape[-1]
-            kg = k.view(b, h, nkb, block, d)[bi, hi, g.kv_index].reshape(b, h, n, kw * block, d)
-            vg = v.view(b, h, nkb, block, dv)[bi, hi, g.kv_index].reshape(b, h, n, kw * block, dv)
+            kg, vg = gather_blocks(k, g.kv_index, block), gather_blocks(v, g.kv_index, block)
             cols = (g.kv_index[..., None] * block + torch.arange(block, device=device)).flatten(-2).unsqueeze(-2)
-        keep, bias = g.keep, None
+        keep, bias, drop, dead = g.keep, None, g.drop, g.dead
         if kpm is not None:
             keep = keep & kpm[bi.unsqueeze(-1), cols]  # (b, H', n, 1, cols)
         if am is not None:
@@ -162,7 +183,9 @@ def blocked_attention(inp: AttentionInputs, *, block: int | None = None) -> Tens
                 keep = keep & picked
             else:
                 bias = picked
-        out = masked_attend(qg, kg, vg, keep, bias, inp.scale, inp.dropout_p)
+        if kpm is not None or am is not None:
+            drop, dead = drop_mask(keep if bias is None else keep & (bias > float("-inf")))
+        out = masked_attend(qg, kg, vg, drop, dead, inp.scale, inp.dropout_p, bias)
         outs.append(out.reshape(b, h, n, block, dv))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (b, h, n, s, dv)
     if sched.order is not None:

@@ -17,6 +17,13 @@ from ._inputs import AttentionInputs
 
 FLEX_BLOCK = 128
 
+
+def flex_block(pattern: Pattern) -> int:
+    """Block-structured patterns (BigBird) keep their own block when the kernel can tile it (>= 64):
+    at 128 two neighbouring 64-blocks with different random partners would double the work."""
+    pb = pattern.preferred_block
+    return pb if pb is not None and pb >= 64 and pb % 64 == 0 and pb <= FLEX_BLOCK else FLEX_BLOCK
+
 try:  # FlexAttention exists from PyTorch 2.5; keep importing on builds without it.
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # pragma: no cover
@@ -65,7 +72,8 @@ def _to_kv_blocks(layout: Tensor) -> tuple[Tensor, Tensor]:
 def build_block_mask(pattern: Pattern, geo: Geometry, device: torch.device, *, key_padding_mask: Tensor | None = None,
                      bool_mask: Tensor | None = None) -> "BlockMask":
     """A ``BlockMask`` for ``pattern`` (and optional extra masks) from the pattern's exact plan."""
-    plan = get_plan(pattern, geo, FLEX_BLOCK, device)
+    block = flex_block(pattern)
+    plan = get_plan(pattern, geo, block, device)
     layout = plan.layout()
     allowed = pattern.allowed_fn(geo, device)
     offset = geo.offset
@@ -91,7 +99,7 @@ def build_block_mask(pattern: Pattern, geo: Geometry, device: torch.device, *, k
         partial = layout & ~full
     kv_num, kv_idx = _to_kv_blocks(partial)
     full_num, full_idx = _to_kv_blocks(full) if full is not None else (None, None)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
                                     seq_lengths=(geo.q_len, geo.kv_len))
 
 

@@ -1,0 +1,337 @@
+"""``longattn bench``: time every pattern on every path against dense SDPA and plain FlexAttention.
+
+Following attention-gym's ``flex_perf.py``: frozen dataclasses for the experiment and the result, FLOPs
+counted on the attended pairs only (forward 4*D per pair: QK^T and PV; backward 8*D: dV, dP, dQ, dK),
+warm-up before timing, results to JSON and CSV. CPU times come from
+``torch.utils.benchmark.Timer.blocked_autorange``; GPU times are synchronised.
+
+Peak memory: on CUDA ``max_memory_allocated``; on Linux CPUs the process's resident high-water mark
+(``VmHWM``, reset through ``/proc/self/clear_refs``) with glibc told to return large blocks to the
+system at once, so the number is the extra memory one call needs above its inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+from .backends import flex as flex_backend
+from .functional import attention
+from .patterns import Geometry, Pattern, bigbird, clear_caches, get_plan, longformer, sparse_transformer
+from .backends.blocked import choose_block
+
+PATHS = ("sdpa", "dense", "blocked", "flex", "flex_plain", "auto")
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    pattern: str  # key of BENCH_PATTERNS
+    path: str  # one of PATHS
+    mode: str  # "fwd" or "fwd+bwd"
+    seq_len: int
+    dtype: str = "fp32"
+    batch: int = 1
+    heads: int = 12
+    head_dim: int = 64
+
+
+@dataclass(frozen=True)
+class Result:
+    experiment: Experiment
+    time_ms: float | None  # median; None when the path cannot run this experiment
+    first_call_ms: float | None  # the one-off cost of the first call (plans, compilation)
+    useful_gflops: float | None  # attended-pair FLOPs / time
+    peak_mb: float | None  # extra memory of one call above its inputs
+    density: float
+    note: str = ""
+
+    def row(self) -> dict:
+        return {**asdict(self.experiment), **{k: v for k, v in asdict(self).items() if k != "experiment"}}
+
+
+BENCH_PATTERNS: dict[str, Callable[[], Pattern]] = {
+    "longformer_512": lambda: longformer(512),
+    "bigbird_64": lambda: bigbird(64, window_blocks=3, global_blocks=2, random_blocks=3, seed=0),
+    "strided_128_causal": lambda: sparse_transformer("strided", stride=128),
+}
+
+
+# ---- measurement helpers ----------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn: Callable[[], None], device: torch.device, min_run_time: float) -> float:
+    if device.type == "cuda":
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def _malloc_returns_memory(on: bool) -> None:
+    """While measuring memory, make glibc map each large block afresh and unmap it on free, so that the
+    resident high-water mark sees every peak; while timing, let it reuse memory (no page faults)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    threshold = 1 << 16 if on else 1 << 30
+    libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixing it also stops glibc's own adjustment)
+    libc.mallopt(-1, threshold)  # M_TRIM_THRESHOLD
+    if on:
+        libc.malloc_trim(0)
+
+
+def _rss_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _peak_mb(fn: Callable[[], None], device: torch.device) -> float | None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    _malloc_returns_memory(True)
+    try:
+        fn()  # once more with the new malloc setting, so cached memory is released first
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base = _rss_kb("VmRSS")
+        fn()
+        peak = _rss_kb("VmHWM")
+    except OSError:
+        return None
+    finally:
+        _malloc_returns_memory(False)
+    return None if base is None or peak is None else max(0.0, (peak - base) / 1024)
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
+    """The machine's dense matmul rate: the ceiling useful GFLOP/s are compared with."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = _median_ms(lambda: torch.mm(a, b), device, 0.5)
+    return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+# ---- the paths ------------------------------------------------------------------------------------------
+
+def _plain_flex(pattern: Pattern, exp: Experiment, device: torch.device) -> Callable:
+    """What a user writes by hand: create_block_mask from the mask_mod, flex_attention compiled."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n = exp.seq_len
+    mask_mod = pattern.mask_mod(n, n, num_heads=exp.heads, batch_size=exp.batch, device=device)
+    block = flex_backend.flex_block(pattern)
+    plan = get_plan(pattern, Geometry(n, n, exp.heads, exp.batch), block, device)
+    heads = exp.heads if plan.kv_index.shape[1] > 1 else None  # None broadcasts one mask over heads
+    block_mask = create_block_mask(mask_mod, None, heads, n, n, device=device, BLOCK_SIZE=block, _compile=True)
+    compiled = flex_backend.compiled_flex_attention()
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+def _make_call(pattern: Pattern, exp: Experiment, device: torch.device) -> Callable:
+    if exp.path == "sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    if exp.path == "flex_plain":
+        return _plain_flex(pattern, exp, device)
+    backend = exp.path
+    return lambda q, k, v: attention(q, k, v, pattern=pattern, backend=backend)
+
+
+def _why_not(exp: Experiment, device: torch.device) -> str | None:
+    if exp.path in ("flex", "flex_plain"):
+        if not flex_backend.available():
+            return "no FlexAttention"
+        if device.type == "cpu" and exp.mode == "fwd+bwd":
+            return "FlexAttention has no CPU backward"
+    if exp.path == "dense" and exp.seq_len > 8192 and device.type == "cpu":
+        return "materialised mask too slow"
+    return None
+
+
+def run_experiment(exp: Experiment, device: torch.device, *, min_run_time: float = 0.5) -> Result:
+    pattern = BENCH_PATTERNS[exp.pattern]()
+    geo = Geometry(exp.seq_len, exp.seq_len, exp.heads, exp.batch)
+    density = get_plan(pattern, geo, choose_block(pattern), device).density
+    pairs = density * exp.batch * exp.heads * exp.seq_len**2
+    flops = pairs * exp.head_dim * (4 if exp.mode == "fwd" else 12)
+    reason = _why_not(exp, device)
+    if reason:
+        return Result(exp, None, None, None, None, density, reason)
+    dtype = DTYPES[exp.dtype]
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (exp.batch, exp.heads, exp.seq_len, exp.head_dim)
+    train = exp.mode == "fwd+bwd"
+    q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype).requires_grad_(train) for _ in range(3))
+    grad_out = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    clear_caches()
+    t0 = time.perf_counter()
+    call = _make_call(pattern, exp, device)
+
+    def step() -> None:
+        out = call(q, k, v)
+        if train:
+            torch.autograd.grad(out, (q, k, v), grad_out)
+
+    if not train:
+        step_fn = step
+
+        def step() -> None:  # noqa: F811 - inference runs without autograd bookkeeping
+            with torch.no_grad():
+                step_fn()
+
+    try:
+        step()
+        _sync(device)
+        first = (time.perf_counter() - t0) * 1e3
+        step()  # warm-up
+        _sync(device)
+        ms = _median_ms(step, device, min_run_time)
+        peak = _peak_mb(step, device)
+    except (RuntimeError, NotImplementedError, ValueError) as err:  # a path that cannot run: say why
+        return Result(exp, None, None, None, None, density, f"{type(err).__name__}: {str(err)[:80]}")
+    return Result(exp, ms, first, flops / (ms * 1e-3) / 1e9, peak, density)
+
+
+def experiments(patterns: Iterable[str], paths: Iterable[str], modes: Iterable[str], lengths: Iterable[int],
+                dtypes: Iterable[str], heads: int, head_dim: int, batch: int) -> list[Experiment]:
+    return [Experiment(p, path, mode, n, dt, batch, heads, head_dim)
+            for p in patterns for dt in dtypes for mode in modes for n in lengths for path in paths]
+
+
+# ---- reporting --------------------------------------------------------------------------------------------
+
+COLUMNS = ("pattern", "dtype", "mode", "seq_len", "path", "time_ms", "vs_sdpa", "useful_gflops", "peak_mb",
+           "first_call_ms", "note")
+
+
+def _speedups(results: list[Result]) -> dict[Experiment, float]:
+    base = {}
+    for r in results:
+        e = r.experiment
+        if e.path == "sdpa" and r.time_ms:
+            base[(e.pattern, e.dtype, e.mode, e.seq_len)] = r.time_ms
+    out = {}
+    for r in results:
+        e = r.experiment
+        ref = base.get((e.pattern, e.dtype, e.mode, e.seq_len))
+        if ref and r.time_ms:
+            out[e] = ref / r.time_ms
+    return out
+
+
+def format_table(results: list[Result], header: str = "") -> str:
+    speed = _speedups(results)
+    rows = []
+    for r in results:
+        e = r.experiment
+        fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+        rows.append([e.pattern, e.dtype, e.mode, str(e.seq_len), e.path, fmt(r.time_ms, ".1f"),
+                     fmt(speed.get(e), ".2f") + ("x" if e in speed else ""), fmt(r.useful_gflops, ".1f"),
+                     fmt(r.peak_mb, ".0f"), fmt(r.first_call_ms, ".0f"), r.note])
+    widths = [max(len(c), *(len(row[n]) for row in rows)) if rows else len(c) for n, c in enumerate(COLUMNS)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [header] if header else []
+    out += [line(COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in rows]
+    return "\n".join(out)
+
+
+def save(results: list[Result], out_dir: Path, machine: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    speed = _speedups(results)
+    rows = [{**r.row(), "vs_sdpa": speed.get(r.experiment)} for r in results]
+    tmp = out_dir / "bench.json.tmp"
+    tmp.write_text(json.dumps({"machine": machine, "results": rows}, indent=1))
+    os.replace(tmp, out_dir / "bench.json")
+    with open(out_dir / "bench.csv.tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["pattern"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(out_dir / "bench.csv.tmp", out_dir / "bench.csv")
+
+
+@dataclass
+class BenchConfig:
+    patterns: list[str] = field(default_factory=lambda: list(BENCH_PATTERNS))
+    paths: list[str] = field(default_factory=lambda: list(PATHS))
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    lengths: list[int] = field(default_factory=lambda: [1024, 4096, 8192, 16384])
+    dtypes: list[str] = field(default_factory=lambda: ["fp32"])
+    heads: int = 12
+    head_dim: int = 64
+    batch: int = 1
+    device: str = "cpu"
+    min_run_time: float = 0.5
+
+
+QUICK = dict(patterns=["longformer_512", "bigbird_64"], paths=["sdpa", "blocked", "flex", "auto"],
+             lengths=[1024, 4096], min_run_time=0.2)
+
+
+def run(cfg: BenchConfig, out_dir: Path | None = None, progress: bool = True) -> list[Result]:
+    device = torch.device(cfg.device)
+    _malloc_returns_memory(False)
+    machine = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "matmul_gflops": {name: round(matmul_gflops(dt, device), 1) for name, dt in DTYPES.items()},
+    }
+    header = (f"device={machine['device']} threads={machine['threads']} torch={machine['torch']} "
+              f"matmul GFLOP/s fp32={machine['matmul_gflops']['fp32']} bf16={machine['matmul_gflops']['bf16']}")
+    print(header, flush=True)
+    todo = experiments(cfg.patterns, cfg.paths, cfg.modes, cfg.lengths, cfg.dtypes, cfg.heads, cfg.head_dim, cfg.batch)
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc="bench", unit="run")
+        except ImportError:
+            pass
+    results = []
+    for exp in todo:
+        if bar is not None:
+            bar.set_postfix_str(f"{exp.pattern} {exp.mode} N={exp.seq_len} {exp.path}")
+        results.append(run_experiment(exp, device, min_run_time=cfg.min_run_time))
+        if bar is not None:
+            bar.update()
+        if out_dir is not None:  # partial results survive an interrupted run
+            save(results, out_dir, machine)
+    if bar is not None:
+        bar.close()
+    print(format_table(results), flush=True)
+    return results

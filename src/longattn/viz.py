@@ -1,0 +1,50 @@
+"""Pictures of patterns: the token-level mask beside the block layout, with the density."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .patterns import Pattern
+
+
+def draw_pattern(pattern: Pattern, seq_len: int, out: str | Path, *, kv_len: int | None = None, block: int = 64,
+                 num_heads: int = 1, head: int = 0) -> Path:
+    """Save a PNG: the token mask of ``head`` (left) and its block layout (right), titled with density."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    if not 0 <= head < num_heads:
+        raise ValueError(f"head must be in [0, {num_heads}), got {head}")
+    dense = pattern.dense(seq_len, kv_len, num_heads=num_heads)
+    if dense.dim() == 4:  # per-example pattern: show the first example
+        dense = dense[0]
+    layout = pattern.block_layout(seq_len, kv_len, block=block, num_heads=num_heads)
+    if layout.dim() == 4:
+        layout = layout[0]
+    token = dense[min(head, dense.shape[0] - 1)]
+    blocks = layout[min(head, layout.shape[0] - 1)]
+    density = token.float().mean().item()
+    block_density = blocks.float().mean().item()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.4))
+    axes[0].imshow(token.numpy() if token.numel() <= 4096**2 else token[::4, ::4].numpy(), cmap="Blues", vmin=0, vmax=1,
+                   interpolation="nearest", extent=(0, token.shape[1], token.shape[0], 0))
+    axes[0].set_title(f"token mask: density {density:.4f}")
+    axes[1].imshow(blocks.numpy(), cmap="Oranges", vmin=0, vmax=1, interpolation="nearest",
+                   extent=(0, blocks.shape[1], blocks.shape[0], 0))
+    axes[1].set_title(f"block layout ({block}x{block}): {int(blocks.sum())}/{blocks.numel()} blocks "
+                      f"= {block_density:.3f}")
+    for ax, unit in zip(axes, ("token", "block")):
+        ax.set_xlabel(f"key {unit} j")
+        ax.set_ylabel(f"query {unit} i")
+    head_note = f", head {head} of {num_heads}" if num_heads > 1 else ""
+    fig.suptitle(f"{pattern.name}  (Nq={seq_len}, Nk={kv_len or seq_len}{head_note})")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
