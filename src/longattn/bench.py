@@ -5,15 +5,14 @@ counted on the attended pairs only (forward 4*D per pair: QK^T and PV; backward 
 warm-up before timing, results to JSON and CSV. CPU times come from
 ``torch.utils.benchmark.Timer.blocked_autorange``; GPU times are synchronised.
 
-Peak memory: on CUDA ``max_memory_allocated``; on Linux CPUs the process's resident high-water mark
-(``VmHWM``, reset through ``/proc/self/clear_refs``) with glibc told to return large blocks to the
-system at once, so the number is the extra memory one call needs above its inputs.
+Peak memory is the extra memory one call needs above its inputs: on CUDA ``max_memory_allocated``; on
+CPU the peak of live tensor bytes, counted exactly by a ``TorchDispatchMode``.
 """
 
 from __future__ import annotations
 
 import csv
-import ctypes
+import weakref
 import json
 import os
 import time
@@ -23,6 +22,8 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.benchmark import Timer
 
 from .backends import flex as flex_backend
@@ -89,32 +90,37 @@ def _median_ms(fn: Callable[[], None], device: torch.device, min_run_time: float
     return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def _malloc_returns_memory(on: bool) -> None:
-    """While measuring memory, make glibc map each large block afresh and unmap it on free, so that the
-    resident high-water mark sees every peak; while timing, let it reuse memory (no page faults)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    threshold = 1 << 16 if on else 1 << 30
-    libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixing it also stops glibc's own adjustment)
-    libc.mallopt(-1, threshold)  # M_TRIM_THRESHOLD
-    if on:
-        libc.malloc_trim(0)
+class _TensorMemory(TorchDispatchMode):
+    """Counts the bytes of every tensor storage created while active, and their peak.
+
+    Frees are seen through a finaliser on each storage, so the count is exact whatever the allocator
+    does (glibc, OpenMP workers and RSS accounting make resident-set numbers unreliable on CPU).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = self.peak = 0
+        self._live: set[int] = set()
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.current -= nbytes
+        self._live.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._live:
+                    self._live.add(key)
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+        return out
 
 
-def _rss_kb(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _peak_mb(fn: Callable[[], None], device: torch.device) -> float | None:
+def _peak_mb(fn: Callable[[], None], device: torch.device, compiled: bool) -> float | None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -122,19 +128,12 @@ def _peak_mb(fn: Callable[[], None], device: torch.device) -> float | None:
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    _malloc_returns_memory(True)
-    try:
-        fn()  # once more with the new malloc setting, so cached memory is released first
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        base = _rss_kb("VmRSS")
-        fn()
-        peak = _rss_kb("VmHWM")
-    except OSError:
+    if compiled:  # compiled code bypasses the dispatcher (and a failed trace would poison the cache)
         return None
-    finally:
-        _malloc_returns_memory(False)
-    return None if base is None or peak is None else max(0.0, (peak - base) / 1024)
+    tracker = _TensorMemory()
+    with tracker:
+        fn()
+    return tracker.peak / 2**20
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
@@ -219,10 +218,19 @@ def run_experiment(exp: Experiment, device: torch.device, *, min_run_time: float
         step()  # warm-up
         _sync(device)
         ms = _median_ms(step, device, min_run_time)
-        peak = _peak_mb(step, device)
+        peak = _peak_mb(step, device, compiled=exp.path in ("flex", "flex_plain"))
     except (RuntimeError, NotImplementedError, ValueError) as err:  # a path that cannot run: say why
         return Result(exp, None, None, None, None, density, f"{type(err).__name__}: {str(err)[:80]}")
     return Result(exp, ms, first, flops / (ms * 1e-3) / 1e9, peak, density)
+
+
+def _reuse_for_pattern(done: Result, exp: Experiment, device: torch.device) -> Result:
+    """An SDPA result re-labelled for another pattern (useful FLOPs count that pattern's pairs)."""
+    pattern = BENCH_PATTERNS[exp.pattern]()
+    geo = Geometry(exp.seq_len, exp.seq_len, exp.heads, exp.batch)
+    density = get_plan(pattern, geo, choose_block(pattern), device).density
+    gflops = None if done.useful_gflops is None else done.useful_gflops * density / done.density
+    return Result(exp, done.time_ms, done.first_call_ms, gflops, done.peak_mb, density, done.note)
 
 
 def experiments(patterns: Iterable[str], paths: Iterable[str], modes: Iterable[str], lengths: Iterable[int],
@@ -303,7 +311,6 @@ QUICK = dict(patterns=["longformer_512", "bigbird_64"], paths=["sdpa", "blocked"
 
 def run(cfg: BenchConfig, out_dir: Path | None = None, progress: bool = True) -> list[Result]:
     device = torch.device(cfg.device)
-    _malloc_returns_memory(False)
     machine = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
@@ -323,10 +330,17 @@ def run(cfg: BenchConfig, out_dir: Path | None = None, progress: bool = True) ->
         except ImportError:
             pass
     results = []
+    sdpa_done: dict[tuple, Result] = {}  # full SDPA does not depend on the pattern: time it once
     for exp in todo:
         if bar is not None:
             bar.set_postfix_str(f"{exp.pattern} {exp.mode} N={exp.seq_len} {exp.path}")
-        results.append(run_experiment(exp, device, min_run_time=cfg.min_run_time))
+        same = (exp.dtype, exp.mode, exp.seq_len, exp.batch, exp.heads, exp.head_dim)
+        if exp.path == "sdpa" and same in sdpa_done:
+            results.append(_reuse_for_pattern(sdpa_done[same], exp, device))
+        else:
+            results.append(run_experiment(exp, device, min_run_time=cfg.min_run_time))
+            if exp.path == "sdpa":
+                sdpa_done[same] = results[-1]
         if bar is not None:
             bar.update()
         if out_dir is not None:  # partial results survive an interrupted run

@@ -43,6 +43,11 @@ class Schedule:
     groups: tuple[QueryGroup, ...]
     order: Tensor | None  # permutation restoring query-block order after concatenating groups
 
+    @property
+    def scores_per_head(self) -> int:
+        """Scores computed per (example, head): the blocked path's work, padding included."""
+        return sum(int(g.keep.shape[-2] * g.keep.shape[-1] * g.keep.shape[2]) for g in self.groups)
+
 
 def choose_block(pattern: Pattern | None) -> int:
     return (pattern.preferred_block if pattern is not None else None) or DEFAULT_BLOCK

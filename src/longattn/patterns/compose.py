@@ -49,7 +49,14 @@ class _Combination(Pattern):
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
         fns = [p._allowed_fn(geo, device) for p in self.parts]
         combine = self._combine
-        return lambda b, h, i, j: reduce(combine, (f(b, h, i, j) for f in fns))
+
+        def allowed(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+            out = fns[0](b, h, i, j)
+            for f in fns[1:]:  # a plain loop, not functools.reduce: torch.compile traces it
+                out = combine(out, f(b, h, i, j))
+            return out
+
+        return allowed
 
     def _candidates(self, geo: Geometry, block: int, device: torch.device) -> Tensor:
         # Union of supersets is a superset of the union; same for intersections.
