@@ -43,11 +43,11 @@ def test_module_dropout_only_in_training():
 
 def test_auto_rule_and_explain(caplog):
     short = qkv(1, 2, 64, 64, 16)
-    long_ = qkv(1, 2, CROSSOVER + 1, CROSSOVER + 1, 16)
+    long_ = qkv(1, 2, 2 * CROSSOVER + 1, 2 * CROSSOVER + 1, 16)
     assert la.explain(*short, pattern=la.sliding_window(8)).backend == "dense"
     assert la.explain(*long_).backend == "dense"
     assert la.explain(*long_, pattern=la.sliding_window(8)).backend == "blocked"
-    assert la.explain(*long_, pattern=la.causal()).backend == "dense"  # density 0.5 + a little
+    assert la.explain(*long_, pattern=la.causal()).backend == "dense"  # half of all scores
     choice = la.explain(*long_, pattern=la.sliding_window(8), backend="dense")
     assert choice.backend == "dense" and "explicitly" in choice.reason
     with caplog.at_level(logging.DEBUG, logger="longattn"):
