@@ -89,7 +89,7 @@ def test_block_layout_is_exact(pattern, nq, nk, block):
     assert torch.equal(layout, truth.expand_as(layout))
     plan = get_plan(pattern, Geometry(nq, nk, 4, 1), block, torch.device("cpu"))
     dense = pattern.dense(nq, nk, num_heads=4).expand(4, nq, nk)
-    assert plan.allowed_pairs * 4 // plan.token_mask.shape[1] == int(dense.sum())
+    assert plan.allowed_pairs * 4 // plan.kv_index.shape[1] == int(dense.sum())
     assert pattern.density(nq, nk, num_heads=4, block=block) == pytest.approx(dense.float().mean().item())
 
 

@@ -6,6 +6,8 @@ Memory is O(N * K * s): the (Nq, Nk) score matrix never exists. It is plain PyTo
 every device and every dtype work without compilation. Query blocks whose key-block count is far above
 the rest (the rows of global tokens) would force every block to gather that many, so they form a
 separate "heavy" group that attends all keys; the split minimises the total number of scores.
+Query blocks run in chunks whose scores fit in a few MB: temporaries stay in cache and below glibc's
+mmap threshold, so they are reused instead of page-faulted afresh on every call (a 2x effect on CPU).
 Low-precision inputs are computed in float32 and cast back, so bf16/fp16 results are as exact as
 SDPA's (the fast mixed-precision path belongs to the CPU kernel work).
 """
@@ -20,33 +22,36 @@ from torch import Tensor
 
 from ..patterns import Geometry, Pattern
 from ..patterns.full import Full
-from ..patterns.layout import _LRU, evaluate_blocks, get_plan
+from ..patterns.layout import _LRU, evaluate_blocks, get_plan, real_pairs
 from ._inputs import AttentionInputs
 
 DEFAULT_BLOCK = 64
+CHUNK_SCORES = 1 << 21  # scores per chunk (8 MB in float32)
 
 
 @dataclass(frozen=True, eq=False)
 class QueryGroup:
-    """Query blocks that share one gather width."""
+    """Query blocks that share one gather width; heavy groups (kv_index None) attend every key block."""
 
     q_blocks: Tensor  # (n,) long: which query blocks
-    kv_index: Tensor | None  # (B', H', n, K) long key blocks, or None = every key block (heavy rows)
-    keep: Tensor  # (B', H', n, s, K * s) bool, or (B', H', 1, n * s, Nk_pad) for heavy rows
-    drop: Tensor  # what the pattern alone drops, and its dead rows (see drop_mask)
-    dead: Tensor | None
+    kv_index: Tensor | None  # (B', H', n, K) long key blocks, or None = every key block
+    drop: Tensor  # (B', H', n, s, C) bool: pairs the pattern drops (see drop_mask); C = K*s or Nk_pad
+    dead: Tensor | None  # (B', H', n, s, 1) bool: rows that keep nothing, or None
+
+    @property
+    def columns(self) -> int:
+        return self.drop.shape[-1]
 
 
 @dataclass(frozen=True, eq=False)
 class Schedule:
     block: int
     groups: tuple[QueryGroup, ...]
-    order: Tensor | None  # permutation restoring query-block order after concatenating groups
 
     @property
     def scores_per_head(self) -> int:
         """Scores computed per (example, head): the blocked path's work, padding included."""
-        return sum(int(g.keep.shape[-2] * g.keep.shape[-1] * g.keep.shape[2]) for g in self.groups)
+        return sum(g.q_blocks.numel() * self.block * g.columns for g in self.groups)
 
 
 def choose_block(pattern: Pattern | None) -> int:
@@ -63,38 +68,6 @@ def _split_heavy(counts: Tensor, num_kv_blocks: int) -> int:
     return int(cost.argmin())
 
 
-def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> Schedule:
-    plan = get_plan(pattern, geo, block, device)
-    counts = plan.kv_count.amax(dim=(0, 1)).cpu()  # (nQB,)
-    n_heavy = _split_heavy(counts, plan.num_kv_blocks)
-    by_count = counts.sort(descending=True, stable=True).indices
-    heavy = by_count[:n_heavy].sort().values.to(device)
-    light = by_count[n_heavy:].sort().values.to(device)
-    groups = []
-    if light.numel():
-        k = max(1, int(counts[light.cpu()].max()))
-        keep = plan.token_mask[:, :, light, :, : k * block].contiguous()
-        groups.append(QueryGroup(light, plan.kv_index[:, :, light, :k].contiguous(), keep, *drop_mask(keep)))
-    if heavy.numel():
-        nkb = plan.num_kv_blocks
-        all_blocks = torch.arange(nkb, device=device).expand(1, 1, heavy.numel(), nkb)
-        keep = evaluate_blocks(pattern, geo, block, all_blocks, torch.full((1, 1, heavy.numel()), nkb, device=device),
-                               device, q_blocks=heavy)
-        keep = keep.reshape(*keep.shape[:2], 1, heavy.numel() * block, nkb * block)
-        groups.append(QueryGroup(heavy, None, keep, *drop_mask(keep)))
-    ids = torch.cat([g.q_blocks for g in groups])
-    identity = torch.equal(ids, torch.arange(ids.numel(), device=device))
-    return Schedule(block, tuple(groups), None if identity else torch.argsort(ids))
-
-
-_SCHEDULES = _LRU(64)
-
-
-def get_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> Schedule:
-    key = None if pattern.key is None else (pattern.key, geo, block, str(device))
-    return _SCHEDULES.get_or_build(key, lambda: build_schedule(pattern, geo, block, device))
-
-
 def drop_mask(keep: Tensor) -> tuple[Tensor, Tensor | None]:
     """From a keep mask (..., m, n): the entries to drop, and (..., m, 1) rows that keep nothing (or None).
 
@@ -106,41 +79,237 @@ def drop_mask(keep: Tensor) -> tuple[Tensor, Tensor | None]:
     return ~keep & live, ~live
 
 
-def masked_attend(q: Tensor, k: Tensor, v: Tensor, drop: Tensor | None, dead: Tensor | None, scale: float,
-                  dropout_p: float, bias: Tensor | None = None) -> Tensor:
-    """softmax(q k^T * scale + bias, dropping ``drop``) v, with ``dead`` rows giving 0 (no NaN).
+def _group(pattern: Pattern, geo: Geometry, block: int, q_blocks: Tensor, kv_index: Tensor, kv_count: Tensor,
+           exact: bool, heavy: bool) -> QueryGroup:
+    if exact:  # block-exact patterns allow whole blocks: only padding is dropped
+        keep = real_pairs(geo, block, kv_index, kv_count, q_blocks)
+    else:
+        keep = evaluate_blocks(pattern, geo, block, kv_index, kv_count, kv_index.device, q_blocks=q_blocks)
+    return QueryGroup(q_blocks, None if heavy else kv_index.contiguous(), *drop_mask(keep))
 
-    q (..., m, d), k (..., n, d), v (..., n, dv); drop/bias broadcast to (..., m, n), dead to (..., m, 1).
+
+def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> Schedule:
+    plan = get_plan(pattern, geo, block, device)
+    counts = plan.kv_count.amax(dim=(0, 1)).cpu()  # (nQB,)
+    nkb = plan.num_kv_blocks
+    n_heavy = _split_heavy(counts, nkb)
+    by_count = counts.sort(descending=True, stable=True).indices
+    heavy = by_count[:n_heavy].sort().values.to(device)
+    light = by_count[n_heavy:].sort().values.to(device)
+    groups = []
+    if light.numel():
+        k = max(1, int(counts[light.cpu()].max()))
+        groups.append(_group(pattern, geo, block, light, plan.kv_index[:, :, light, :k], plan.kv_count[:, :, light],
+                             plan.block_exact, heavy=False))
+    if heavy.numel():
+        every = torch.arange(nkb, device=device).expand(1, 1, heavy.numel(), nkb)
+        groups.append(_group(pattern, geo, block, heavy, every, torch.full((1, 1, heavy.numel()), nkb, device=device),
+                             False, heavy=True))
+    return Schedule(block, tuple(groups))
+
+
+_SCHEDULES = _LRU(64)
+
+
+def get_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> Schedule:
+    key = None if pattern.key is None else (pattern.key, geo, block, str(device))
+    return _SCHEDULES.get_or_build(key, lambda: build_schedule(pattern, geo, block, device))
+
+
+def _flat_block_index(index: Tensor, b: int, h: int, nkb: int) -> Tensor:
+    """Rows of the (b * h * nkb, s, d) view of k/v that kv_index (B', H', c, K) names, flattened."""
+    base = (torch.arange(b, device=index.device).view(b, 1, 1, 1) * h
+            + torch.arange(h, device=index.device).view(1, h, 1, 1)) * nkb
+    return (base + index).reshape(-1)
+
+
+def gather_blocks(x: Tensor, flat_index: Tensor, block: int, shape: tuple[int, ...]) -> Tensor:
+    """Copy whole key blocks: x (b, h, N_pad, d) -> ``shape`` = (b, h, c, K * block, d).
+
+    index_select over contiguous blocks is far faster than advanced indexing with three index tensors.
     """
-    scores = torch.matmul(q * scale, k.transpose(-1, -2))
-    if bias is not None:
-        scores = scores + bias
-    if drop is not None:
-        scores.masked_fill_(drop, float("-inf"))  # matmul saves its inputs, not its output: in-place is safe
-    probs = torch.softmax(scores, dim=-1)
-    if dead is not None:
-        probs = probs.masked_fill(dead, 0.0)
-    if dropout_p > 0:
-        probs = F.dropout(probs, dropout_p)
-    return torch.matmul(probs, v)
-
-
-def gather_blocks(x: Tensor, kv_index: Tensor, block: int) -> Tensor:
-    """x (b, h, N_pad, d), kv_index (B', H', n, K) -> (b, h, n, K * block, d), copying whole blocks."""
-    b, h, n_pad, d = x.shape
-    nkb = n_pad // block
-    n, k = kv_index.shape[2:]
-    # index_select over flattened (b, h, block) rows copies contiguous blocks, far faster than
-    # advanced indexing with three index tensors.
-    base = (torch.arange(b, device=x.device).view(b, 1, 1, 1) * h
-            + torch.arange(h, device=x.device).view(1, h, 1, 1)) * nkb
-    flat = (base + kv_index).reshape(-1)  # (b * h * n * K,)
-    out = x.reshape(b * h * nkb, block, d).index_select(0, flat)
-    return out.view(b, h, n, k * block, d)
+    return x.reshape(-1, block, x.shape[-1]).index_select(0, flat_index).view(shape)
 
 
 def _pad_rows(t: Tensor, rows: int) -> Tensor:
     return F.pad(t, (0, 0, 0, rows - t.shape[-2])) if rows != t.shape[-2] else t
+
+
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """A few query blocks of one group with everything their scores need; 5-D shapes (.., c', m, C)."""
+
+    q_blocks: Tensor  # (c,) long
+    q_index: Tensor | slice  # q_blocks as a slice when contiguous (views instead of copies)
+    flat_index: Tensor | None  # gathered k/v block rows, or None for heavy rows (every key)
+    drop: Tensor  # (B', H', c', m, C) bool
+    dead: Tensor | None  # (B', H', c', m, 1) bool
+    bias: Tensor | None  # (B?, H?, c', m, C) float, from a float attn_mask
+    rows: Tensor  # (c, s) padded query rows
+    cols: Tensor  # (B', H', c, 1, C) padded key columns (light) or (1, 1, 1, 1, Nk_pad)
+    seed: int  # dropout stream of this chunk
+
+
+@dataclass(frozen=True, eq=False)
+class _Call:
+    """One call's padded inputs and per-call masks."""
+
+    sched: Schedule
+    b: int
+    h: int
+    nkb: int
+    kpm: Tensor | None  # (b, Nk_pad) bool
+    attn_mask: Tensor | None  # (B?, H?, Nq_pad, Nk_pad) bool or float
+    scale: float
+    dropout_p: float
+    seed: int
+
+    def chunks(self):
+        """Every chunk of every group, sized so that its scores take about CHUNK_SCORES elements."""
+        block, device = self.sched.block, self.sched.groups[0].q_blocks.device
+        offsets = torch.arange(block, device=device)
+        n_chunk = 0
+        for g in self.sched.groups:
+            per_chunk = max(1, CHUNK_SCORES // (self.b * self.h * block * g.columns))
+            n = g.q_blocks.numel()
+            for start in range(0, n, per_chunk):
+                sel = slice(start, min(n, start + per_chunk))
+                ids = g.q_blocks[sel]
+                rows = ids[:, None] * block + offsets
+                drop = g.drop[:, :, sel]
+                dead = None if g.dead is None else g.dead[:, :, sel]
+                if g.kv_index is None:
+                    flat, cols = None, torch.arange(self.nkb * block, device=device).view(1, 1, 1, 1, -1)
+                else:
+                    index = g.kv_index[:, :, sel]
+                    flat = _flat_block_index(index, self.b, self.h, self.nkb)
+                    cols = (index[..., None] * block + offsets).flatten(-2).unsqueeze(-2)
+                drop, dead, bias = self._fold_call_masks(drop, dead, cols, rows)
+                if g.kv_index is None:  # heavy rows: one matrix of c*s rows against all keys
+                    drop, dead, bias = (None if t is None else t.flatten(2, 3).unsqueeze(2) for t in (drop, dead, bias))
+                first = int(ids[0])
+                contiguous = bool((ids == torch.arange(first, first + ids.numel(), device=device)).all())
+                q_index = slice(first, first + ids.numel()) if contiguous else ids
+                yield Chunk(ids, q_index, flat, drop, dead, bias, rows, cols, self.seed + n_chunk)
+                n_chunk += 1
+
+    def _fold_call_masks(self, drop: Tensor, dead: Tensor | None, cols: Tensor, rows: Tensor):
+        if self.kpm is None and self.attn_mask is None:
+            return drop, dead, None
+        keep, bias = (~drop if dead is None else ~drop & ~dead), None
+        if self.kpm is not None:
+            bi = torch.arange(self.b, device=cols.device).view(self.b, 1, 1, 1, 1)
+            keep = keep & self.kpm[bi, cols]
+        if self.attn_mask is not None:
+            am_rows = self.attn_mask[:, :, rows]  # (B?, H?, c, s, Nk_pad)
+            lead = torch.broadcast_shapes(am_rows.shape[:2], cols.shape[:2])
+            picked = torch.gather(am_rows.expand(*lead, *am_rows.shape[2:]), -1,
+                                  cols.expand(*lead, *am_rows.shape[2:4], cols.shape[-1]))
+            if picked.dtype == torch.bool:
+                keep = keep & picked
+            else:
+                bias = picked
+                keep = keep & (bias > float("-inf"))
+        return (*drop_mask(keep), bias)
+
+    def operands(self, chunk: Chunk, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (b, h, c', m, d), k (b, h, c', C, d), v (b, h, c', C, dv) for a chunk."""
+        qc = q[:, :, chunk.q_index]  # (b, h, c, s, d)
+        if chunk.flat_index is None:
+            return qc.flatten(2, 3).unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
+        c, width = chunk.q_blocks.numel(), chunk.cols.shape[-1]
+        kc = gather_blocks(k, chunk.flat_index, self.sched.block, (self.b, self.h, c, width, k.shape[-1]))
+        vc = gather_blocks(v, chunk.flat_index, self.sched.block, (self.b, self.h, c, width, v.shape[-1]))
+        return qc, kc, vc
+
+    def probabilities(self, chunk: Chunk, qc: Tensor, kc: Tensor) -> Tensor:
+        """Softmax probabilities (b, h, c', m, C) of a chunk; dead rows are exactly 0.
+
+        Backward recomputes them the same way rather than storing them or a log-sum-exp: one fused
+        softmax is cheaper on CPU than log-sum-exp plus exp passes.
+        """
+        scores = torch.matmul(qc * self.scale, kc.transpose(-1, -2))
+        if chunk.bias is not None:
+            scores += chunk.bias
+        scores.masked_fill_(chunk.drop, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return probs if chunk.dead is None else probs.masked_fill_(chunk.dead, 0.0)
+
+    def dropout_keep(self, chunk: Chunk, like: Tensor) -> Tensor | None:
+        """The chunk's dropout mask, scaled by 1/(1-p); regenerated identically in backward from its seed."""
+        if self.dropout_p == 0:
+            return None
+        gen = torch.Generator(device=like.device).manual_seed(chunk.seed)
+        keep = torch.rand(like.shape, generator=gen, device=like.device, dtype=like.dtype) >= self.dropout_p
+        return keep.to(like.dtype) / (1 - self.dropout_p)
+
+
+def _scatter_blocks(target: Tensor, chunk: Chunk, grad: Tensor, block: int) -> None:
+    """Add a chunk's gradient of gathered k/v blocks (b, h, c', C, d) into target (b, h, Nk_pad, d)."""
+    if chunk.flat_index is None:
+        target += grad.squeeze(2)
+    else:
+        target.view(-1, block, target.shape[-1]).index_add_(0, chunk.flat_index, grad.reshape(-1, block, grad.shape[-1]))
+
+
+def _scatter_bias_grad(dbias: Tensor, chunk: Chunk, ds: Tensor, block: int) -> None:
+    """Add ds (b, h, c', m, C) into the padded dense bias gradient (b, h, Nq_pad, Nk_pad)."""
+    c = chunk.q_blocks.numel()
+    ds = ds.reshape(*ds.shape[:2], c, block, ds.shape[-1])
+    rows = dbias[:, :, chunk.rows]  # (b, h, c, s, Nk_pad): a copy, written back below
+    rows.scatter_add_(-1, chunk.cols.expand(*ds.shape[:2], c, block, ds.shape[-1]), ds)
+    dbias[:, :, chunk.rows] = rows
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """Chunked forward that keeps only the output; backward recomputes each chunk's probabilities
+    (FlashAttention's trade) and accumulates dk/dv with index_add_ in place, so training memory is
+    O(N * d) beyond the chunk being processed."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, call: _Call) -> Tensor:
+        b, h, nqb, block, _ = q.shape
+        out = q.new_empty(b, h, nqb, block, v.shape[-1])
+        for chunk in call.chunks():
+            qc, kc, vc = call.operands(chunk, q, k, v)
+            probs = call.probabilities(chunk, qc, kc)
+            keep = call.dropout_keep(chunk, probs)
+            if keep is not None:
+                probs *= keep
+            out[:, :, chunk.q_index] = torch.matmul(probs, vc).view(b, h, chunk.q_blocks.numel(), block, -1)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.call, ctx.bias_shape = call, None if bias is None else bias.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, out = ctx.saved_tensors
+        call: _Call = ctx.call
+        b, h, nqb, block, _ = q.shape
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        want_bias = ctx.bias_shape is not None and ctx.needs_input_grad[3]
+        dbias = q.new_zeros(b, h, nqb * block, k.shape[2]) if want_bias else None
+        delta = (dout * out).sum(-1, keepdim=True)  # (b, h, n, s, 1): rowsum(dO * O)
+        for chunk in call.chunks():
+            qc, kc, vc = call.operands(chunk, q, k, v)
+            c = chunk.q_blocks.numel()
+            as_chunk = lambda t: t[:, :, chunk.q_index].reshape(*qc.shape[:-1], t.shape[-1])  # noqa: E731
+            probs = call.probabilities(chunk, qc, kc)
+            keep = call.dropout_keep(chunk, probs)
+            dout_c = as_chunk(dout)
+            dropped = probs * keep if keep is not None else probs
+            _scatter_blocks(dv, chunk, torch.matmul(dropped.transpose(-1, -2), dout_c), block)
+            dp = torch.matmul(dout_c, vc.transpose(-1, -2))
+            if keep is not None:
+                dp *= keep
+            ds = dp.sub_(as_chunk(delta)).mul_(probs)  # softmax backward, in place
+            dq[:, :, chunk.q_index] = (torch.matmul(ds, kc) * call.scale).view(b, h, c, block, -1)
+            _scatter_blocks(dk, chunk, torch.matmul(ds.transpose(-1, -2), qc) * call.scale, block)
+            if dbias is not None:
+                _scatter_bias_grad(dbias, chunk, ds, block)
+        if dbias is not None:  # back to the bias's own (broadcast, padded) shape
+            dbias = dbias.sum(dim=[d for d in (0, 1) if ctx.bias_shape[d] == 1], keepdim=True)
+        return dq, dk, dv, dbias, None
 
 
 def blocked_attention(inp: AttentionInputs, *, block: int | None = None) -> Tensor:
@@ -150,49 +319,21 @@ def blocked_attention(inp: AttentionInputs, *, block: int | None = None) -> Tens
     block = block or choose_block(inp.pattern)
     sched = get_schedule(pattern, geo, block, device)
     b, h, nq, d = inp.q.shape
-    nk, dv = inp.k.shape[2], inp.v.shape[-1]
+    nk = inp.k.shape[2]
     nqb, nkb = -(-nq // block), -(-nk // block)
     compute = torch.float32 if inp.q.dtype in (torch.float16, torch.bfloat16) else inp.q.dtype
     q = _pad_rows(inp.q.to(compute), nqb * block).view(b, h, nqb, block, d)  # (b, h, n, s, d)
     k = _pad_rows(inp.k.to(compute), nkb * block)  # (b, h, Nk_pad, d)
     v = _pad_rows(inp.v.to(compute), nkb * block)  # (b, h, Nk_pad, dv)
-    kpm = None if inp.key_padding_mask is None else F.pad(inp.key_padding_mask, (0, nkb * block - nk))
-    am = None
-    if inp.attn_mask is not None:
-        am = inp.attn_mask.to(compute) if inp.attn_mask.is_floating_point() else inp.attn_mask
+    am, bias = inp.attn_mask, None
+    if am is not None:
+        am = am.to(compute) if am.is_floating_point() else am
         while am.dim() < 4:
             am = am.unsqueeze(0)
         am = F.pad(am, (0, nkb * block - nk, 0, nqb * block - nq))  # (B?, H?, Nq_pad, Nk_pad)
-    bi = torch.arange(b, device=device).view(b, 1, 1, 1)
-
-    outs = []
-    for g in sched.groups:
-        n = g.q_blocks.numel()
-        qg = q[:, :, g.q_blocks]  # (b, h, n, s, d)
-        if g.kv_index is None:  # heavy rows: all keys, one group of n * s rows
-            qg = qg.reshape(b, h, 1, n * block, d)
-            kg, vg = k.unsqueeze(2), v.unsqueeze(2)  # (b, h, 1, Nk_pad, d)
-            cols = torch.arange(nkb * block, device=device).view(1, 1, 1, 1, -1)
-        else:
-            kg, vg = gather_blocks(k, g.kv_index, block), gather_blocks(v, g.kv_index, block)
-            cols = (g.kv_index[..., None] * block + torch.arange(block, device=device)).flatten(-2).unsqueeze(-2)
-        keep, bias, drop, dead = g.keep, None, g.drop, g.dead
-        if kpm is not None:
-            keep = keep & kpm[bi.unsqueeze(-1), cols]  # (b, H', n, 1, cols)
-        if am is not None:
-            rows = (g.q_blocks[:, None] * block + torch.arange(block, device=device)).reshape(qg.shape[2], -1)
-            am_rows = am[:, :, rows]  # (B?, H?, n, s, Nk_pad)
-            shape = torch.broadcast_shapes(am_rows.shape[:2], cols.shape[:2]) + (qg.shape[2], qg.shape[3], cols.shape[-1])
-            picked = torch.gather(am_rows.expand(*shape[:2], *am_rows.shape[2:]), -1, cols.expand(shape))
-            if picked.dtype == torch.bool:
-                keep = keep & picked
-            else:
-                bias = picked
-        if kpm is not None or am is not None:
-            drop, dead = drop_mask(keep if bias is None else keep & (bias > float("-inf")))
-        out = masked_attend(qg, kg, vg, drop, dead, inp.scale, inp.dropout_p, bias)
-        outs.append(out.reshape(b, h, n, block, dv))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (b, h, n, s, dv)
-    if sched.order is not None:
-        out = out[:, :, sched.order]
-    return out.reshape(b, h, nqb * block, dv)[:, :, :nq].to(inp.q.dtype)
+        bias = am if am.is_floating_point() else None
+    kpm = None if inp.key_padding_mask is None else F.pad(inp.key_padding_mask, (0, nkb * block - nk))
+    seed = int(torch.randint(0, 2**62, (1,))) if inp.dropout_p > 0 else 0
+    call = _Call(sched, b, h, nkb, kpm, am, inp.scale, inp.dropout_p, seed)
+    out = _BlockedAttention.apply(q, k, v, bias, call)  # (b, h, n, s, dv)
+    return out.reshape(b, h, nqb * block, -1)[:, :, :nq].to(inp.q.dtype)

@@ -12,7 +12,6 @@ layout (a superset of the blocks holding an allowed pair) that ``layout.build_pl
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
@@ -65,6 +64,11 @@ class Pattern:
     def _candidates(self, geo: Geometry, block: int, device: torch.device) -> Tensor:
         """(B', H', nQB, nKB) bool: blocks that *may* hold an allowed pair. Default: all of them."""
         return torch.ones(1, 1, _cdiv(geo.q_len, block), _cdiv(geo.kv_len, block), dtype=torch.bool, device=device)
+
+    def block_exact(self, geo: Geometry, block: int) -> bool:
+        """True when ``_candidates`` at this block size lists exactly the allowed blocks and each of them is
+        allowed entirely (block-level patterns on their own grid), so no token mask is ever needed."""
+        return False
 
     def validate(self, geo: Geometry) -> None:
         """Raise ValueError when the pattern cannot apply to ``geo`` (index out of range, ...)."""
@@ -230,6 +234,3 @@ def any_in_rect(table: Tensor, r_lo: Tensor, r_hi: Tensor, c_lo: Tensor, c_hi: T
     total = csum[..., r1, c1] - csum[..., r0, c1] - csum[..., r1, c0] + csum[..., r0, c0]
     return total > 0
 
-
-def math_lcm(a: int, b: int) -> int:
-    return a * b // math.gcd(a, b)

@@ -42,6 +42,10 @@ class _Combination(Pattern):
         for p in self.parts:
             p.validate(geo)
 
+    def block_exact(self, geo: Geometry, block: int) -> bool:
+        # Unions and intersections of entirely-allowed blocks are entirely allowed.
+        return all(p.block_exact(geo, block) for p in self.parts)
+
     @staticmethod
     def _combine(a: Tensor, b: Tensor) -> Tensor:
         raise NotImplementedError
@@ -93,6 +97,9 @@ class PerHead(Pattern):
                              f"head patterns ({self.head_period})")
         for p in self.parts:
             p.validate(geo)
+
+    def block_exact(self, geo: Geometry, block: int) -> bool:
+        return all(p.block_exact(geo, block) for p in self.parts)
 
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
         fns = [p._allowed_fn(geo, device) for p in self.parts]

@@ -14,6 +14,9 @@ class Full(Pattern):
     def key(self):
         return ("full",)
 
+    def block_exact(self, geo: Geometry, block: int) -> bool:
+        return True
+
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
         return lambda b, h, i, j: j >= 0
 

@@ -1,9 +1,10 @@
 """Block plans: the exact block structure of a pattern, in the form kernels consume.
 
 A plan lists, for every query block, the key blocks that hold at least one allowed pair (padded to the
-largest count K), the token mask inside those gathered blocks, and which blocks are entirely allowed.
-It is built from a pattern's conservative candidate layout by evaluating the token mask on the
-candidate blocks only, so building costs O(N * K * block), never O(N^2) for sparse patterns.
+largest count K) and which of them are entirely allowed. It is built from a pattern's conservative
+candidate layout by evaluating the token mask on the candidate blocks only, in bounded chunks, so
+building costs O(N * K * block) time and no O(N^2) memory. Kernels evaluate the token mask of the
+blocks they gather themselves (``evaluate_blocks``), and skip it for block-exact patterns (BigBird).
 
 Shapes: B' and H' are 1 when the pattern does not vary with the example or the head.
 """
@@ -29,9 +30,9 @@ class BlockPlan:
     block: int
     kv_index: Tensor  # (B', H', nQB, K) long: key blocks of each query block; padding slots hold 0
     kv_count: Tensor  # (B', H', nQB) long: how many slots of kv_index are real
-    token_mask: Tensor  # (B', H', nQB, block, K * block) bool: allowed pairs in the gathered blocks
     full: Tensor  # (B', H', nQB, K) bool: the block is allowed for every real (query, key) pair
     allowed_pairs: int  # allowed (query, key) pairs summed over B' and H'
+    block_exact: bool  # every listed block is entirely allowed: kernels need no token mask
 
     @property
     def num_q_blocks(self) -> int:
@@ -111,36 +112,64 @@ def _compact(flags: Tensor) -> tuple[Tensor, Tensor]:
     return order, count
 
 
+def real_pairs(geo: Geometry, block: int, kv_index: Tensor, kv_count: Tensor, q_blocks: Tensor | None = None
+               ) -> Tensor:
+    """(B', H', n, block, K * block) bool: which gathered pairs exist (not padding rows, columns or slots)."""
+    device = kv_index.device
+    i, j = gathered_positions(geo, block, kv_index, q_blocks)
+    k = kv_index.shape[-1]
+    slot_real = (torch.arange(k, device=device) < kv_count[..., None]).repeat_interleave(block, -1)
+    return (i - geo.offset < geo.q_len) & (j < geo.kv_len) & slot_real.unsqueeze(-2)
+
+
+def _block_flags(pattern: Pattern, geo: Geometry, block: int, idx: Tensor, count: Tensor, device: torch.device
+                 ) -> tuple[Tensor, Tensor, int]:
+    """Per candidate slot: holds an allowed pair (hit), allows every real pair (full); and the pair count.
+
+    Evaluated in chunks of query blocks, so memory stays bounded whatever the pattern's widest row.
+    """
+    bp, hp, nqb, k = idx.shape
+    per_chunk = max(1, _EVAL_CHUNK // max(1, bp * hp * block * k * block))
+    hits, fulls, pairs = [], [], 0
+    for start in range(0, nqb, per_chunk):
+        sel = torch.arange(start, min(nqb, start + per_chunk), device=device)
+        mask = evaluate_blocks(pattern, geo, block, idx[:, :, sel], count[:, :, sel], device, q_blocks=sel)
+        real = real_pairs(geo, block, idx[:, :, sel], count[:, :, sel], sel)
+        shape = (*mask.shape[:3], block, k, block)
+        hits.append(mask.view(shape).any(-1).any(-2))
+        fulls.append((mask | ~real).view(shape).all(-1).all(-2))
+        pairs += int(mask.count_nonzero())
+    bb, hh = max(h.shape[0] for h in hits), max(h.shape[1] for h in hits)
+    hit = torch.cat([h.expand(bb, hh, *h.shape[2:]) for h in hits], dim=2)
+    full = torch.cat([f.expand(bb, hh, *f.shape[2:]) for f in fulls], dim=2) & hit
+    return hit, full, pairs
+
+
 def build_plan(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> BlockPlan:
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
     cand = pattern.candidates(geo, block, device)
     idx, count = _compact(cand)
-    mask = evaluate_blocks(pattern, geo, block, idx, count, device)
-    bp, hp = mask.shape[:2]
+    exact = pattern.block_exact(geo, block)
+    if exact:  # candidates are exactly the allowed blocks, each allowed entirely: no token evaluation
+        hit = torch.arange(idx.shape[-1], device=device) < count[..., None]
+        full = hit
+        rows = (torch.clamp(geo.q_len - torch.arange(idx.shape[2], device=device) * block, max=block)
+                ).view(1, 1, -1, 1)
+        cols = torch.clamp(geo.kv_len - idx * block, max=block)
+        pairs = int((rows * cols * hit).sum())
+    else:
+        hit, full, pairs = _block_flags(pattern, geo, block, idx, count, device)
+    bp, hp = hit.shape[:2]
     idx, count = idx.expand(bp, hp, *idx.shape[2:]), count.expand(bp, hp, *count.shape[2:])
-    nqb, k = idx.shape[2:]
-    per_block = mask.view(bp, hp, nqb, block, k, block)
-    hit = per_block.any(-1).any(-2)  # (B', H', nQB, K)
-    # "Full" ignores rows/columns past the ends, which exist only as padding.
-    q_real = (torch.arange(nqb * block, device=device) < geo.q_len).view(1, 1, nqb, block, 1, 1)
-    k_real = ((idx[..., None] * block + torch.arange(block, device=device)) < geo.kv_len).unsqueeze(3)
-    full = (per_block | ~(q_real & k_real)).all(-1).all(-2) & hit
     # Drop candidates that turned out empty, keeping the others first and in order.
     keep_idx, keep_count = _compact(hit)
-    if keep_idx.shape[-1] < k or not bool((keep_count == count).all()):
-        new_k = keep_idx.shape[-1]
-        idx = torch.gather(idx, -1, keep_idx)
-        full = torch.gather(full, -1, keep_idx)
-        sel = keep_idx.view(bp, hp, nqb, 1, new_k, 1).expand(-1, -1, -1, block, -1, block)
-        mask = torch.gather(per_block, 4, sel).reshape(bp, hp, nqb, block, new_k * block)
-        slot_real = torch.arange(new_k, device=device) < keep_count[..., None]
-        idx = torch.where(slot_real, idx, 0)
-        full = full & slot_real
-        mask = mask & slot_real.repeat_interleave(block, -1).unsqueeze(-2)
+    if keep_idx.shape[-1] < idx.shape[-1] or not bool((keep_count == count).all()):
+        slot_real = torch.arange(keep_idx.shape[-1], device=device) < keep_count[..., None]
+        idx = torch.where(slot_real, torch.gather(idx, -1, keep_idx), 0)
+        full = torch.gather(full, -1, keep_idx) & slot_real
         count = keep_count
-    return BlockPlan(geo, block, idx.contiguous(), count.contiguous(), mask.contiguous(), full.contiguous(),
-                     int(mask.sum()))
+    return BlockPlan(geo, block, idx.contiguous(), count.contiguous(), full.contiguous(), pairs, exact)
 
 
 class _LRU:

@@ -45,6 +45,9 @@ class BlockTablePattern(Pattern):
             return lambda b, h, i, j: t0[(i // block).clamp(0, last), (j // block).clamp(0, last)] & (i >= 0)
         return lambda b, h, i, j: table[h, (i // block).clamp(0, last), (j // block).clamp(0, last)] & (i >= 0)
 
+    def block_exact(self, geo: Geometry, block: int) -> bool:
+        return block == self.block and geo.offset % block == 0
+
     def _candidates(self, geo: Geometry, block: int, device: torch.device) -> Tensor:
         table = self.table(geo).to(device)
         q_lo, q_hi, k_lo, k_hi = block_ranges(geo, block, device)

@@ -1,0 +1,48 @@
+"""The README's usage example runs verbatim, and the CLI works headless."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from longattn.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_example_runs_verbatim():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert len(block.strip().splitlines()) <= 12
+    exec(compile(block, "README.md", "exec"), {})
+
+
+def test_show_writes_png(tmp_path, capsys):
+    out = tmp_path / "p.png"
+    assert main(["show", "causal(sliding_window(8)) | global_tokens([0])", "--seq-len", "97", "--block", "16",
+                 "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert "density" in capsys.readouterr().out
+
+
+def test_show_reports_bad_pattern(capsys):
+    assert main(["show", "sliding_window(-1)", "--seq-len", "10", "--out", "/dev/null"]) == 2
+    assert "left must be >= 0" in capsys.readouterr().err
+
+
+def test_bench_tiny_run_writes_json_and_csv(tmp_path):
+    assert main(["bench", "--patterns", "longformer_512", "--paths", "sdpa", "blocked", "auto", "--lengths", "1100",
+                 "--heads", "2", "--head-dim", "16", "--min-run-time", "0.01", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert {r["path"] for r in rows} == {"sdpa", "blocked", "auto"}
+    assert all(r["time_ms"] > 0 and r["peak_mb"] is not None for r in rows)
+    assert (tmp_path / "bench.csv").read_text().startswith("pattern,")
+
+
+@pytest.mark.slow
+def test_bench_quick_finishes(tmp_path):
+    assert main(["bench", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
