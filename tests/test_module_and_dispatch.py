@@ -53,3 +53,13 @@ def test_auto_rule_and_explain(caplog):
     with caplog.at_level(logging.DEBUG, logger="longattn"):
         la.attention(*long_, pattern=la.sliding_window(8))
     assert "blocked" in caplog.text
+
+
+def test_auto_never_materialises_a_huge_mask(monkeypatch):
+    from longattn.backends import _dispatch
+
+    q, k, v = qkv(1, 4, 300, 300, 8)
+    pattern = la.bigbird(16)  # per-head random blocks: a (1, 4, N, N) mask
+    assert la.explain(q, k, v, pattern=pattern).backend == "dense"
+    monkeypatch.setattr(_dispatch, "DENSE_MASK_ELEMENTS", 4 * 300 * 300 - 1)
+    assert la.explain(q, k, v, pattern=pattern).backend == "blocked"

@@ -1,11 +1,12 @@
 """``backend="auto"``: pick a backend by a fixed, documented rule, and say why.
 
 1. No pattern (or the full pattern): dense SDPA.
-2. At most ``CROSSOVER`` keys: dense SDPA (launch and gather overheads dominate short inputs).
-3. The blocked path would compute more than ``DENSE_FRACTION`` of the Nq x Nk scores (a dense pattern,
-   or blocks too coarse for it): dense SDPA, whose fused kernel does each score ~5x cheaper.
-4. CUDA and FlexAttention can serve the call: flex.
-5. Otherwise: blocked (trains everywhere, no compilation).
+2. The pattern's mask would exceed ``DENSE_MASK_ELEMENTS`` (B' x H' x Nq x Nk): never dense (memory).
+3. At most ``CROSSOVER`` keys: dense SDPA (launch and gather overheads dominate short inputs).
+4. The blocked path would compute more than ``DENSE_FRACTION`` of the Nq x Nk scores (a dense pattern,
+   or blocks too coarse for it): dense SDPA, whose fused kernel does each score ~2.5x cheaper.
+5. CUDA and FlexAttention can serve the call: flex.
+6. Otherwise: blocked (trains everywhere, no compilation).
 
 Dropout rules out flex. The choice is logged at DEBUG level on ``longattn`` and returned by
 ``longattn.explain``.
@@ -29,9 +30,13 @@ from .dense import dense_attention
 logger = logging.getLogger("longattn")
 
 CROSSOVER = 1024  # keys; below this dense SDPA wins (see `longattn bench`)
-# Share of all scores above which the blocked path loses to SDPA: on 2 CPU cores a blocked score costs
-# ~5.5x a fused SDPA score (Longformer-512 at N=2048 computes 28% of the scores and is 1.6x slower).
-DENSE_FRACTION = 0.18
+# Share of all scores above which the blocked path loses to masked SDPA: on 2 CPU cores a blocked score
+# costs ~2.5x a fused SDPA score (`longattn bench --lengths 1024 2048`: Longformer-512 computes 56% of
+# the scores at N=1024 and is 1.4x slower than dense, 28% at N=2048 and is 1.3-1.7x faster).
+DENSE_FRACTION = 0.4
+# A materialised (B', H', Nq, Nk) mask above this many elements costs more than it saves (and can
+# exhaust memory: 12 heads at N=16384 is 3.2 GB of bool before SDPA converts it to float).
+DENSE_MASK_ELEMENTS = 64 * 2**20
 
 IMPLEMENTATIONS: dict[str, Callable[[AttentionInputs], Tensor]] = {
     "dense": dense_attention,
@@ -49,11 +54,12 @@ class Choice:
         return f"{self.backend}: {self.reason}"
 
 
-def _work_fraction(inp: AttentionInputs) -> float:
-    """Scores the blocked path computes, as a fraction of the dense Nq x Nk."""
+def _plan_shape(inp: AttentionInputs) -> tuple[float, int]:
+    """Scores the blocked path computes, as a fraction of Nq x Nk; and the dense mask's element count."""
     geo: Geometry = inp.geometry
     sched = get_schedule(inp.pattern, geo, choose_block(inp.pattern), inp.q.device)
-    return sched.scores_per_head / (geo.q_len * geo.kv_len)
+    mask_elements = sched.mask_batch * sched.mask_heads * geo.q_len * geo.kv_len
+    return sched.scores_per_head / (geo.q_len * geo.kv_len), mask_elements
 
 
 def choose(inp: AttentionInputs, backend: str = "auto") -> Choice:
@@ -68,11 +74,12 @@ def choose(inp: AttentionInputs, backend: str = "auto") -> Choice:
     geo = inp.geometry
     if inp.sparse_pattern is None:
         return Choice("dense", "no sparse pattern: full attention is SDPA")
-    if geo.kv_len <= CROSSOVER:
-        return Choice("dense", f"{geo.kv_len} keys <= crossover {CROSSOVER}: dense SDPA is faster on short inputs")
-    work = _work_fraction(inp)
-    if work > DENSE_FRACTION:
-        return Choice("dense", f"blocks cover {work:.2f} of all scores > {DENSE_FRACTION}: little to skip")
+    work, mask_elements = _plan_shape(inp)
+    if mask_elements <= DENSE_MASK_ELEMENTS:
+        if geo.kv_len <= CROSSOVER:
+            return Choice("dense", f"{geo.kv_len} keys <= crossover {CROSSOVER}: SDPA is faster on short inputs")
+        if work > DENSE_FRACTION:
+            return Choice("dense", f"blocks cover {work:.2f} of all scores > {DENSE_FRACTION}: little to skip")
     if inp.q.device.type == "cuda" and flex.unsupported_reason(inp) is None:
         return Choice("flex", f"CUDA, blocks cover {work:.3f} of all scores: FlexAttention kernel")
     why = flex.unsupported_reason(inp) or "no compilation per length"

@@ -2,14 +2,18 @@
 
 Notation: b batch, h head, n query blocks, K key blocks per query block, s block size, d head dim.
 
-Memory is O(N * K * s): the (Nq, Nk) score matrix never exists. It is plain PyTorch, so autograd,
-every device and every dtype work without compilation. Query blocks whose key-block count is far above
-the rest (the rows of global tokens) would force every block to gather that many, so they form a
-separate "heavy" group that attends all keys; the split minimises the total number of scores.
-Query blocks run in chunks whose scores fit in a few MB: temporaries stay in cache and below glibc's
-mmap threshold, so they are reused instead of page-faulted afresh on every call (a 2x effect on CPU).
-Low-precision inputs are computed in float32 and cast back, so bf16/fp16 results are as exact as
-SDPA's (the fast mixed-precision path belongs to the CPU kernel work).
+The (Nq, Nk) score matrix never exists. It is plain PyTorch (a custom autograd Function around matmul,
+softmax and index_select), so every device and dtype works, forward and backward, without compilation.
+
+- Query blocks whose key-block count is far above the rest (the rows of global tokens) would force every
+  block to gather that many, so they form a separate "heavy" group that attends all keys; the split
+  minimises the total number of scores.
+- Query blocks run in chunks whose scores take ~8 MB: temporaries stay in cache and below glibc's mmap
+  threshold, so they are reused instead of page-faulted afresh on every call (a 2x effect on CPU).
+- Backward recomputes each chunk's probabilities instead of storing them (FlashAttention's trade), so
+  training memory is O(N * d) plus one chunk; dropout masks are regenerated from a per-chunk seed.
+- Low-precision inputs are computed in float32 and cast back, so bf16/fp16 results are as exact as
+  SDPA's (the fast mixed-precision path belongs to the CPU kernel work).
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ class QueryGroup:
 class Schedule:
     block: int
     groups: tuple[QueryGroup, ...]
+
+    @property
+    def mask_batch(self) -> int:
+        """B' of the pattern (1 unless global tokens are chosen per example)."""
+        return max(g.drop.shape[0] for g in self.groups)
+
+    @property
+    def mask_heads(self) -> int:
+        """H' of the pattern (1 unless it differs per head)."""
+        return max(g.drop.shape[1] for g in self.groups)
 
     @property
     def scores_per_head(self) -> int:
