@@ -41,6 +41,7 @@ def test_bench_tiny_run_writes_json_and_csv(tmp_path):
     assert {r["path"] for r in rows} == {"sdpa", "blocked", "auto"}
     assert all(r["time_ms"] > 0 and r["peak_mb"] is not None for r in rows)
     assert (tmp_path / "bench.csv").read_text().startswith("pattern,")
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow

@@ -33,9 +33,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             setattr(cfg, key, value)
     if args.min_run_time is not None:
         cfg.min_run_time = args.min_run_time
-    bench.run(cfg, Path(args.out) if args.out else None, progress=not args.no_progress)
+    results = bench.run(cfg, Path(args.out) if args.out else None, progress=not args.no_progress)
     if args.out:
-        print(f"wrote {args.out}/bench.json and {args.out}/bench.csv")
+        written = [f"{args.out}/bench.json", f"{args.out}/bench.csv"]
+        try:
+            from .viz import draw_bench
+
+            written.append(str(draw_bench([r.row() for r in results], Path(args.out) / "bench.png")))
+        except ImportError:  # matplotlib is the optional `viz` extra
+            pass
+        print("wrote " + ", ".join(written))
     return 0
 
 

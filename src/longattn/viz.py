@@ -48,3 +48,39 @@ def draw_pattern(pattern: Pattern, seq_len: int, out: str | Path, *, kv_len: int
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def draw_bench(rows: list[dict], out: str | Path) -> Path:
+    """Save a PNG from ``bench.json`` rows: time (ms) against sequence length, one panel per
+    (pattern, dtype, mode), one line per path, log-log so that linear and quadratic paths separate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["pattern"], r["dtype"], r["mode"]) for r in rows})
+    paths = sorted({r["path"] for r in rows})
+    colour = {p: plt.cm.tab10(n % 10) for n, p in enumerate(paths)}  # one colour per path in every panel
+    cols = min(3, len(panels)) or 1
+    nrows = -(-len(panels) // cols) or 1
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False)
+    for ax, (pattern, dtype, mode) in zip(axes.flat, panels):
+        sel = [r for r in rows if (r["pattern"], r["dtype"], r["mode"]) == (pattern, dtype, mode) and r["time_ms"]]
+        for path in sorted({r["path"] for r in sel}):
+            pts = sorted((r["seq_len"], r["time_ms"]) for r in sel if r["path"] == path)
+            ax.plot(*zip(*pts), marker="o", label=path, color=colour[path])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{pattern} {dtype} {mode}", fontsize=10)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("time (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
