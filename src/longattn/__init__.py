@@ -1,6 +1,6 @@
 """longattn: sparse attention for long inputs, exact and fast on CPU and GPU."""
 
-from .backends import Choice
+from .backends import Choice, clear_caches
 from .functional import attention, explain
 from .modules import SparseSelfAttention
 from .patterns import (
@@ -29,6 +29,7 @@ __all__ = [
     "attention",
     "bigbird",
     "causal",
+    "clear_caches",
     "dilated",
     "explain",
     "fixed",

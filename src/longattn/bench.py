@@ -28,7 +28,8 @@ from torch.utils.benchmark import Timer
 
 from .backends import flex as flex_backend
 from .functional import attention
-from .patterns import Geometry, Pattern, bigbird, clear_caches, get_plan, longformer, sparse_transformer
+from .backends import clear_caches
+from .patterns import Geometry, Pattern, bigbird, get_plan, longformer, sparse_transformer
 from .backends.blocked import choose_block
 
 PATHS = ("sdpa", "dense", "blocked", "flex", "flex_plain", "auto")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from .viz import draw_pattern
 
     pattern = parse_pattern(args.pattern)
-    out = args.out or f"{pattern.name.replace('/', '_')}.png"
+    out = args.out or re.sub(r"[^A-Za-z0-9_.-]+", "_", pattern.name).strip("_") + ".png"
     path = draw_pattern(pattern, args.seq_len, out, kv_len=args.kv_len, block=args.block, num_heads=args.num_heads,
                         head=args.head)
     density = pattern.density(args.seq_len, args.kv_len, num_heads=args.num_heads, block=args.block)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..patterns import Geometry, Pattern
 from ..patterns.full import Full
-from ..patterns.layout import _LRU, evaluate_blocks, get_plan, real_pairs
+from ..patterns.layout import LRUCache, evaluate_blocks, get_plan, real_pairs
 from ._inputs import AttentionInputs
 
 DEFAULT_BLOCK = 64
@@ -122,7 +122,7 @@ def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.de
     return Schedule(block, tuple(groups))
 
 
-_SCHEDULES = _LRU(64)
+_SCHEDULES = LRUCache(64)
 
 
 def get_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> Schedule:

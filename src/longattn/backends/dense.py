@@ -19,7 +19,7 @@ from torch import Tensor
 from ..patterns import Geometry, Pattern
 from ..patterns._base import dense_mask
 from ..patterns.causal import CausalMask
-from ..patterns.layout import _LRU
+from ..patterns.layout import LRUCache
 from ._inputs import AttentionInputs, float_bias, keep_mask
 
 MASK_CACHE_BYTES = 256 * 2**20  # largest cached mask
@@ -44,7 +44,7 @@ def _build(pattern: Pattern, geo: Geometry, device: torch.device, dtype: torch.d
     return _PatternMask(keep, additive, row_live)
 
 
-_MASKS = _LRU(8)
+_MASKS = LRUCache(8)
 
 
 def pattern_mask(pattern: Pattern, geo: Geometry, device: torch.device, dtype: torch.dtype) -> _PatternMask:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..patterns import Geometry, Pattern
 from ..patterns.full import Full
-from ..patterns.layout import _LRU, get_plan
+from ..patterns.layout import LRUCache, get_plan
 from ._inputs import AttentionInputs
 
 FLEX_BLOCK = 128
@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
     BlockMask = flex_attention = None
 
 _compiled = None
-_BLOCK_MASKS = _LRU(32)
+_BLOCK_MASKS = LRUCache(32)
 
 
 def available() -> bool:

@@ -172,7 +172,7 @@ def build_plan(pattern: Pattern, geo: Geometry, block: int, device: torch.device
     return BlockPlan(geo, block, idx.contiguous(), count.contiguous(), full.contiguous(), pairs, exact)
 
 
-class _LRU:
+class LRUCache:
     """A small thread-safe LRU cache for plans and compiled artefacts keyed by hashable tuples."""
 
     def __init__(self, capacity: int):
@@ -199,7 +199,7 @@ class _LRU:
             self._data.clear()
 
 
-_PLANS = _LRU(64)
+_PLANS = LRUCache(64)
 
 
 def get_plan(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> BlockPlan:
