@@ -134,7 +134,15 @@ def test_composition_flattens_and_keys():
     p = la.sliding_window(1) | la.sliding_window(2) | la.global_tokens([0])
     assert len(p.parts) == 3
     assert p.key == (la.sliding_window(1) | la.sliding_window(2) | la.global_tokens([0])).key
-    assert la.global_tokens(torch.zeros(1, 4, dtype=torch.bool)).key is None
+    flags = torch.zeros(2, 6, dtype=torch.bool)
+    flags[1, 3] = True
+    same, other = flags.clone(), flags.clone()
+    other[0, 0] = True
+    assert la.global_tokens(flags).key == la.global_tokens(same).key != la.global_tokens(other).key
+    pattern = la.global_tokens(flags)
+    key, dense = pattern.key, pattern.dense(6, batch_size=2)
+    flags[0, 1] = True  # the pattern took a snapshot: later edits change nothing
+    assert pattern.key == key and torch.equal(pattern.dense(6, batch_size=2), dense)
 
 
 def test_parse_pattern_round_trip():

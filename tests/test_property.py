@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -46,7 +47,7 @@ def cases(draw):
     return nq, nk, draw(patterns(nk)), draw(st.booleans()), draw(st.sampled_from([8, 16, 32, None]))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_random_patterns_match_oracle(case):
     nq, nk, pattern, pad, block = case
@@ -58,6 +59,11 @@ def test_random_patterns_match_oracle(case):
         kpm[1, nk // 2:] = False
         keep = keep & kpm[:, None, None, :]
     assert_close_to_reference("blocked", q, k, v, keep, pattern=pattern, key_padding_mask=kpm)
-    if block is not None:  # the layout at any block size covers every allowed pair, exactly
+    if block is not None:  # the exact block layout at any block size and alignment
         layout = pattern.block_layout(nq, nk, block=block, num_heads=HEADS)
-        assert layout.dtype == torch.bool
+        dense = pattern.dense(nq, nk, num_heads=HEADS).expand(HEADS, nq, nk)
+        nqb, nkb = -(-nq // block), -(-nk // block)
+        padded = torch.zeros(HEADS, nqb * block, nkb * block, dtype=torch.bool)
+        padded[:, :nq, :nk] = dense
+        assert torch.equal(layout, padded.view(HEADS, nqb, block, nkb, block).any(-1).any(-2))
+        assert pattern.density(nq, nk, num_heads=HEADS, block=block) == pytest.approx(dense.float().mean().item())

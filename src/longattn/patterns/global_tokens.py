@@ -17,8 +17,11 @@ class GlobalTokens(Pattern):
         if isinstance(idx, Tensor) and idx.dtype == torch.bool:
             if idx.dim() != 2:
                 raise ValueError(f"idx as a bool mask must have shape (B, N), got {tuple(idx.shape)}")
-            self.flags = idx
+            self.flags = idx.detach().clone()  # a snapshot: the cache key below describes this content
             self.name = "global_tokens_per_example"
+            # Keyed by content, so batches with the same global positions (a CLS token, the same
+            # question length) reuse cached plans instead of rebuilding them on every call.
+            self._key = ("global_tokens_mask", tuple(idx.shape), tuple(map(tuple, idx.nonzero().tolist())))
         else:
             values = idx.tolist() if isinstance(idx, Tensor) else list(idx)
             if any(not isinstance(v, int) or isinstance(v, bool) for v in values):
@@ -29,7 +32,7 @@ class GlobalTokens(Pattern):
 
     @property
     def key(self):
-        return None if self.indices is None else ("global_tokens", self.indices)
+        return self._key if self.indices is None else ("global_tokens", self.indices)
 
     def validate(self, geo: Geometry) -> None:
         if self.indices is not None:
