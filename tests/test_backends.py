@@ -216,3 +216,12 @@ def test_blocked_gradcheck_float_bias_with_grad():
     assert torch.autograd.gradcheck(fn, (q, k, v, bias))
     head_shared = torch.randn(1, 1, 21, 21, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(fn, (q, k, v, head_shared))
+
+
+@pytest.mark.parametrize("nq,nk", [(0, 7), (7, 0)])
+def test_empty_sequences(nq, nk):
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, nq, nk, 8))
+    out = la.attention(q, k, v, pattern=la.causal())
+    assert out.shape == (1, 2, nq, 8) and not out.isnan().any() and (out == 0).all()
+    out.sum().backward()
+    assert (k.grad == 0).all() and (q.grad == 0).all()

@@ -47,6 +47,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: Pattern | None = None
     """
     inp = prepare(q, k, v, pattern=pattern, attn_mask=attn_mask, key_padding_mask=key_padding_mask, scale=scale,
                   dropout_p=dropout_p)
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        # No queries, or no keys (an empty KV cache): every row is empty and outputs zeros. The zero
+        # multiple keeps the result in the autograd graph so that backward gives zero gradients.
+        empty = q.new_zeros(*q.shape[:3], v.shape[-1])
+        return empty + 0 * (q.sum() + k.sum() + v.sum())
     return _dispatch.run(inp, backend)
 
 
