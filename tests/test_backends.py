@@ -225,3 +225,15 @@ def test_empty_sequences(nq, nk):
     assert out.shape == (1, 2, nq, 8) and not out.isnan().any() and (out == 0).all()
     out.sum().backward()
     assert (k.grad == 0).all() and (q.grad == 0).all()
+
+
+@pytest.mark.parametrize("pattern_name", ["longformer", "global_per_example", "per_head", "causal_bigbird"])
+def test_blocked_evaluates_large_masks_chunk_by_chunk(pattern_name, monkeypatch):
+    """Schedules too large to cache (block-dense patterns at large N) evaluate their masks per chunk."""
+    from longattn.backends import blocked
+
+    monkeypatch.setattr(blocked, "SCHEDULE_MASK_BYTES", 0)
+    la.clear_caches()
+    pattern, q, k, v, kpm, keep = _case(pattern_name, "padded1025", torch.float32, "cpu")
+    assert_close_to_reference("blocked", q, k, v, keep, pattern=pattern, key_padding_mask=kpm)
+    la.clear_caches()

@@ -153,3 +153,19 @@ def test_parse_pattern_round_trip():
         la.parse_pattern("os.system('x')")
     with pytest.raises(ValueError, match="unknown constructor"):
         la.parse_pattern("evil(3)")
+
+
+def test_lru_cache_bounds_entries_and_bytes():
+    from longattn.patterns.layout import LRUCache
+
+    cache = LRUCache(3, max_bytes=10, size_of=len)
+    for key in "abc":
+        cache.get_or_build(key, lambda key=key: key * 4)  # 4 bytes each
+    assert list(cache._data) == ["b", "c"]  # "a" evicted: 12 bytes > 10
+    assert cache.get_or_build("b", lambda: "new") == "bbbb"  # hit, and now the newest
+    cache.get_or_build("big", lambda: "x" * 50)  # larger than the budget: kept alone
+    assert list(cache._data) == ["big"]
+    calls = []
+    cache.get_or_build(None, lambda: calls.append(1))
+    cache.get_or_build(None, lambda: calls.append(1))
+    assert len(calls) == 2  # None keys are never cached

@@ -18,7 +18,7 @@ softmax and index_select), so every device and dtype works, forward and backward
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,41 +31,43 @@ from ._inputs import AttentionInputs
 
 DEFAULT_BLOCK = 64
 CHUNK_SCORES = 1 << 21  # scores per chunk (8 MB in float32)
+SCHEDULE_MASK_BYTES = 1 << 30  # larger token masks are not kept but evaluated chunk by chunk, every call
+SCHEDULE_CACHE_BYTES = 2 << 30  # all cached schedules together
 
 
 @dataclass(frozen=True, eq=False)
 class QueryGroup:
-    """Query blocks that share one gather width; heavy groups (kv_index None) attend every key block."""
+    """Query blocks that share one gather width; heavy groups attend every key block."""
 
     q_blocks: Tensor  # (n,) long: which query blocks
-    kv_index: Tensor | None  # (B', H', n, K) long key blocks, or None = every key block
-    drop: Tensor  # (B', H', n, s, C) bool: pairs the pattern drops (see drop_mask); C = K*s or Nk_pad
-    dead: Tensor | None  # (B', H', n, s, 1) bool: rows that keep nothing, or None
-
-    @property
-    def columns(self) -> int:
-        return self.drop.shape[-1]
+    kv_index: Tensor  # (B', H', n, K) long key blocks (every block, in order, for heavy rows)
+    kv_count: Tensor  # (B', H', n) long: real slots of kv_index
+    heavy: bool  # True: one dense matrix against all keys, no gather
+    columns: int  # C = K * block: keys per query row
+    drop: Tensor | None  # (B', H', n, s, C) bool pairs to drop (see drop_mask); None: evaluated per chunk
+    dead: Tensor | None  # (B', H', n, s, 1) bool rows that keep nothing, or None
 
 
 @dataclass(frozen=True, eq=False)
 class Schedule:
+    pattern: Pattern
+    geometry: Geometry
     block: int
+    block_exact: bool  # the pattern allows whole blocks: only padding needs masking
+    mask_batch: int  # B' of the pattern (1 unless global tokens are chosen per example)
+    mask_heads: int  # H' of the pattern (1 unless it differs per head)
     groups: tuple[QueryGroup, ...]
-
-    @property
-    def mask_batch(self) -> int:
-        """B' of the pattern (1 unless global tokens are chosen per example)."""
-        return max(g.drop.shape[0] for g in self.groups)
-
-    @property
-    def mask_heads(self) -> int:
-        """H' of the pattern (1 unless it differs per head)."""
-        return max(g.drop.shape[1] for g in self.groups)
 
     @property
     def scores_per_head(self) -> int:
         """Scores computed per (example, head): the blocked path's work, padding included."""
         return sum(g.q_blocks.numel() * self.block * g.columns for g in self.groups)
+
+    def masks(self, g: QueryGroup, sel: slice) -> tuple[Tensor, Tensor | None]:
+        """The drop mask and dead rows of query blocks ``sel`` of group ``g``."""
+        if g.drop is not None:
+            return g.drop[:, :, sel], None if g.dead is None else g.dead[:, :, sel]
+        return drop_mask(_keep(self, g.q_blocks[sel], g.kv_index[:, :, sel], g.kv_count[:, :, sel]))
 
 
 def choose_block(pattern: Pattern | None) -> int:
@@ -93,13 +95,21 @@ def drop_mask(keep: Tensor) -> tuple[Tensor, Tensor | None]:
     return ~keep & live, ~live
 
 
-def _group(pattern: Pattern, geo: Geometry, block: int, q_blocks: Tensor, kv_index: Tensor, kv_count: Tensor,
-           exact: bool, heavy: bool) -> QueryGroup:
-    if exact:  # block-exact patterns allow whole blocks: only padding is dropped
-        keep = real_pairs(geo, block, kv_index, kv_count, q_blocks)
-    else:
-        keep = evaluate_blocks(pattern, geo, block, kv_index, kv_count, kv_index.device, q_blocks=q_blocks)
-    return QueryGroup(q_blocks, None if heavy else kv_index.contiguous(), *drop_mask(keep))
+def _keep(sched: Schedule, q_blocks: Tensor, kv_index: Tensor, kv_count: Tensor) -> Tensor:
+    if sched.block_exact:  # block-exact patterns allow whole blocks: only padding is dropped
+        return real_pairs(sched.geometry, sched.block, kv_index, kv_count, q_blocks)
+    return evaluate_blocks(sched.pattern, sched.geometry, sched.block, kv_index, kv_count, kv_index.device,
+                           q_blocks=q_blocks)
+
+
+def _group(sched: Schedule, q_blocks: Tensor, kv_index: Tensor, kv_count: Tensor, heavy: bool) -> QueryGroup:
+    columns = kv_index.shape[-1] * sched.block
+    kv_index, kv_count = kv_index.contiguous(), kv_count.contiguous()
+    mask_bytes = sched.mask_batch * sched.mask_heads * q_blocks.numel() * sched.block * columns
+    if mask_bytes > SCHEDULE_MASK_BYTES:  # block-dense patterns at large N: bounded memory, re-evaluated
+        return QueryGroup(q_blocks, kv_index, kv_count, heavy, columns, None, None)
+    drop, dead = drop_mask(_keep(sched, q_blocks, kv_index, kv_count))
+    return QueryGroup(q_blocks, kv_index, kv_count, heavy, columns, drop, dead)
 
 
 def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> Schedule:
@@ -110,19 +120,24 @@ def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.de
     by_count = counts.sort(descending=True, stable=True).indices
     heavy = by_count[:n_heavy].sort().values.to(device)
     light = by_count[n_heavy:].sort().values.to(device)
+    sched = Schedule(pattern, geo, block, plan.block_exact, *plan.kv_index.shape[:2], ())
     groups = []
     if light.numel():
         k = max(1, int(counts[light.cpu()].max()))
-        groups.append(_group(pattern, geo, block, light, plan.kv_index[:, :, light, :k], plan.kv_count[:, :, light],
-                             plan.block_exact, heavy=False))
+        groups.append(_group(sched, light, plan.kv_index[:, :, light, :k], plan.kv_count[:, :, light], heavy=False))
     if heavy.numel():
         every = torch.arange(nkb, device=device).expand(1, 1, heavy.numel(), nkb)
-        groups.append(_group(pattern, geo, block, heavy, every, torch.full((1, 1, heavy.numel()), nkb, device=device),
-                             False, heavy=True))
-    return Schedule(block, tuple(groups))
+        groups.append(_group(replace(sched, block_exact=False), heavy, every,
+                             torch.full((1, 1, heavy.numel()), nkb, device=device), heavy=True))
+    return replace(sched, groups=tuple(groups))
 
 
-_SCHEDULES = LRUCache(64)
+def _schedule_bytes(sched: Schedule) -> int:
+    return sum(t.numel() * t.element_size() for g in sched.groups for t in (g.drop, g.dead, g.kv_index)
+               if t is not None)
+
+
+_SCHEDULES = LRUCache(64, max_bytes=SCHEDULE_CACHE_BYTES, size_of=_schedule_bytes)
 
 
 def get_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> Schedule:
@@ -190,16 +205,15 @@ class _Call:
                 sel = slice(start, min(n, start + per_chunk))
                 ids = g.q_blocks[sel]
                 rows = ids[:, None] * block + offsets
-                drop = g.drop[:, :, sel]
-                dead = None if g.dead is None else g.dead[:, :, sel]
-                if g.kv_index is None:
+                drop, dead = self.sched.masks(g, sel)
+                if g.heavy:
                     flat, cols = None, torch.arange(self.nkb * block, device=device).view(1, 1, 1, 1, -1)
                 else:
                     index = g.kv_index[:, :, sel]
                     flat = _flat_block_index(index, self.b, self.h, self.nkb)
                     cols = (index[..., None] * block + offsets).flatten(-2).unsqueeze(-2)
                 drop, dead, bias = self._fold_call_masks(drop, dead, cols, rows)
-                if g.kv_index is None:  # heavy rows: one matrix of c*s rows against all keys
+                if g.heavy:  # heavy rows: one matrix of c*s rows against all keys
                     drop, dead, bias = (None if t is None else t.flatten(2, 3).unsqueeze(2) for t in (drop, dead, bias))
                 first = int(ids[0])
                 contiguous = bool((ids == torch.arange(first, first + ids.numel(), device=device)).all())

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from threading import Lock
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -173,11 +174,13 @@ def build_plan(pattern: Pattern, geo: Geometry, block: int, device: torch.device
 
 
 class LRUCache:
-    """A small thread-safe LRU cache for plans and compiled artefacts keyed by hashable tuples."""
+    """A small thread-safe LRU cache keyed by hashable tuples, bounded by entry count and, when
+    ``size_of`` is given, by total bytes (the newest entry always stays)."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    def __init__(self, capacity: int, max_bytes: int | None = None, size_of: Callable[[object], int] | None = None):
+        self.capacity, self.max_bytes, self.size_of = capacity, max_bytes, size_of
         self._data: OrderedDict = OrderedDict()
+        self._sizes: dict = {}
         self._lock = Lock()
 
     def get_or_build(self, key, build):
@@ -190,13 +193,17 @@ class LRUCache:
         value = build()
         with self._lock:
             self._data[key] = value
-            while len(self._data) > self.capacity:
-                self._data.popitem(last=False)
+            self._sizes[key] = self.size_of(value) if self.size_of else 0
+            while len(self._data) > 1 and (len(self._data) > self.capacity or (
+                    self.max_bytes is not None and sum(self._sizes.values()) > self.max_bytes)):
+                old, _ = self._data.popitem(last=False)
+                self._sizes.pop(old, None)
         return value
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._sizes.clear()
 
 
 _PLANS = LRUCache(64)
