@@ -169,3 +169,16 @@ def test_lru_cache_bounds_entries_and_bytes():
     cache.get_or_build(None, lambda: calls.append(1))
     cache.get_or_build(None, lambda: calls.append(1))
     assert len(calls) == 2  # None keys are never cached
+
+
+def test_mixed_head_periods_use_their_lcm():
+    two = la.per_head([la.causal(), la.sliding_window(1)])
+    three = la.per_head([la.global_tokens([0]), la.sliding_window(0), la.full()])
+    union = two | three
+    assert union.head_period == 6
+    rules = [lambda h, i, j: j <= i, lambda h, i, j: abs(i - j) <= 1]
+    rules3 = [lambda h, i, j: i == 0 or j == 0, lambda h, i, j: i == j, lambda h, i, j: True]
+    truth = brute(lambda h, i, j: rules[h % 2](h, i, j) or rules3[h % 3](h, i, j), 13, 13, heads=12)
+    assert torch.equal(union.dense(13, num_heads=12), truth)
+    layout = union.block_layout(13, block=4, num_heads=12)
+    assert torch.equal(layout, _block_truth(union, 13, 13, 4, 12, 1)[0])

@@ -56,6 +56,9 @@ class Pattern:
     head_period: int | None = None
     #: the block size a block-structured pattern is defined on (BigBird), or None
     preferred_block: int | None = None
+    #: False when the mask of a head depends on the number of heads (tables drawn for H heads);
+    #: otherwise head h behaves as head h % head_period, which lets plans evaluate one period only
+    head_count_free: bool = True
 
     # ---- what subclasses implement -------------------------------------------------------------
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:

@@ -18,6 +18,7 @@ class BigBird(BlockTablePattern):
         self.random_blocks = _check_int(random_blocks, "random_blocks")
         self.seed = _check_int(seed, "seed")
         self.preferred_block = block
+        self.head_count_free = random_blocks == 0  # random tables are drawn for H heads
         self.name = f"bigbird_{block}_w{window_blocks}_g{global_blocks}_r{random_blocks}_seed{seed}"
 
     @property

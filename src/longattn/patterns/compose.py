@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import reduce
 from typing import Sequence
 
@@ -11,9 +12,15 @@ from torch import Tensor
 from ._base import AllowedFn, Geometry, Pattern, _as4d, _check_pattern
 
 
-def _common(parts: Sequence[Pattern], attr: str):
-    values = {getattr(p, attr) for p in parts} - {None}
+def _largest_block(parts: Sequence[Pattern]) -> int | None:
+    values = {p.preferred_block for p in parts} - {None}
     return max(values) if values else None
+
+
+def _head_period(parts: Sequence[Pattern]) -> int | None:
+    """The least common multiple of the parts' head periods: head h behaves as h % period in all."""
+    values = {p.head_period for p in parts} - {None}
+    return math.lcm(*values) if values else None
 
 
 class _Combination(Pattern):
@@ -30,8 +37,9 @@ class _Combination(Pattern):
         self.parts = flat
         self._auto_name = name is None
         self.name = name or "(" + f" {self.symbol} ".join(p.name for p in flat) + ")"
-        self.preferred_block = _common(flat, "preferred_block")
-        self.head_period = _common(flat, "head_period")
+        self.preferred_block = _largest_block(flat)
+        self.head_period = _head_period(flat)
+        self.head_count_free = all(p.head_count_free for p in flat)
 
     @property
     def key(self):
@@ -82,8 +90,9 @@ class PerHead(Pattern):
         self.parts = [_check_pattern(p, f"patterns[{n}]") for n, p in enumerate(patterns)]
         if not self.parts:
             raise ValueError("per_head needs at least one pattern")
-        self.head_period = len(self.parts)
-        self.preferred_block = _common(self.parts, "preferred_block")
+        self.head_period = math.lcm(len(self.parts), _head_period(self.parts) or 1)
+        self.preferred_block = _largest_block(self.parts)
+        self.head_count_free = all(p.head_count_free for p in self.parts)
         self.name = name or "per_head[" + ", ".join(p.name for p in self.parts) + "]"
 
     @property

@@ -12,7 +12,7 @@ Shapes: B' and H' are 1 when the pattern does not vary with the example or the h
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from threading import Lock
 from typing import Callable
 
@@ -84,6 +84,14 @@ def evaluate_blocks(pattern: Pattern, geo: Geometry, block: int, kv_index: Tenso
 
     ``kv_index`` (B', H', n, K) lists key blocks for the query blocks ``q_blocks`` (default: all).
     """
+    period = pattern.head_period
+    if period and pattern.head_count_free and geo.num_heads > period and geo.num_heads % period == 0:
+        # Head h behaves as h % period: evaluate one period of heads and tile (12 heads of a two-head
+        # Sparse Transformer pattern cost 2 evaluations, not 12).
+        first = lambda t: t[:, :period] if t.shape[1] == geo.num_heads else t  # noqa: E731
+        out = evaluate_blocks(pattern, replace(geo, num_heads=period), block, first(kv_index), first(kv_count),
+                              device, q_blocks)
+        return out.repeat(1, geo.num_heads // period, 1, 1, 1) if out.shape[1] == period else out
     allowed = pattern.allowed_fn(geo, device)
     bp, hp, nqb, k = kv_index.shape
     b = torch.arange(geo.batch, device=device).view(-1, 1, 1, 1, 1)

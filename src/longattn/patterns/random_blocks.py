@@ -64,6 +64,7 @@ class RandomBlocks(BlockTablePattern):
         self.block = _check_int(block, "block", minimum=1)
         self.seed = _check_int(seed, "seed")
         self.preferred_block = block
+        self.head_count_free = num_random == 0  # random tables are drawn for H heads
         self.name = f"random_blocks_{num_random}x{block}_seed{seed}"
 
     @property
