@@ -153,7 +153,7 @@ def _plain_flex(pattern: Pattern, exp: Experiment, device: torch.device) -> Call
 
     n = exp.seq_len
     mask_mod = pattern.mask_mod(n, n, num_heads=exp.heads, batch_size=exp.batch, device=device)
-    block = flex_backend.flex_block(pattern)
+    block = flex_backend.flex_block(pattern, device)
     plan = get_plan(pattern, Geometry(n, n, exp.heads, exp.batch), block, device)
     heads = exp.heads if plan.kv_index.shape[1] > 1 else None  # None broadcasts one mask over heads
     block_mask = create_block_mask(mask_mod, None, heads, n, n, device=device, BLOCK_SIZE=block, _compile=True)

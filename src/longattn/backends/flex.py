@@ -18,11 +18,12 @@ from ._inputs import AttentionInputs
 FLEX_BLOCK = 128
 
 
-def flex_block(pattern: Pattern) -> int:
-    """Block-structured patterns (BigBird) keep their own block when the kernel can tile it (>= 64):
-    at 128 two neighbouring 64-blocks with different random partners would double the work."""
+def flex_block(pattern: Pattern, device: torch.device) -> int:
+    """Block-structured patterns (BigBird) keep their own block on CPU when it is 64: at 128, two
+    neighbouring 64-blocks with different random partners double the work (measured). CUDA keeps
+    FlexAttention's default 128, the tile its Triton kernels are tuned for (not measured here: no GPU)."""
     pb = pattern.preferred_block
-    return pb if pb is not None and pb >= 64 and pb % 64 == 0 and pb <= FLEX_BLOCK else FLEX_BLOCK
+    return pb if device.type == "cpu" and pb == 64 else FLEX_BLOCK
 
 try:  # FlexAttention exists from PyTorch 2.5; keep importing on builds without it.
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -72,7 +73,7 @@ def _to_kv_blocks(layout: Tensor) -> tuple[Tensor, Tensor]:
 def build_block_mask(pattern: Pattern, geo: Geometry, device: torch.device, *, key_padding_mask: Tensor | None = None,
                      bool_mask: Tensor | None = None) -> "BlockMask":
     """A ``BlockMask`` for ``pattern`` (and optional extra masks) from the pattern's exact plan."""
-    block = flex_block(pattern)
+    block = flex_block(pattern, device)
     plan = get_plan(pattern, geo, block, device)
     layout = plan.layout()
     allowed = pattern.allowed_fn(geo, device)
