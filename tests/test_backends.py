@@ -227,7 +227,7 @@ def test_empty_sequences(nq, nk):
     assert (k.grad == 0).all() and (q.grad == 0).all()
 
 
-@pytest.mark.parametrize("pattern_name", ["longformer", "global_per_example", "per_head", "causal_bigbird"])
+@pytest.mark.parametrize("pattern_name", ["longformer", "global_per_example", "per_head", "causal_bigbird", "bigbird"])
 def test_blocked_evaluates_large_masks_chunk_by_chunk(pattern_name, monkeypatch):
     """Schedules too large to cache (block-dense patterns at large N) evaluate their masks per chunk."""
     from longattn.backends import blocked

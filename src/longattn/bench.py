@@ -181,10 +181,16 @@ def _why_not(exp: Experiment, device: torch.device) -> str | None:
     return None
 
 
-def run_experiment(exp: Experiment, device: torch.device, *, min_run_time: float = 0.5) -> Result:
+def _density(exp: Experiment, device: torch.device) -> float:
+    """Share of (query, key) pairs the experiment's pattern allows: what useful FLOPs count."""
     pattern = BENCH_PATTERNS[exp.pattern]()
     geo = Geometry(exp.seq_len, exp.seq_len, exp.heads, exp.batch)
-    density = get_plan(pattern, geo, choose_block(pattern), device).density
+    return get_plan(pattern, geo, choose_block(pattern), device).density
+
+
+def run_experiment(exp: Experiment, device: torch.device, *, min_run_time: float = 0.5) -> Result:
+    pattern = BENCH_PATTERNS[exp.pattern]()
+    density = _density(exp, device)
     pairs = density * exp.batch * exp.heads * exp.seq_len**2
     flops = pairs * exp.head_dim * (4 if exp.mode == "fwd" else 12)
     reason = _why_not(exp, device)
@@ -201,16 +207,10 @@ def run_experiment(exp: Experiment, device: torch.device, *, min_run_time: float
     call = _make_call(pattern, exp, device)
 
     def step() -> None:
-        out = call(q, k, v)
-        if train:
-            torch.autograd.grad(out, (q, k, v), grad_out)
-
-    if not train:
-        step_fn = step
-
-        def step() -> None:  # noqa: F811 - inference runs without autograd bookkeeping
-            with torch.no_grad():
-                step_fn()
+        with torch.set_grad_enabled(train):  # inference runs without autograd bookkeeping
+            out = call(q, k, v)
+            if train:
+                torch.autograd.grad(out, (q, k, v), grad_out)
 
     try:
         step()
@@ -227,9 +227,7 @@ def run_experiment(exp: Experiment, device: torch.device, *, min_run_time: float
 
 def _reuse_for_pattern(done: Result, exp: Experiment, device: torch.device) -> Result:
     """An SDPA result re-labelled for another pattern (useful FLOPs count that pattern's pairs)."""
-    pattern = BENCH_PATTERNS[exp.pattern]()
-    geo = Geometry(exp.seq_len, exp.seq_len, exp.heads, exp.batch)
-    density = get_plan(pattern, geo, choose_block(pattern), device).density
+    density = _density(exp, device)
     gflops = None if done.useful_gflops is None else done.useful_gflops * density / done.density
     return Result(exp, done.time_ms, done.first_call_ms, gflops, done.peak_mb, density, done.note)
 

@@ -36,6 +36,17 @@ SCHEDULE_CACHE_BYTES = 2 << 30  # all cached schedules together
 
 
 @dataclass(frozen=True, eq=False)
+class ChunkLayout:
+    """Where one chunk of a group reads and writes; fixed by the schedule, shared by every call."""
+
+    sel: slice  # which of the group's query blocks
+    q_index: Tensor | slice  # those query blocks, as a slice when contiguous (views instead of copies)
+    rows: Tensor  # (c, s) padded query rows
+    cols: Tensor  # (B', H', c, 1, C) padded key columns, or (1, 1, 1, 1, Nk_pad) for heavy rows
+    flat_index: Tensor | None  # gathered k/v block rows (see _flat_block_index), None for heavy rows
+
+
+@dataclass(frozen=True, eq=False)
 class QueryGroup:
     """Query blocks that share one gather width; heavy groups attend every key block."""
 
@@ -43,7 +54,9 @@ class QueryGroup:
     kv_index: Tensor  # (B', H', n, K) long key blocks (every block, in order, for heavy rows)
     kv_count: Tensor  # (B', H', n) long: real slots of kv_index
     heavy: bool  # True: one dense matrix against all keys, no gather
+    exact: bool  # every listed block is entirely allowed: only padding needs masking
     columns: int  # C = K * block: keys per query row
+    chunks: tuple[ChunkLayout, ...]
     drop: Tensor | None  # (B', H', n, s, C) bool pairs to drop (see drop_mask); None: evaluated per chunk
     dead: Tensor | None  # (B', H', n, s, 1) bool rows that keep nothing, or None
 
@@ -53,7 +66,6 @@ class Schedule:
     pattern: Pattern
     geometry: Geometry
     block: int
-    block_exact: bool  # the pattern allows whole blocks: only padding needs masking
     mask_batch: int  # B' of the pattern (1 unless global tokens are chosen per example)
     mask_heads: int  # H' of the pattern (1 unless it differs per head)
     groups: tuple[QueryGroup, ...]
@@ -67,7 +79,7 @@ class Schedule:
         """The drop mask and dead rows of query blocks ``sel`` of group ``g``."""
         if g.drop is not None:
             return g.drop[:, :, sel], None if g.dead is None else g.dead[:, :, sel]
-        return drop_mask(_keep(self, g.q_blocks[sel], g.kv_index[:, :, sel], g.kv_count[:, :, sel]))
+        return drop_mask(_keep(self, g.exact, g.q_blocks[sel], g.kv_index[:, :, sel], g.kv_count[:, :, sel]))
 
 
 def choose_block(pattern: Pattern | None) -> int:
@@ -95,21 +107,55 @@ def drop_mask(keep: Tensor) -> tuple[Tensor, Tensor | None]:
     return ~keep & live, ~live
 
 
-def _keep(sched: Schedule, q_blocks: Tensor, kv_index: Tensor, kv_count: Tensor) -> Tensor:
-    if sched.block_exact:  # block-exact patterns allow whole blocks: only padding is dropped
+def _keep(sched: Schedule, exact: bool, q_blocks: Tensor, kv_index: Tensor, kv_count: Tensor) -> Tensor:
+    if exact:  # block-exact patterns allow whole blocks: only padding is dropped
         return real_pairs(sched.geometry, sched.block, kv_index, kv_count, q_blocks)
     return evaluate_blocks(sched.pattern, sched.geometry, sched.block, kv_index, kv_count, kv_index.device,
                            q_blocks=q_blocks)
 
 
-def _group(sched: Schedule, q_blocks: Tensor, kv_index: Tensor, kv_count: Tensor, heavy: bool) -> QueryGroup:
+def _flat_block_index(index: Tensor, b: int, h: int, nkb: int) -> Tensor:
+    """Rows of the (b * h * nkb, s, d) view of k/v that kv_index (B', H', c, K) names, flattened."""
+    base = (torch.arange(b, device=index.device).view(b, 1, 1, 1) * h
+            + torch.arange(h, device=index.device).view(1, h, 1, 1)) * nkb
+    return (base + index).reshape(-1)
+
+
+def _chunk_layouts(geo: Geometry, block: int, q_blocks: Tensor, kv_index: Tensor, heavy: bool
+                   ) -> tuple[ChunkLayout, ...]:
+    """Split a group into chunks whose scores take about CHUNK_SCORES elements."""
+    device = q_blocks.device
+    offsets = torch.arange(block, device=device)
+    nkb = -(-geo.kv_len // block)
+    columns = kv_index.shape[-1] * block
+    per_chunk = max(1, CHUNK_SCORES // (geo.batch * geo.num_heads * block * columns))
+    layouts = []
+    for start in range(0, q_blocks.numel(), per_chunk):
+        sel = slice(start, min(q_blocks.numel(), start + per_chunk))
+        ids = q_blocks[sel]
+        first = int(ids[0])
+        contiguous = torch.equal(ids, torch.arange(first, first + ids.numel(), device=device))
+        q_index = slice(first, first + ids.numel()) if contiguous else ids
+        if heavy:
+            cols, flat = torch.arange(nkb * block, device=device).view(1, 1, 1, 1, -1), None
+        else:
+            index = kv_index[:, :, sel]
+            cols = (index[..., None] * block + offsets).flatten(-2).unsqueeze(-2)
+            flat = _flat_block_index(index, geo.batch, geo.num_heads, nkb)
+        layouts.append(ChunkLayout(sel, q_index, ids[:, None] * block + offsets, cols, flat))
+    return tuple(layouts)
+
+
+def _group(sched: Schedule, q_blocks: Tensor, kv_index: Tensor, kv_count: Tensor, heavy: bool, exact: bool
+           ) -> QueryGroup:
     columns = kv_index.shape[-1] * sched.block
     kv_index, kv_count = kv_index.contiguous(), kv_count.contiguous()
+    chunks = _chunk_layouts(sched.geometry, sched.block, q_blocks, kv_index, heavy)
     mask_bytes = sched.mask_batch * sched.mask_heads * q_blocks.numel() * sched.block * columns
     if mask_bytes > SCHEDULE_MASK_BYTES:  # block-dense patterns at large N: bounded memory, re-evaluated
-        return QueryGroup(q_blocks, kv_index, kv_count, heavy, columns, None, None)
-    drop, dead = drop_mask(_keep(sched, q_blocks, kv_index, kv_count))
-    return QueryGroup(q_blocks, kv_index, kv_count, heavy, columns, drop, dead)
+        return QueryGroup(q_blocks, kv_index, kv_count, heavy, exact, columns, chunks, None, None)
+    drop, dead = drop_mask(_keep(sched, exact, q_blocks, kv_index, kv_count))
+    return QueryGroup(q_blocks, kv_index, kv_count, heavy, exact, columns, chunks, drop, dead)
 
 
 def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> Schedule:
@@ -120,21 +166,22 @@ def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.de
     by_count = counts.sort(descending=True, stable=True).indices
     heavy = by_count[:n_heavy].sort().values.to(device)
     light = by_count[n_heavy:].sort().values.to(device)
-    sched = Schedule(pattern, geo, block, plan.block_exact, *plan.kv_index.shape[:2], ())
+    sched = Schedule(pattern, geo, block, *plan.kv_index.shape[:2], ())
     groups = []
     if light.numel():
         k = max(1, int(counts[light.cpu()].max()))
-        groups.append(_group(sched, light, plan.kv_index[:, :, light, :k], plan.kv_count[:, :, light], heavy=False))
-    if heavy.numel():
+        groups.append(_group(sched, light, plan.kv_index[:, :, light, :k], plan.kv_count[:, :, light],
+                             heavy=False, exact=plan.block_exact))
+    if heavy.numel():  # every key block, so not block-exact even when the pattern is
         every = torch.arange(nkb, device=device).expand(1, 1, heavy.numel(), nkb)
-        groups.append(_group(replace(sched, block_exact=False), heavy, every,
-                             torch.full((1, 1, heavy.numel()), nkb, device=device), heavy=True))
+        groups.append(_group(sched, heavy, every, torch.full((1, 1, heavy.numel()), nkb, device=device),
+                             heavy=True, exact=False))
     return replace(sched, groups=tuple(groups))
 
 
 def _schedule_bytes(sched: Schedule) -> int:
-    return sum(t.numel() * t.element_size() for g in sched.groups for t in (g.drop, g.dead, g.kv_index)
-               if t is not None)
+    tensors = [t for g in sched.groups for t in (g.drop, g.dead, g.kv_index, *(c.flat_index for c in g.chunks))]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 _SCHEDULES = LRUCache(64, max_bytes=SCHEDULE_CACHE_BYTES, size_of=_schedule_bytes)
@@ -143,13 +190,6 @@ _SCHEDULES = LRUCache(64, max_bytes=SCHEDULE_CACHE_BYTES, size_of=_schedule_byte
 def get_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> Schedule:
     key = None if pattern.key is None else (pattern.key, geo, block, str(device))
     return _SCHEDULES.get_or_build(key, lambda: build_schedule(pattern, geo, block, device))
-
-
-def _flat_block_index(index: Tensor, b: int, h: int, nkb: int) -> Tensor:
-    """Rows of the (b * h * nkb, s, d) view of k/v that kv_index (B', H', c, K) names, flattened."""
-    base = (torch.arange(b, device=index.device).view(b, 1, 1, 1) * h
-            + torch.arange(h, device=index.device).view(1, h, 1, 1)) * nkb
-    return (base + index).reshape(-1)
 
 
 def gather_blocks(x: Tensor, flat_index: Tensor, block: int, shape: tuple[int, ...]) -> Tensor:
@@ -166,17 +206,18 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class Chunk:
-    """A few query blocks of one group with everything their scores need; 5-D shapes (.., c', m, C)."""
+    """A chunk's layout with this call's masks folded in; 5-D shapes (.., c', m, C)."""
 
-    q_blocks: Tensor  # (c,) long
-    q_index: Tensor | slice  # q_blocks as a slice when contiguous (views instead of copies)
-    flat_index: Tensor | None  # gathered k/v block rows, or None for heavy rows (every key)
+    layout: ChunkLayout
     drop: Tensor  # (B', H', c', m, C) bool
     dead: Tensor | None  # (B', H', c', m, 1) bool
     bias: Tensor | None  # (B?, H?, c', m, C) float, from a float attn_mask
-    rows: Tensor  # (c, s) padded query rows
-    cols: Tensor  # (B', H', c, 1, C) padded key columns (light) or (1, 1, 1, 1, Nk_pad)
     seed: int  # dropout stream of this chunk
+
+    @property
+    def size(self) -> int:
+        """Query blocks in the chunk."""
+        return self.layout.rows.shape[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,7 +227,6 @@ class _Call:
     sched: Schedule
     b: int
     h: int
-    nkb: int
     kpm: Tensor | None  # (b, Nk_pad) bool
     attn_mask: Tensor | None  # (B?, H?, Nq_pad, Nk_pad) bool or float
     scale: float
@@ -194,31 +234,15 @@ class _Call:
     seed: int
 
     def chunks(self):
-        """Every chunk of every group, sized so that its scores take about CHUNK_SCORES elements."""
-        block, device = self.sched.block, self.sched.groups[0].q_blocks.device
-        offsets = torch.arange(block, device=device)
+        """Every chunk of every group, with the pattern's and this call's masks."""
         n_chunk = 0
         for g in self.sched.groups:
-            per_chunk = max(1, CHUNK_SCORES // (self.b * self.h * block * g.columns))
-            n = g.q_blocks.numel()
-            for start in range(0, n, per_chunk):
-                sel = slice(start, min(n, start + per_chunk))
-                ids = g.q_blocks[sel]
-                rows = ids[:, None] * block + offsets
-                drop, dead = self.sched.masks(g, sel)
-                if g.heavy:
-                    flat, cols = None, torch.arange(self.nkb * block, device=device).view(1, 1, 1, 1, -1)
-                else:
-                    index = g.kv_index[:, :, sel]
-                    flat = _flat_block_index(index, self.b, self.h, self.nkb)
-                    cols = (index[..., None] * block + offsets).flatten(-2).unsqueeze(-2)
-                drop, dead, bias = self._fold_call_masks(drop, dead, cols, rows)
+            for lay in g.chunks:
+                drop, dead = self.sched.masks(g, lay.sel)
+                drop, dead, bias = self._fold_call_masks(drop, dead, lay.cols, lay.rows)
                 if g.heavy:  # heavy rows: one matrix of c*s rows against all keys
                     drop, dead, bias = (None if t is None else t.flatten(2, 3).unsqueeze(2) for t in (drop, dead, bias))
-                first = int(ids[0])
-                contiguous = bool((ids == torch.arange(first, first + ids.numel(), device=device)).all())
-                q_index = slice(first, first + ids.numel()) if contiguous else ids
-                yield Chunk(ids, q_index, flat, drop, dead, bias, rows, cols, self.seed + n_chunk)
+                yield Chunk(lay, drop, dead, bias, self.seed + n_chunk)
                 n_chunk += 1
 
     def _fold_call_masks(self, drop: Tensor, dead: Tensor | None, cols: Tensor, rows: Tensor):
@@ -242,12 +266,13 @@ class _Call:
 
     def operands(self, chunk: Chunk, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q (b, h, c', m, d), k (b, h, c', C, d), v (b, h, c', C, dv) for a chunk."""
-        qc = q[:, :, chunk.q_index]  # (b, h, c, s, d)
-        if chunk.flat_index is None:
+        lay = chunk.layout
+        qc = q[:, :, lay.q_index]  # (b, h, c, s, d)
+        if lay.flat_index is None:
             return qc.flatten(2, 3).unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
-        c, width = chunk.q_blocks.numel(), chunk.cols.shape[-1]
-        kc = gather_blocks(k, chunk.flat_index, self.sched.block, (self.b, self.h, c, width, k.shape[-1]))
-        vc = gather_blocks(v, chunk.flat_index, self.sched.block, (self.b, self.h, c, width, v.shape[-1]))
+        width = lay.cols.shape[-1]
+        kc = gather_blocks(k, lay.flat_index, self.sched.block, (self.b, self.h, chunk.size, width, k.shape[-1]))
+        vc = gather_blocks(v, lay.flat_index, self.sched.block, (self.b, self.h, chunk.size, width, v.shape[-1]))
         return qc, kc, vc
 
     def probabilities(self, chunk: Chunk, qc: Tensor, kc: Tensor) -> Tensor:
@@ -274,19 +299,20 @@ class _Call:
 
 def _scatter_blocks(target: Tensor, chunk: Chunk, grad: Tensor, block: int) -> None:
     """Add a chunk's gradient of gathered k/v blocks (b, h, c', C, d) into target (b, h, Nk_pad, d)."""
-    if chunk.flat_index is None:
+    flat = chunk.layout.flat_index
+    if flat is None:
         target += grad.squeeze(2)
     else:
-        target.view(-1, block, target.shape[-1]).index_add_(0, chunk.flat_index, grad.reshape(-1, block, grad.shape[-1]))
+        target.view(-1, block, target.shape[-1]).index_add_(0, flat, grad.reshape(-1, block, grad.shape[-1]))
 
 
 def _scatter_bias_grad(dbias: Tensor, chunk: Chunk, ds: Tensor, block: int) -> None:
     """Add ds (b, h, c', m, C) into the padded dense bias gradient (b, h, Nq_pad, Nk_pad)."""
-    c = chunk.q_blocks.numel()
-    ds = ds.reshape(*ds.shape[:2], c, block, ds.shape[-1])
-    rows = dbias[:, :, chunk.rows]  # (b, h, c, s, Nk_pad): a copy, written back below
-    rows.scatter_add_(-1, chunk.cols.expand(*ds.shape[:2], c, block, ds.shape[-1]), ds)
-    dbias[:, :, chunk.rows] = rows
+    lay = chunk.layout
+    ds = ds.reshape(*ds.shape[:2], chunk.size, block, ds.shape[-1])
+    rows = dbias[:, :, lay.rows]  # (b, h, c, s, Nk_pad): a copy, written back below
+    rows.scatter_add_(-1, lay.cols.expand(ds.shape), ds)
+    dbias[:, :, lay.rows] = rows
 
 
 class _BlockedAttention(torch.autograd.Function):
@@ -304,7 +330,7 @@ class _BlockedAttention(torch.autograd.Function):
             keep = call.dropout_keep(chunk, probs)
             if keep is not None:
                 probs *= keep
-            out[:, :, chunk.q_index] = torch.matmul(probs, vc).view(b, h, chunk.q_blocks.numel(), block, -1)
+            out[:, :, chunk.layout.q_index] = torch.matmul(probs, vc).view(b, h, chunk.size, block, -1)
         ctx.save_for_backward(q, k, v, out)
         ctx.call, ctx.bias_shape = call, None if bias is None else bias.shape
         return out
@@ -320,8 +346,7 @@ class _BlockedAttention(torch.autograd.Function):
         delta = (dout * out).sum(-1, keepdim=True)  # (b, h, n, s, 1): rowsum(dO * O)
         for chunk in call.chunks():
             qc, kc, vc = call.operands(chunk, q, k, v)
-            c = chunk.q_blocks.numel()
-            as_chunk = lambda t: t[:, :, chunk.q_index].reshape(*qc.shape[:-1], t.shape[-1])  # noqa: E731
+            as_chunk = lambda t: t[:, :, chunk.layout.q_index].reshape(*qc.shape[:-1], t.shape[-1])  # noqa: E731
             probs = call.probabilities(chunk, qc, kc)
             keep = call.dropout_keep(chunk, probs)
             dout_c = as_chunk(dout)
@@ -331,7 +356,7 @@ class _BlockedAttention(torch.autograd.Function):
             if keep is not None:
                 dp *= keep
             ds = dp.sub_(as_chunk(delta)).mul_(probs)  # softmax backward, in place
-            dq[:, :, chunk.q_index] = (torch.matmul(ds, kc) * call.scale).view(b, h, c, block, -1)
+            dq[:, :, chunk.layout.q_index] = (torch.matmul(ds, kc) * call.scale).view(b, h, chunk.size, block, -1)
             _scatter_blocks(dk, chunk, torch.matmul(ds.transpose(-1, -2), qc) * call.scale, block)
             if dbias is not None:
                 _scatter_bias_grad(dbias, chunk, ds, block)
@@ -362,6 +387,6 @@ def blocked_attention(inp: AttentionInputs, *, block: int | None = None) -> Tens
         bias = am if am.is_floating_point() else None
     kpm = None if inp.key_padding_mask is None else F.pad(inp.key_padding_mask, (0, nkb * block - nk))
     seed = int(torch.randint(0, 2**62, (1,))) if inp.dropout_p > 0 else 0
-    call = _Call(sched, b, h, nkb, kpm, am, inp.scale, inp.dropout_p, seed)
+    call = _Call(sched, b, h, kpm, am, inp.scale, inp.dropout_p, seed)
     out = _BlockedAttention.apply(q, k, v, bias, call)  # (b, h, n, s, dv)
     return out.reshape(b, h, nqb * block, -1)[:, :, :nq].to(inp.q.dtype)

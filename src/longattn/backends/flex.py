@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..patterns import Geometry, Pattern
 from ..patterns.full import Full
-from ..patterns.layout import LRUCache, get_plan
+from ..patterns.layout import LRUCache, compact, get_plan
 from ._inputs import AttentionInputs
 
 FLEX_BLOCK = 128
@@ -65,9 +65,8 @@ def compiled_flex_attention():
 
 def _to_kv_blocks(layout: Tensor) -> tuple[Tensor, Tensor]:
     """(B', H', nQB, nKB) bool -> counts (B', H', nQB) int32 and indices (B', H', nQB, nKB) int32."""
-    counts = layout.sum(-1, dtype=torch.int32)
-    indices = torch.sort((~layout).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
-    return counts.contiguous(), indices.contiguous()
+    indices, counts = compact(layout, width=layout.shape[-1])
+    return counts.to(torch.int32).contiguous(), indices.to(torch.int32).contiguous()
 
 
 def build_block_mask(pattern: Pattern, geo: Geometry, device: torch.device, *, key_padding_mask: Tensor | None = None,

@@ -36,10 +36,6 @@ class BlockPlan:
     block_exact: bool  # every listed block is entirely allowed: kernels need no token mask
 
     @property
-    def num_q_blocks(self) -> int:
-        return self.kv_index.shape[2]
-
-    @property
     def num_kv_blocks(self) -> int:
         return _cdiv(self.geometry.kv_len, self.block)
 
@@ -50,18 +46,19 @@ class BlockPlan:
 
     def layout(self) -> Tensor:
         """(B', H', nQB, nKB) bool: True where the block holds an allowed pair."""
-        bp, hp, nqb, k = self.kv_index.shape
-        out = torch.zeros(bp, hp, nqb, self.num_kv_blocks + 1, dtype=torch.bool, device=self.kv_index.device)
-        slot_real = torch.arange(k, device=out.device) < self.kv_count[..., None]
-        # Padding slots write into the spare last column, dropped below.
-        out.scatter_(-1, torch.where(slot_real, self.kv_index, self.num_kv_blocks), True)
-        return out[..., :-1]
+        k = self.kv_index.shape[-1]
+        return self._scatter(torch.arange(k, device=self.kv_index.device) < self.kv_count[..., None])
 
     def full_layout(self) -> Tensor:
         """(B', H', nQB, nKB) bool: True where every real pair of the block is allowed."""
-        bp, hp, nqb, k = self.kv_index.shape
-        out = torch.zeros(bp, hp, nqb, self.num_kv_blocks + 1, dtype=torch.bool, device=self.kv_index.device)
-        out.scatter_(-1, torch.where(self.full, self.kv_index, self.num_kv_blocks), True)
+        return self._scatter(self.full)
+
+    def _scatter(self, slots: Tensor) -> Tensor:
+        """The key blocks of the selected slots (B', H', nQB, K) as a (B', H', nQB, nKB) layout."""
+        out = torch.zeros(*self.kv_index.shape[:3], self.num_kv_blocks + 1, dtype=torch.bool,
+                          device=self.kv_index.device)
+        # Unselected slots write into the spare last column, dropped below.
+        out.scatter_(-1, torch.where(slots, self.kv_index, self.num_kv_blocks), True)
         return out[..., :-1]
 
 
@@ -111,10 +108,13 @@ def evaluate_blocks(pattern: Pattern, geo: Geometry, block: int, kv_index: Tenso
     return torch.cat([c.expand(bb, hh, *c.shape[2:]) for c in chunks], dim=2)
 
 
-def _compact(flags: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices of the True entries along the last dim, first, and their count. (..., N) -> (..., K)."""
+def compact(flags: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Indices of the True entries along the last dim, first and in order, and their count.
+
+    (..., N) -> (..., K): K = ``width``, or the largest count; slots past the count hold 0.
+    """
     count = flags.sum(-1)
-    k = max(1, int(count.max()))
+    k = width if width is not None else max(1, int(count.max()))
     # A stable sort of the negated flags puts True entries first, in increasing index order.
     order = torch.sort((~flags).to(torch.uint8), dim=-1, stable=True).indices[..., :k]
     order = torch.where(torch.arange(k, device=flags.device) < count[..., None], order, 0)
@@ -158,7 +158,7 @@ def build_plan(pattern: Pattern, geo: Geometry, block: int, device: torch.device
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
     cand = pattern.candidates(geo, block, device)
-    idx, count = _compact(cand)
+    idx, count = compact(cand)
     exact = pattern.block_exact(geo, block)
     if exact:  # candidates are exactly the allowed blocks, each allowed entirely: no token evaluation
         hit = torch.arange(idx.shape[-1], device=device) < count[..., None]
@@ -172,7 +172,7 @@ def build_plan(pattern: Pattern, geo: Geometry, block: int, device: torch.device
     bp, hp = hit.shape[:2]
     idx, count = idx.expand(bp, hp, *idx.shape[2:]), count.expand(bp, hp, *count.shape[2:])
     # Drop candidates that turned out empty, keeping the others first and in order.
-    keep_idx, keep_count = _compact(hit)
+    keep_idx, keep_count = compact(hit)
     if keep_idx.shape[-1] < idx.shape[-1] or not bool((keep_count == count).all()):
         slot_real = torch.arange(keep_idx.shape[-1], device=device) < keep_count[..., None]
         idx = torch.where(slot_real, torch.gather(idx, -1, keep_idx), 0)
