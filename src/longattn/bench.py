@@ -88,7 +88,9 @@ def _median_ms(fn: Callable[[], None], device: torch.device, min_run_time: float
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
         return sorted(times)[len(times) // 2]
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+    # Timer runs single-threaded unless told otherwise: time with the threads the process really uses.
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 class _TensorMemory(TorchDispatchMode):
