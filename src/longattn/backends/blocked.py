@@ -1,24 +1,33 @@
-"""The blocked backend: gather only the key blocks each query block needs, then dense batched matmuls.
+"""The blocked backend: each tile of query rows multiplies only the key blocks it needs.
 
-Notation: b batch, h head, n query blocks, K key blocks per query block, s block size, d head dim.
+Notation: b batch, h head, s block size, d head dim, r query blocks per tile, C keys (columns) per tile.
 
 The (Nq, Nk) score matrix never exists. It is plain PyTorch (a custom autograd Function around matmul,
 softmax and index_select), so every device and dtype works, forward and backward, without compilation.
+Where a tile's keys come from is decided once per pattern and geometry (the ``Schedule``), from the exact
+block plan, in three kinds of column segments:
 
-- Query blocks whose key-block count is far above the rest (the rows of global tokens) would force every
-  block to gather that many, so they form a separate "heavy" group that attends all keys; the split
-  minimises the total number of scores.
-- Query blocks run in chunks whose scores take ~8 MB: temporaries stay in cache and below glibc's mmap
-  threshold, so they are reused instead of page-faulted afresh on every call (a 2x effect on CPU).
-- Backward recomputes each chunk's probabilities instead of storing them (FlashAttention's trade), so
-  training memory is O(N * d) plus one chunk; dropout masks are regenerated from a per-chunk seed.
-- Low-precision inputs are computed in float32 and cast back, so bf16/fp16 results are as exact as
-  SDPA's (the fast mixed-precision path belongs to the CPU kernel work).
+- views: runs of consecutive key blocks the tile needs in every example and head (a sliding window's
+  band, every key for a global row) are read in place as slices of k, v and of transposed copies, so a
+  band costs no copy at all. Slices of one (b, h, d, Nk) tensor are ordinary strided batches for
+  MKL/oneDNN; ``Q @ K_t`` with K_t row-major runs ~1.5x faster than ``Q @ K.T`` on CPU.
+- shared: blocks that every tile needs apart from its runs (global tokens) are gathered once per call;
+- gathered: what is left (random blocks, blocks that differ per head or example) is copied per tile with
+  one ``index_select`` of whole blocks.
+
+One tile is r consecutive query blocks with r chosen by a cost model (scores computed plus a fixed
+per-tile overhead), typically one 64-row block: its scores (b, h, r*s, C) stay in the L2 cache, so the
+mask addition, softmax and the two matmuls run on cached data. Masks are additive (0 / -inf) biases
+stored once per distinct tile (interior tiles of a window share one) and are skipped where every
+column is allowed (BigBird on its own grid). Backward recomputes each tile's probabilities instead of
+storing them (FlashAttention's trade), so training memory is O(N * d) plus one tile; dropout masks are
+regenerated from a per-tile seed. Low-precision inputs are computed in float32 and cast back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,39 +35,37 @@ from torch import Tensor
 
 from ..patterns import Geometry, Pattern
 from ..patterns.full import Full
-from ..patterns.layout import LRUCache, evaluate_blocks, get_plan, real_pairs
+from ..patterns.layout import LRUCache, compact, evaluate_blocks, get_plan, real_pairs
 from ._inputs import AttentionInputs
 
 DEFAULT_BLOCK = 64
-CHUNK_SCORES = 1 << 21  # scores per chunk (8 MB in float32)
-SCHEDULE_MASK_BYTES = 1 << 30  # larger token masks are not kept but evaluated chunk by chunk, every call
+MIN_VIEW_BLOCKS = 2  # shorter runs of common blocks are gathered: a one-block matmul is too small to pay
+TILE_OVERHEAD_SCORES = 40_000  # a tile's fixed cost (~12 ops of ~8 us) in scores of work, all heads together
+MAX_TILE_BLOCKS = 8
+TILE_BYTES = 4 << 20  # wider tiles run a few heads at a time: scores stay in cache, no fresh pages
+SCHEDULE_MASK_BYTES = 1 << 30  # larger masks are not kept but evaluated tile by tile, every call
 SCHEDULE_CACHE_BYTES = 2 << 30  # all cached schedules together
 
-
-@dataclass(frozen=True, eq=False)
-class ChunkLayout:
-    """Where one chunk of a group reads and writes; fixed by the schedule, shared by every call."""
-
-    sel: slice  # which of the group's query blocks
-    q_index: Tensor | slice  # those query blocks, as a slice when contiguous (views instead of copies)
-    rows: Tensor  # (c, s) padded query rows
-    cols: Tensor  # (B', H', c, 1, C) padded key columns, or (1, 1, 1, 1, Nk_pad) for heavy rows
-    flat_index: Tensor | None  # gathered k/v block rows (see _flat_block_index), None for heavy rows
+_LAZY = "lazy"  # a tile's bias that is evaluated on every call instead of stored
 
 
 @dataclass(frozen=True, eq=False)
-class QueryGroup:
-    """Query blocks that share one gather width; heavy groups attend every key block."""
+class Tile:
+    """r consecutive query blocks and the key columns they read, in order: views, shared, gathered."""
 
-    q_blocks: Tensor  # (n,) long: which query blocks
-    kv_index: Tensor  # (B', H', n, K) long key blocks (every block, in order, for heavy rows)
-    kv_count: Tensor  # (B', H', n) long: real slots of kv_index
-    heavy: bool  # True: one dense matrix against all keys, no gather
-    exact: bool  # every listed block is entirely allowed: only padding needs masking
-    columns: int  # C = K * block: keys per query row
-    chunks: tuple[ChunkLayout, ...]
-    drop: Tensor | None  # (B', H', n, s, C) bool pairs to drop (see drop_mask); None: evaluated per chunk
-    dead: Tensor | None  # (B', H', n, s, 1) bool rows that keep nothing, or None
+    rows: slice  # padded query rows of the tile
+    q_blocks: Tensor  # (r,) long
+    views: tuple[tuple[int, int], ...]  # key row ranges [start, stop) read in place
+    gather: Tensor | None  # (b * h * G,) rows of the (b * h * nKB, s, d) block view of k/v, or None
+    gather_blocks: int  # G
+    kv_index: Tensor  # (B', H', K) key block of every column block (gathered padding slots hold 0)
+    kv_count: Tensor  # (B', H') real column blocks; the padding slots are last
+    bias: Tensor | str | None  # (B', H', r*s, C) 0 / -inf; None: nothing masked; _LAZY: evaluate per call
+    dead: Tensor | None  # (B', H', r*s, 1) bool rows that keep nothing (zeroed after softmax), or None
+
+    @property
+    def columns(self) -> int:
+        return self.kv_index.shape[-1] * (self.rows.stop - self.rows.start) // self.q_blocks.numel()
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,120 +75,145 @@ class Schedule:
     block: int
     mask_batch: int  # B' of the pattern (1 unless global tokens are chosen per example)
     mask_heads: int  # H' of the pattern (1 unless it differs per head)
-    groups: tuple[QueryGroup, ...]
+    shared: Tensor | None  # (b * h * S,) rows of the block view gathered once per call, or None
+    shared_blocks: Tensor  # (S,) long key blocks every tile reads from the shared copy
+    tiles: tuple[Tile, ...]
 
     @property
     def scores_per_head(self) -> int:
         """Scores computed per (example, head): the blocked path's work, padding included."""
-        return sum(g.q_blocks.numel() * self.block * g.columns for g in self.groups)
+        return sum((t.rows.stop - t.rows.start) * t.columns for t in self.tiles)
 
-    def masks(self, g: QueryGroup, sel: slice) -> tuple[Tensor, Tensor | None]:
-        """The drop mask and dead rows of query blocks ``sel`` of group ``g``."""
-        if g.drop is not None:
-            return g.drop[:, :, sel], None if g.dead is None else g.dead[:, :, sel]
-        return drop_mask(_keep(self, g.exact, g.q_blocks[sel], g.kv_index[:, :, sel], g.kv_count[:, :, sel]))
+    def tile_mask(self, tile: Tile) -> tuple[Tensor | None, Tensor | None]:
+        """The tile's pattern bias and dead rows (evaluated now when the schedule does not keep them)."""
+        if isinstance(tile.bias, str):
+            plan = get_plan(self.pattern, self.geometry, self.block, tile.kv_index.device)
+            layout = plan.layout() if plan.block_exact else None
+            return _bias_and_dead(_tile_keep(self.pattern, self.geometry, self.block, tile, layout))
+        return tile.bias, tile.dead
 
 
 def choose_block(pattern: Pattern | None) -> int:
     return (pattern.preferred_block if pattern is not None else None) or DEFAULT_BLOCK
 
 
-def _split_heavy(counts: Tensor, num_kv_blocks: int) -> int:
-    """How many of the blocks, sorted by count descending, to run densely: argmin of the score count."""
-    sorted_counts = counts.sort(descending=True).values
-    n = sorted_counts.numel()
-    t = torch.arange(n + 1)
-    light_width = torch.cat([sorted_counts, sorted_counts.new_zeros(1)])
-    cost = t * num_kv_blocks + (n - t) * light_width
-    return int(cost.argmin())
+# ---- building a schedule ------------------------------------------------------------------------------------
+
+def _runs(flags: Tensor) -> list[tuple[int, int]]:
+    """[start, stop) runs of consecutive True entries of a 1-D bool tensor."""
+    edges = torch.diff(flags.to(torch.int8), prepend=flags.new_zeros(1, dtype=torch.int8),
+                       append=flags.new_zeros(1, dtype=torch.int8))
+    starts = (edges == 1).nonzero().flatten().tolist()
+    stops = (edges == -1).nonzero().flatten().tolist()
+    return list(zip(starts, stops))
 
 
-def drop_mask(keep: Tensor) -> tuple[Tensor, Tensor | None]:
-    """From a keep mask (..., m, n): the entries to drop, and (..., m, 1) rows that keep nothing (or None).
+def _tile_blocks(layout: Tensor, geo: Geometry, block: int) -> int:
+    """r minimising the scores computed plus a per-tile overhead (wider tiles read more unused keys)."""
+    bp, hp, nqb, nkb = layout.shape
+    best, best_cost = 1, None
+    for r in (1, 2, 4, 8):
+        if r > MAX_TILE_BLOCKS or (r > 1 and r > nqb):
+            break
+        tiles = -(-nqb // r)
+        padded = F.pad(layout, (0, 0, 0, tiles * r - nqb))
+        width = padded.view(bp, hp, tiles, r, nkb).any(3).sum(-1).amax(dim=(0, 1))  # (tiles,) key blocks
+        scores = int(width.sum()) * r * block * block * geo.batch * geo.num_heads
+        cost = scores + TILE_OVERHEAD_SCORES * tiles
+        if best_cost is None or cost < best_cost:
+            best, best_cost = r, cost
+    return best
 
-    Dead rows keep their scores (so softmax stays finite) and are zeroed after it.
-    """
-    live = keep.any(-1, keepdim=True)
-    if bool(live.all()):
-        return ~keep, None
-    return ~keep & live, ~live
 
-
-def _keep(sched: Schedule, exact: bool, q_blocks: Tensor, kv_index: Tensor, kv_count: Tensor) -> Tensor:
-    if exact:  # block-exact patterns allow whole blocks: only padding is dropped
-        return real_pairs(sched.geometry, sched.block, kv_index, kv_count, q_blocks)
-    return evaluate_blocks(sched.pattern, sched.geometry, sched.block, kv_index, kv_count, kv_index.device,
-                           q_blocks=q_blocks)
-
-
-def _flat_block_index(index: Tensor, b: int, h: int, nkb: int) -> Tensor:
-    """Rows of the (b * h * nkb, s, d) view of k/v that kv_index (B', H', c, K) names, flattened."""
-    base = (torch.arange(b, device=index.device).view(b, 1, 1, 1) * h
-            + torch.arange(h, device=index.device).view(1, h, 1, 1)) * nkb
+def _flat_rows(index: Tensor, geo: Geometry, nkb: int) -> Tensor:
+    """(B', H', G) key blocks -> the (b * h * G,) rows of the (b * h * nKB, s, d) block view of k/v."""
+    b, h = geo.batch, geo.num_heads
+    index = index.expand(b, h, index.shape[-1])
+    base = (torch.arange(b, device=index.device).view(b, 1, 1) * h
+            + torch.arange(h, device=index.device).view(1, h, 1)) * nkb
     return (base + index).reshape(-1)
 
 
-def _chunk_layouts(geo: Geometry, block: int, q_blocks: Tensor, kv_index: Tensor, heavy: bool
-                   ) -> tuple[ChunkLayout, ...]:
-    """Split a group into chunks whose scores take about CHUNK_SCORES elements."""
-    device = q_blocks.device
-    offsets = torch.arange(block, device=device)
-    nkb = -(-geo.kv_len // block)
-    columns = kv_index.shape[-1] * block
-    per_chunk = max(1, CHUNK_SCORES // (geo.batch * geo.num_heads * block * columns))
-    layouts = []
-    for start in range(0, q_blocks.numel(), per_chunk):
-        sel = slice(start, min(q_blocks.numel(), start + per_chunk))
-        ids = q_blocks[sel]
-        first = int(ids[0])
-        contiguous = torch.equal(ids, torch.arange(first, first + ids.numel(), device=device))
-        q_index = slice(first, first + ids.numel()) if contiguous else ids
-        if heavy:
-            cols, flat = torch.arange(nkb * block, device=device).view(1, 1, 1, 1, -1), None
-        else:
-            index = kv_index[:, :, sel]
-            cols = (index[..., None] * block + offsets).flatten(-2).unsqueeze(-2)
-            flat = _flat_block_index(index, geo.batch, geo.num_heads, nkb)
-        layouts.append(ChunkLayout(sel, q_index, ids[:, None] * block + offsets, cols, flat))
-    return tuple(layouts)
+def _tile_keep(pattern: Pattern, geo: Geometry, block: int, tile: Tile, layout: Tensor | None) -> Tensor:
+    """(B'', H'', r*s, C) bool: which (query, column) pairs of the tile the pattern allows.
+
+    ``layout`` (the plan's block layout) is given for block-exact patterns: membership of whole blocks
+    then decides, with no token evaluation."""
+    r = tile.q_blocks.numel()
+    index = tile.kv_index.unsqueeze(2).expand(-1, -1, r, -1)
+    count = tile.kv_count.unsqueeze(2).expand(-1, -1, r)
+    if layout is not None:
+        member = layout[:, :, tile.q_blocks].gather(-1, index)  # (B', H', r, K)
+        keep = real_pairs(geo, block, index, count, tile.q_blocks)
+        keep = keep & member.repeat_interleave(block, -1).unsqueeze(-2)
+    else:
+        keep = evaluate_blocks(pattern, geo, block, index, count, index.device, q_blocks=tile.q_blocks)
+    return keep.flatten(2, 3)
 
 
-def _group(sched: Schedule, q_blocks: Tensor, kv_index: Tensor, kv_count: Tensor, heavy: bool, exact: bool
-           ) -> QueryGroup:
-    columns = kv_index.shape[-1] * sched.block
-    kv_index, kv_count = kv_index.contiguous(), kv_count.contiguous()
-    chunks = _chunk_layouts(sched.geometry, sched.block, q_blocks, kv_index, heavy)
-    mask_bytes = sched.mask_batch * sched.mask_heads * q_blocks.numel() * sched.block * columns
-    if mask_bytes > SCHEDULE_MASK_BYTES:  # block-dense patterns at large N: bounded memory, re-evaluated
-        return QueryGroup(q_blocks, kv_index, kv_count, heavy, exact, columns, chunks, None, None)
-    drop, dead = drop_mask(_keep(sched, exact, q_blocks, kv_index, kv_count))
-    return QueryGroup(q_blocks, kv_index, kv_count, heavy, exact, columns, chunks, drop, dead)
+def _bias_and_dead(keep: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Additive bias (0 / -inf) and dead rows of a keep mask; dead rows keep their scores (so softmax stays
+    finite) and are zeroed after it. None where nothing needs masking."""
+    alive = keep.any(-1, keepdim=True)
+    dead = None if bool(alive.all()) else ~alive
+    drop = ~keep & alive
+    if not bool(drop.any()):
+        return None, dead
+    return torch.zeros(drop.shape, device=keep.device).masked_fill_(drop, float("-inf")), dead
 
 
 def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> Schedule:
     plan = get_plan(pattern, geo, block, device)
-    counts = plan.kv_count.amax(dim=(0, 1)).cpu()  # (nQB,)
-    nkb = plan.num_kv_blocks
-    n_heavy = _split_heavy(counts, nkb)
-    by_count = counts.sort(descending=True, stable=True).indices
-    heavy = by_count[:n_heavy].sort().values.to(device)
-    light = by_count[n_heavy:].sort().values.to(device)
-    sched = Schedule(pattern, geo, block, *plan.kv_index.shape[:2], ())
-    groups = []
-    if light.numel():
-        k = max(1, int(counts[light.cpu()].max()))
-        groups.append(_group(sched, light, plan.kv_index[:, :, light, :k], plan.kv_count[:, :, light],
-                             heavy=False, exact=plan.block_exact))
-    if heavy.numel():  # every key block, so not block-exact even when the pattern is
-        every = torch.arange(nkb, device=device).expand(1, 1, heavy.numel(), nkb)
-        groups.append(_group(sched, heavy, every, torch.full((1, 1, heavy.numel()), nkb, device=device),
-                             heavy=True, exact=False))
-    return replace(sched, groups=tuple(groups))
+    layout = plan.layout()  # (B', H', nQB, nKB)
+    bp, hp, nqb, nkb = layout.shape
+    r = _tile_blocks(layout, geo, block)
+    spans = [(t, min(nqb, t + r)) for t in range(0, nqb, r)]
+    unions = [layout[:, :, a:z].any(2) for a, z in spans]  # (B', H', nKB) per tile
+    commons = [u.all(0).all(0) for u in unions]  # (nKB,): needed in every example and head
+    shared = torch.stack(commons).all(0)
+    if int(shared.sum()) == nkb:  # everything shared (full attention, short inputs): plain views instead
+        shared = torch.zeros_like(shared)
+    shared_blocks = shared.nonzero().flatten()
+    n_shared = shared_blocks.numel()
+    tiles, kept_bytes, prev = [], 0, None
+    for (a, z), union, common in zip(spans, unions, commons):
+        views, view_flags = [], torch.zeros_like(common)
+        for start, stop in _runs(common & ~shared):
+            if stop - start >= MIN_VIEW_BLOCKS:
+                views.append((start * block, stop * block))
+                view_flags[start:stop] = True
+        rest = union & ~view_flags & ~shared  # (B', H', nKB): gathered per example and head
+        g_index, g_count = compact(rest)
+        g = int(g_count.max()) if rest.any() else 0
+        g_index = g_index[..., :g]
+        view_blocks = view_flags.nonzero().flatten()
+        fixed = torch.cat([view_blocks, shared_blocks]).expand(bp, hp, -1)
+        kv_index = torch.cat([fixed, g_index], dim=-1)
+        kv_count = g_count + fixed.shape[-1]
+        tile = Tile(slice(a * block, z * block), torch.arange(a, z, device=device), tuple(views),
+                    _flat_rows(g_index, geo, nkb) if g else None, g, kv_index, kv_count, None, None)
+        bias, dead = _bias_and_dead(_tile_keep(pattern, geo, block, tile, layout if plan.block_exact else None))
+        if prev is not None and bias is not None and prev.shape == bias.shape and torch.equal(prev, bias):
+            bias = prev  # interior tiles of a window share one mask
+        elif bias is not None:
+            kept_bytes += bias.numel() * bias.element_size()
+        prev = bias
+        tiles.append(Tile(tile.rows, tile.q_blocks, tile.views, tile.gather, g, kv_index, kv_count, bias, dead))
+    if kept_bytes > SCHEDULE_MASK_BYTES:  # block-dense patterns at large N: bounded memory, re-evaluated
+        tiles = [Tile(t.rows, t.q_blocks, t.views, t.gather, t.gather_blocks, t.kv_index, t.kv_count, _LAZY, None)
+                 for t in tiles]
+    shared_rows = _flat_rows(shared_blocks.view(1, 1, -1), geo, nkb) if n_shared else None
+    return Schedule(pattern, geo, block, bp, hp, shared_rows, shared_blocks, tuple(tiles))
 
 
 def _schedule_bytes(sched: Schedule) -> int:
-    tensors = [t for g in sched.groups for t in (g.drop, g.dead, g.kv_index, *(c.flat_index for c in g.chunks))]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    seen, total = set(), 0
+    for t in sched.tiles:
+        for x in (t.bias, t.dead, t.gather, t.kv_index):
+            if isinstance(x, Tensor) and id(x) not in seen:
+                seen.add(id(x))
+                total += x.numel() * x.element_size()
+    return total
 
 
 _SCHEDULES = LRUCache(64, max_bytes=SCHEDULE_CACHE_BYTES, size_of=_schedule_bytes)
@@ -192,37 +224,80 @@ def get_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.devi
     return _SCHEDULES.get_or_build(key, lambda: build_schedule(pattern, geo, block, device))
 
 
-def gather_blocks(x: Tensor, flat_index: Tensor, block: int, shape: tuple[int, ...]) -> Tensor:
-    """Copy whole key blocks: x (b, h, N_pad, d) -> ``shape`` = (b, h, c, K * block, d).
+# ---- one call ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Part:
+    """One column segment of a tile, for a group of examples and heads."""
+
+    cols: slice  # its columns among the tile's C
+    k: Tensor  # (b, h, w, d)
+    v: Tensor  # (b, h, w, dv)
+    view: tuple[int, int] | None  # key rows read in place; None: a copy (shared or gathered)
+    rows: Tensor | None  # (b, h, G) gathered rows of the block view of k/v; None for views and the shared copy
+
+    def select(self, g: tuple[slice, slice]) -> "Part":
+        return Part(self.cols, self.k[g], self.v[g], self.view, None if self.rows is None else self.rows[g])
+
+
+@dataclass(frozen=True, eq=False)
+class _Operands:
+    """A call's padded k/v and the shared blocks' copy (gathered once per call)."""
+
+    k: Tensor  # (b, h, Nk_pad, d)
+    v: Tensor  # (b, h, Nk_pad, dv)
+    shared: tuple[Tensor, Tensor] | None  # k and v of the shared blocks
+
+    @staticmethod
+    def of(sched: Schedule, k: Tensor, v: Tensor) -> "_Operands":
+        shared = None
+        if sched.shared is not None:
+            shared = (gather_blocks(k, sched.shared, sched.block), gather_blocks(v, sched.shared, sched.block))
+        return _Operands(k, v, shared)
+
+    def parts(self, sched: Schedule, tile: Tile) -> list[Part]:
+        parts, col = [], 0
+        for a, z in tile.views:
+            parts.append(Part(slice(col, col + z - a), self.k[:, :, a:z], self.v[:, :, a:z], (a, z), None))
+            col += z - a
+        if self.shared is not None:
+            ks, vs = self.shared
+            parts.append(Part(slice(col, col + ks.shape[2]), ks, vs, None, None))
+            col += ks.shape[2]
+        if tile.gather is not None:
+            kg, vg = gather_blocks(self.k, tile.gather, sched.block), gather_blocks(self.v, tile.gather, sched.block)
+            rows = tile.gather.view(*kg.shape[:2], -1)
+            parts.append(Part(slice(col, col + kg.shape[2]), kg, vg, None, rows))
+        return parts
+
+
+def gather_blocks(x: Tensor, rows: Tensor, block: int) -> Tensor:
+    """Copy whole key blocks: x (b, h, N_pad, d) -> (b, h, G * block, d) for rows (b * h * G,).
 
     index_select over contiguous blocks is far faster than advanced indexing with three index tensors.
     """
-    return x.reshape(-1, block, x.shape[-1]).index_select(0, flat_index).view(shape)
+    b, h = x.shape[:2]
+    return x.reshape(-1, block, x.shape[-1]).index_select(0, rows).view(b, h, -1, x.shape[-1])
 
 
 def _pad_rows(t: Tensor, rows: int) -> Tensor:
     return F.pad(t, (0, 0, 0, rows - t.shape[-2])) if rows != t.shape[-2] else t
 
 
-@dataclass(frozen=True, eq=False)
-class Chunk:
-    """A chunk's layout with this call's masks folded in; 5-D shapes (.., c', m, C)."""
+def _cat_columns(pieces: list[Tensor]) -> Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
-    layout: ChunkLayout
-    drop: Tensor  # (B', H', c', m, C) bool
-    dead: Tensor | None  # (B', H', c', m, 1) bool
-    bias: Tensor | None  # (B?, H?, c', m, C) float, from a float attn_mask
-    seed: int  # dropout stream of this chunk
 
-    @property
-    def size(self) -> int:
-        """Query blocks in the chunk."""
-        return self.layout.rows.shape[0]
+def _select(t: Tensor | None, g: tuple[slice, slice]) -> Tensor | None:
+    """The (example, head) group g of a mask whose leading dims may be broadcast (size 1)."""
+    if t is None:
+        return None
+    return t[g[0] if t.shape[0] > 1 else slice(None), g[1] if t.shape[1] > 1 else slice(None)]
 
 
 @dataclass(frozen=True, eq=False)
 class _Call:
-    """One call's padded inputs and per-call masks."""
+    """One call's schedule and per-call masks."""
 
     sched: Schedule
     b: int
@@ -233,104 +308,108 @@ class _Call:
     dropout_p: float
     seed: int
 
-    def chunks(self):
-        """Every chunk of every group, with the pattern's and this call's masks."""
-        n_chunk = 0
-        for g in self.sched.groups:
-            for lay in g.chunks:
-                drop, dead = self.sched.masks(g, lay.sel)
-                drop, dead, bias = self._fold_call_masks(drop, dead, lay.cols, lay.rows)
-                if g.heavy:  # heavy rows: one matrix of c*s rows against all keys
-                    drop, dead, bias = (None if t is None else t.flatten(2, 3).unsqueeze(2) for t in (drop, dead, bias))
-                yield Chunk(lay, drop, dead, bias, self.seed + n_chunk)
-                n_chunk += 1
+    def tiles(self) -> Iterator[tuple[int, Tile, Tensor | None, Tensor | None]]:
+        """Every tile with its bias and dead rows, this call's masks folded in."""
+        for n, tile in enumerate(self.sched.tiles):
+            bias, dead = self.sched.tile_mask(tile)
+            if self.kpm is not None or self.attn_mask is not None:
+                bias, dead = self._fold_call_masks(tile, bias, dead)
+            yield n, tile, bias, dead
 
-    def _fold_call_masks(self, drop: Tensor, dead: Tensor | None, cols: Tensor, rows: Tensor):
-        if self.kpm is None and self.attn_mask is None:
-            return drop, dead, None
-        keep, bias = (~drop if dead is None else ~drop & ~dead), None
+    def groups(self, tile: Tile) -> list[tuple[slice, slice]]:
+        """(example, head) groups whose scores fit TILE_BYTES; one group for all but the widest tiles."""
+        per_head = (tile.rows.stop - tile.rows.start) * tile.columns * 4
+        if self.b * self.h * per_head <= TILE_BYTES:
+            return [(slice(None), slice(None))]
+        step = max(1, TILE_BYTES // per_head)
+        return [(slice(e, e + 1), slice(h, min(self.h, h + step))) for e in range(self.b) for h in range(0, self.h, step)]
+
+    def cols(self, tile: Tile) -> Tensor:
+        """(B', H', 1, C) key position of every column."""
+        s = self.sched.block
+        return (tile.kv_index[..., None] * s + torch.arange(s, device=tile.kv_index.device)).flatten(-2).unsqueeze(-2)
+
+    def _fold_call_masks(self, tile: Tile, bias: Tensor | None, dead: Tensor | None):
+        keep = torch.ones((), dtype=torch.bool, device=tile.kv_index.device) if bias is None else bias == 0
+        if dead is not None:
+            keep = keep & ~dead
+        cols, picked = self.cols(tile), None
         if self.kpm is not None:
-            bi = torch.arange(self.b, device=cols.device).view(self.b, 1, 1, 1, 1)
+            bi = torch.arange(self.b, device=cols.device).view(self.b, 1, 1, 1)
             keep = keep & self.kpm[bi, cols]
         if self.attn_mask is not None:
-            am_rows = self.attn_mask[:, :, rows]  # (B?, H?, c, s, Nk_pad)
-            lead = torch.broadcast_shapes(am_rows.shape[:2], cols.shape[:2])
-            picked = torch.gather(am_rows.expand(*lead, *am_rows.shape[2:]), -1,
-                                  cols.expand(*lead, *am_rows.shape[2:4], cols.shape[-1]))
+            rows = self.attn_mask[:, :, tile.rows]  # (B?, H?, r*s, Nk_pad)
+            lead = torch.broadcast_shapes(rows.shape[:2], cols.shape[:2])
+            picked = torch.gather(rows.expand(*lead, *rows.shape[2:]), -1,
+                                  cols.expand(*lead, rows.shape[2], cols.shape[-1]))
             if picked.dtype == torch.bool:
-                keep = keep & picked
+                keep, picked = keep & picked, None
             else:
-                bias = picked
-                keep = keep & (bias > float("-inf"))
-        return (*drop_mask(keep), bias)
+                keep = keep & (picked > float("-inf"))
+        bias, dead = _bias_and_dead(keep)
+        if picked is not None:
+            bias = picked if bias is None else bias + picked
+        return bias, dead
 
-    def operands(self, chunk: Chunk, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q (b, h, c', m, d), k (b, h, c', C, d), v (b, h, c', C, dv) for a chunk."""
-        lay = chunk.layout
-        qc = q[:, :, lay.q_index]  # (b, h, c, s, d)
-        if lay.flat_index is None:
-            return qc.flatten(2, 3).unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
-        width = lay.cols.shape[-1]
-        kc = gather_blocks(k, lay.flat_index, self.sched.block, (self.b, self.h, chunk.size, width, k.shape[-1]))
-        vc = gather_blocks(v, lay.flat_index, self.sched.block, (self.b, self.h, chunk.size, width, v.shape[-1]))
-        return qc, kc, vc
-
-    def probabilities(self, chunk: Chunk, qc: Tensor, kc: Tensor) -> Tensor:
-        """Softmax probabilities (b, h, c', m, C) of a chunk; dead rows are exactly 0.
+    def probabilities(self, qg: Tensor, parts: list[Part], bias: Tensor | None, dead: Tensor | None) -> Tensor:
+        """Softmax probabilities (b, h, r*s, C) of a tile (group) from pre-scaled queries; dead rows are 0.
 
         Backward recomputes them the same way rather than storing them or a log-sum-exp: one fused
-        softmax is cheaper on CPU than log-sum-exp plus exp passes.
+        softmax over cached scores is cheaper on CPU than log-sum-exp plus exp passes.
         """
-        scores = torch.matmul(qc * self.scale, kc.transpose(-1, -2))
-        if chunk.bias is not None:
-            scores += chunk.bias
-        scores.masked_fill_(chunk.drop, float("-inf"))
+        scores = _cat_columns([torch.matmul(qg, p.k.transpose(-1, -2)) for p in parts])
+        if bias is not None:
+            scores += bias
         probs = torch.softmax(scores, dim=-1)
-        return probs if chunk.dead is None else probs.masked_fill_(chunk.dead, 0.0)
+        return probs if dead is None else probs.masked_fill_(dead, 0.0)
 
-    def dropout_keep(self, chunk: Chunk, like: Tensor) -> Tensor | None:
-        """The chunk's dropout mask, scaled by 1/(1-p); regenerated identically in backward from its seed."""
+    def dropout_keep(self, n: int, like: Tensor) -> Tensor | None:
+        """Group n's dropout mask, scaled by 1/(1-p); regenerated identically in backward from its seed."""
         if self.dropout_p == 0:
             return None
-        gen = torch.Generator(device=like.device).manual_seed(chunk.seed)
+        gen = torch.Generator(device=like.device).manual_seed(self.seed + n)
         keep = torch.rand(like.shape, generator=gen, device=like.device, dtype=like.dtype) >= self.dropout_p
         return keep.to(like.dtype) / (1 - self.dropout_p)
 
+    def work(self, ops: _Operands) -> Iterator[tuple[int, Tile, tuple[slice, slice], list[Part], Tensor | None,
+                                                     Tensor | None]]:
+        """Every (tile, example/head group) with its parts and masks; n numbers the groups (dropout seeds)."""
+        n = 0
+        for _, tile, bias, dead in self.tiles():
+            parts = ops.parts(self.sched, tile)
+            for g in self.groups(tile):
+                yield n, tile, g, [p.select(g) for p in parts], _select(bias, g), _select(dead, g)
+                n += 1
 
-def _scatter_blocks(target: Tensor, chunk: Chunk, grad: Tensor, block: int) -> None:
-    """Add a chunk's gradient of gathered k/v blocks (b, h, c', C, d) into target (b, h, Nk_pad, d)."""
-    flat = chunk.layout.flat_index
-    if flat is None:
-        target += grad.squeeze(2)
-    else:
-        target.view(-1, block, target.shape[-1]).index_add_(0, flat, grad.reshape(-1, block, grad.shape[-1]))
 
-
-def _scatter_bias_grad(dbias: Tensor, chunk: Chunk, ds: Tensor, block: int) -> None:
-    """Add ds (b, h, c', m, C) into the padded dense bias gradient (b, h, Nq_pad, Nk_pad)."""
-    lay = chunk.layout
-    ds = ds.reshape(*ds.shape[:2], chunk.size, block, ds.shape[-1])
-    rows = dbias[:, :, lay.rows]  # (b, h, c, s, Nk_pad): a copy, written back below
-    rows.scatter_add_(-1, lay.cols.expand(ds.shape), ds)
-    dbias[:, :, lay.rows] = rows
+def _mix(weights: Tensor, parts: list[Part], operand: str) -> Tensor:
+    """sum over parts of weights[..., part columns] @ part.<operand>."""
+    out = None
+    for p in parts:
+        term = torch.matmul(weights[..., p.cols], getattr(p, operand))
+        out = term if out is None else out.add_(term)
+    return out
 
 
 class _BlockedAttention(torch.autograd.Function):
-    """Chunked forward that keeps only the output; backward recomputes each chunk's probabilities
-    (FlashAttention's trade) and accumulates dk/dv with index_add_ in place, so training memory is
-    O(N * d) beyond the chunk being processed."""
+    """Tile-by-tile forward that keeps only the output; backward recomputes each tile's probabilities
+    (FlashAttention's trade) and accumulates dk/dv in place, so training memory is O(N * d) beyond the
+    tile being processed."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, call: _Call) -> Tensor:
-        b, h, nqb, block, _ = q.shape
-        out = q.new_empty(b, h, nqb, block, v.shape[-1])
-        for chunk in call.chunks():
-            qc, kc, vc = call.operands(chunk, q, k, v)
-            probs = call.probabilities(chunk, qc, kc)
-            keep = call.dropout_keep(chunk, probs)
+        ops = _Operands.of(call.sched, k, v)
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        for n, tile, g, parts, tile_bias, dead in call.work(ops):
+            o = out[g][:, :, tile.rows]
+            if not parts:  # no key at all: the rows output zeros
+                o.zero_()
+                continue
+            probs = call.probabilities(q[g][:, :, tile.rows] * call.scale, parts, tile_bias, dead)
+            keep = call.dropout_keep(n, probs)
             if keep is not None:
                 probs *= keep
-            out[:, :, chunk.layout.q_index] = torch.matmul(probs, vc).view(b, h, chunk.size, block, -1)
+            o.copy_(_mix(probs, parts, "v"))
         ctx.save_for_backward(q, k, v, out)
         ctx.call, ctx.bias_shape = call, None if bias is None else bias.shape
         return out
@@ -339,30 +418,65 @@ class _BlockedAttention(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         q, k, v, out = ctx.saved_tensors
         call: _Call = ctx.call
-        b, h, nqb, block, _ = q.shape
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        sched, block = call.sched, call.sched.block
+        ops = _Operands.of(sched, k, v)
+        dq = torch.empty_like(q)
+        # Views accumulate into transposed gradients: q^T @ dS runs ~1.3x faster than dS^T @ q on CPU.
+        dkt, dvt = q.new_zeros(*k.shape[:2], k.shape[3], k.shape[2]), q.new_zeros(*v.shape[:2], v.shape[3], v.shape[2])
+        dk = dv = dks = dvs = None
+        if ops.shared is not None:
+            dks, dvs = torch.zeros_like(ops.shared[0]), torch.zeros_like(ops.shared[1])
         want_bias = ctx.bias_shape is not None and ctx.needs_input_grad[3]
-        dbias = q.new_zeros(b, h, nqb * block, k.shape[2]) if want_bias else None
-        delta = (dout * out).sum(-1, keepdim=True)  # (b, h, n, s, 1): rowsum(dO * O)
-        for chunk in call.chunks():
-            qc, kc, vc = call.operands(chunk, q, k, v)
-            as_chunk = lambda t: t[:, :, chunk.layout.q_index].reshape(*qc.shape[:-1], t.shape[-1])  # noqa: E731
-            probs = call.probabilities(chunk, qc, kc)
-            keep = call.dropout_keep(chunk, probs)
-            dout_c = as_chunk(dout)
+        dbias = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if want_bias else None
+        delta = (dout * out).sum(-1, keepdim=True)  # (b, h, Nq_pad, 1): rowsum(dO * O)
+        for n, tile, g, parts, tile_bias, dead in call.work(ops):
+            dq_t = dq[g][:, :, tile.rows]
+            if not parts:
+                dq_t.zero_()
+                continue
+            qt, dout_t = q[g][:, :, tile.rows] * call.scale, dout[g][:, :, tile.rows]
+            probs = call.probabilities(qt, parts, tile_bias, dead)
+            keep = call.dropout_keep(n, probs)
             dropped = probs * keep if keep is not None else probs
-            _scatter_blocks(dv, chunk, torch.matmul(dropped.transpose(-1, -2), dout_c), block)
-            dp = torch.matmul(dout_c, vc.transpose(-1, -2))
+            dp = _cat_columns([torch.matmul(dout_t, p.v.transpose(-1, -2)) for p in parts])
             if keep is not None:
                 dp *= keep
-            ds = dp.sub_(as_chunk(delta)).mul_(probs)  # softmax backward, in place
-            dq[:, :, chunk.layout.q_index] = (torch.matmul(ds, kc) * call.scale).view(b, h, chunk.size, block, -1)
-            _scatter_blocks(dk, chunk, torch.matmul(ds.transpose(-1, -2), qc) * call.scale, block)
+            ds = dp.sub_(delta[g][:, :, tile.rows]).mul_(probs)  # softmax backward, in place
+            dq_t.copy_(_mix(ds, parts, "k").mul_(call.scale))
+            for p in parts:
+                if p.view is not None:
+                    a, z = p.view
+                    dkt[g][..., a:z] += torch.matmul(qt.transpose(-1, -2), ds[..., p.cols])
+                    dvt[g][..., a:z] += torch.matmul(dout_t.transpose(-1, -2), dropped[..., p.cols])
+                    continue
+                gk = torch.matmul(ds[..., p.cols].transpose(-1, -2), qt)
+                gv = torch.matmul(dropped[..., p.cols].transpose(-1, -2), dout_t)
+                if p.rows is None:
+                    dks[g] += gk
+                    dvs[g] += gv
+                    continue
+                if dk is None:
+                    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+                _scatter_blocks(dk, p.rows.reshape(-1), gk, block)
+                _scatter_blocks(dv, p.rows.reshape(-1), gv, block)
             if dbias is not None:
-                _scatter_bias_grad(dbias, chunk, ds, block)
+                cols = _select(call.cols(tile), g)
+                dbias[g][:, :, tile.rows].scatter_add_(-1, cols.expand(ds.shape), ds)
+        if dks is not None:
+            if dk is None:
+                dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+            _scatter_blocks(dk, sched.shared, dks, block)
+            _scatter_blocks(dv, sched.shared, dvs, block)
+        dk = dkt.transpose(-1, -2) if dk is None else dk.add_(dkt.transpose(-1, -2))
+        dv = dvt.transpose(-1, -2) if dv is None else dv.add_(dvt.transpose(-1, -2))
         if dbias is not None:  # back to the bias's own (broadcast, padded) shape
             dbias = dbias.sum(dim=[d for d in (0, 1) if ctx.bias_shape[d] == 1], keepdim=True)
         return dq, dk, dv, dbias, None
+
+
+def _scatter_blocks(target: Tensor, rows: Tensor, grad: Tensor, block: int) -> None:
+    """Add the gradient of gathered blocks (b, h, G * block, d) into target (b, h, Nk_pad, d)."""
+    target.view(-1, block, target.shape[-1]).index_add_(0, rows, grad.reshape(-1, block, grad.shape[-1]))
 
 
 def blocked_attention(inp: AttentionInputs, *, block: int | None = None) -> Tensor:
@@ -375,7 +489,7 @@ def blocked_attention(inp: AttentionInputs, *, block: int | None = None) -> Tens
     nk = inp.k.shape[2]
     nqb, nkb = -(-nq // block), -(-nk // block)
     compute = torch.float32 if inp.q.dtype in (torch.float16, torch.bfloat16) else inp.q.dtype
-    q = _pad_rows(inp.q.to(compute), nqb * block).view(b, h, nqb, block, d)  # (b, h, n, s, d)
+    q = _pad_rows(inp.q.to(compute), nqb * block)  # (b, h, Nq_pad, d)
     k = _pad_rows(inp.k.to(compute), nkb * block)  # (b, h, Nk_pad, d)
     v = _pad_rows(inp.v.to(compute), nkb * block)  # (b, h, Nk_pad, dv)
     am, bias = inp.attn_mask, None
@@ -388,5 +502,5 @@ def blocked_attention(inp: AttentionInputs, *, block: int | None = None) -> Tens
     kpm = None if inp.key_padding_mask is None else F.pad(inp.key_padding_mask, (0, nkb * block - nk))
     seed = int(torch.randint(0, 2**62, (1,))) if inp.dropout_p > 0 else 0
     call = _Call(sched, b, h, kpm, am, inp.scale, inp.dropout_p, seed)
-    out = _BlockedAttention.apply(q, k, v, bias, call)  # (b, h, n, s, dv)
-    return out.reshape(b, h, nqb * block, -1)[:, :, :nq].to(inp.q.dtype)
+    out = _BlockedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias, call)
+    return out[:, :, :nq].to(inp.q.dtype)
