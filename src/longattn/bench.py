@@ -139,12 +139,15 @@ def _peak_mb(fn: Callable[[], None], device: torch.device, compiled: bool) -> fl
     return tracker.peak / 2**20
 
 
-def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
-    """The machine's dense matmul rate: the ceiling useful GFLOP/s are compared with."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = _median_ms(lambda: torch.mm(a, b), device, 0.5)
-    return 2 * n**3 / (ms * 1e-3) / 1e9
+def matmul_gflops(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...] = (1024, 2048)) -> float:
+    """The machine's dense matmul rate, best of a few square sizes: the ceiling useful GFLOP/s are compared with."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        ms = _median_ms(lambda: torch.mm(a, b), device, 0.5)
+        best = max(best, 2 * n**3 / (ms * 1e-3) / 1e9)
+    return best
 
 
 # ---- the paths ------------------------------------------------------------------------------------------
@@ -242,15 +245,16 @@ def experiments(patterns: Iterable[str], paths: Iterable[str], modes: Iterable[s
 
 # ---- reporting --------------------------------------------------------------------------------------------
 
-COLUMNS = ("pattern", "dtype", "mode", "seq_len", "path", "time_ms", "vs_sdpa", "useful_gflops", "peak_mb",
-           "first_call_ms", "note")
+COLUMNS = ("pattern", "dtype", "mode", "seq_len", "path", "time_ms", "vs_sdpa", "vs_flex", "useful_gflops",
+           "of_matmul", "peak_mb", "first_call_ms", "note")
 
 
-def _speedups(results: list[Result]) -> dict[Experiment, float]:
+def _speedups(results: list[Result], base_path: str = "sdpa") -> dict[Experiment, float]:
+    """time(base_path) / time(path) for every result with a base in the same setting (> 1: faster)."""
     base = {}
     for r in results:
         e = r.experiment
-        if e.path == "sdpa" and r.time_ms:
+        if e.path == base_path and r.time_ms:
             base[(e.pattern, e.dtype, e.mode, e.seq_len)] = r.time_ms
     out = {}
     for r in results:
@@ -261,14 +265,21 @@ def _speedups(results: list[Result]) -> dict[Experiment, float]:
     return out
 
 
-def format_table(results: list[Result], header: str = "") -> str:
-    speed = _speedups(results)
+def _of_matmul(r: Result, machine: dict) -> float | None:
+    """Useful GFLOP/s as a share of the machine's measured matmul rate in the same dtype."""
+    rate = machine.get("matmul_gflops", {}).get(r.experiment.dtype)
+    return None if r.useful_gflops is None or not rate else r.useful_gflops / rate
+
+
+def format_table(results: list[Result], header: str = "", machine: dict | None = None) -> str:
+    speed, vs_flex = _speedups(results), _speedups(results, "flex_plain")
+    ratio = lambda d, e: format(d[e], ".2f") + "x" if e in d else "-"  # noqa: E731
     rows = []
     for r in results:
         e = r.experiment
         fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-        rows.append([e.pattern, e.dtype, e.mode, str(e.seq_len), e.path, fmt(r.time_ms, ".1f"),
-                     fmt(speed.get(e), ".2f") + ("x" if e in speed else ""), fmt(r.useful_gflops, ".1f"),
+        rows.append([e.pattern, e.dtype, e.mode, str(e.seq_len), e.path, fmt(r.time_ms, ".1f"), ratio(speed, e),
+                     ratio(vs_flex, e), fmt(r.useful_gflops, ".1f"), fmt(_of_matmul(r, machine or {}), ".0%"),
                      fmt(r.peak_mb, ".0f"), fmt(r.first_call_ms, ".0f"), r.note])
     widths = [max(len(c), *(len(row[n]) for row in rows)) if rows else len(c) for n, c in enumerate(COLUMNS)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -280,8 +291,9 @@ def format_table(results: list[Result], header: str = "") -> str:
 
 def save(results: list[Result], out_dir: Path, machine: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    speed = _speedups(results)
-    rows = [{**r.row(), "vs_sdpa": speed.get(r.experiment)} for r in results]
+    speed, vs_flex = _speedups(results), _speedups(results, "flex_plain")
+    rows = [{**r.row(), "vs_sdpa": speed.get(r.experiment), "vs_flex": vs_flex.get(r.experiment),
+             "of_matmul": _of_matmul(r, machine)} for r in results]
     tmp = out_dir / "bench.json.tmp"
     tmp.write_text(json.dumps({"machine": machine, "results": rows}, indent=1))
     os.replace(tmp, out_dir / "bench.json")
@@ -348,5 +360,38 @@ def run(cfg: BenchConfig, out_dir: Path | None = None, progress: bool = True) ->
             save(results, out_dir, machine)
     if bar is not None:
         bar.close()
-    print(format_table(results), flush=True)
+    print(format_table(results, machine=machine), flush=True)
+    lines = summary(results, machine)
+    if lines:
+        print("\n".join(lines), flush=True)
+        if out_dir is not None:
+            (out_dir / "summary.txt").write_text("\n".join(lines) + "\n")
     return results
+
+
+def summary(results: list[Result], machine: dict, path: str = "blocked") -> list[str]:
+    """The headline ratios of one run for ``path``: against compiled FlexAttention (forward), bf16 against
+    fp32, against SDPA (forward+backward), share of the matmul rate, and peak memory growth."""
+    by = {(r.experiment.pattern, r.experiment.path, r.experiment.mode, r.experiment.seq_len,
+           r.experiment.dtype): r for r in results if r.time_ms is not None}
+    lines = []
+    for (pattern, p, mode, n, dtype), r in sorted(by.items()):
+        if p != path:
+            continue
+        flex = by.get((pattern, "flex_plain", mode, n, dtype))
+        sdpa = by.get((pattern, "sdpa", mode, n, dtype))
+        bits = [f"{pattern} {mode} N={n} {dtype}: {r.time_ms:.0f} ms"]
+        if flex is not None:
+            bits.append(f"{flex.time_ms / r.time_ms:.2f}x compiled flex")
+        if sdpa is not None:
+            bits.append(f"{sdpa.time_ms / r.time_ms:.1f}x SDPA")
+        if dtype == "bf16" and (fp32 := by.get((pattern, p, mode, n, "fp32"))) is not None:
+            bits.append(f"bf16 {fp32.time_ms / r.time_ms:.2f}x fp32")
+        share = _of_matmul(r, machine)
+        if share is not None:
+            bits.append(f"{share:.0%} of matmul rate")
+        half = by.get((pattern, p, mode, n // 2, dtype))
+        if half is not None and half.peak_mb and r.peak_mb:
+            bits.append(f"peak {r.peak_mb / half.peak_mb:.2f}x N={n // 2}")
+        lines.append(", ".join(bits))
+    return lines

@@ -30,6 +30,7 @@ class _PatternMask:
     keep: Tensor  # (B', H', Nq, Nk) bool
     additive: Tensor | None  # the same as 0 / -inf in the compute dtype, dead rows set to 0; None if too big
     row_live: Tensor | None  # (B', H', Nq, 1) bool, None when every row attends something
+    full: bool  # every pair is allowed (a window wider than a short input): plain SDPA, no mask
 
 
 def _build(pattern: Pattern, geo: Geometry, device: torch.device, dtype: torch.dtype) -> _PatternMask:
@@ -41,7 +42,7 @@ def _build(pattern: Pattern, geo: Geometry, device: torch.device, dtype: torch.d
         additive = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
         if row_live is not None:
             additive.masked_fill_(~row_live, 0.0)
-    return _PatternMask(keep, additive, row_live)
+    return _PatternMask(keep, additive, row_live, bool(keep.all()))
 
 
 _MASKS = LRUCache(8)
@@ -67,6 +68,10 @@ def dense_attention(inp: AttentionInputs) -> Tensor:
     if isinstance(pattern, CausalMask) and geo.q_len == geo.kv_len and not inp.has_extra_masks:
         return sdpa(is_causal=True)  # SDPA's is_causal is top-left aligned: ours only when square
     pm = None if pattern is None else pattern_mask(pattern, geo, q.device, q.dtype)
+    if pm is not None and pm.full:  # the pattern allows every pair here: no mask to build or apply
+        if not inp.has_extra_masks:
+            return sdpa()
+        pm = None
     if pm is not None and not inp.has_extra_masks:
         if pm.additive is not None:
             mask = pm.additive
