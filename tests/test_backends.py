@@ -237,3 +237,49 @@ def test_blocked_evaluates_large_masks_chunk_by_chunk(pattern_name, monkeypatch)
     pattern, q, k, v, kpm, keep = _case(pattern_name, "padded1025", torch.float32, "cpu")
     assert_close_to_reference("blocked", q, k, v, keep, pattern=pattern, key_padding_mask=kpm)
     la.clear_caches()
+
+
+@pytest.mark.parametrize("pattern_name", ["longformer", "global_per_example", "bigbird", "per_head", "random"])
+def test_blocked_head_groups_match_oracle(pattern_name, monkeypatch):
+    """Tiles too wide for the cache run a few heads at a time: same result, gradients included."""
+    from longattn.backends import blocked
+
+    monkeypatch.setattr(blocked, "TILE_BYTES", 1)  # every tile split into single (example, head) groups
+    la.clear_caches()
+    pattern, q, k, v, kpm, keep = _case(pattern_name, "padded1025", torch.float32, "cpu")
+    assert_close_to_reference("blocked", q, k, v, keep, pattern=pattern, key_padding_mask=kpm)
+    la.clear_caches()
+
+
+def test_blocked_schedule_reads_bands_in_place_and_gathers_the_rest():
+    """A window is read as one in-place view per tile; BigBird's global blocks are gathered once per call,
+    its random blocks per tile; a small window packs several query blocks into one tile."""
+    from longattn.backends.blocked import get_schedule
+    from longattn.patterns import Geometry
+
+    cpu = torch.device("cpu")
+    window = get_schedule(la.sliding_window(256), Geometry(4096, 4096, 12, 1), 64, cpu)
+    middle = window.tiles[len(window.tiles) // 2]
+    assert window.shared is None and middle.gather is None and len(middle.views) == 1
+    start, stop = middle.views[0]
+    assert stop - start == 576 and middle.bias is not None  # 513 keys per row from a 9-block band
+    assert sum(t.bias is middle.bias for t in window.tiles) > len(window.tiles) // 2  # one mask, shared
+    bb = get_schedule(la.bigbird(64, seed=0), Geometry(4096, 4096, 12, 1), 64, cpu)
+    assert bb.shared_blocks.tolist() == [0, 63]
+    light = bb.tiles[len(bb.tiles) // 2]
+    assert light.views and light.gather_blocks == 3 and light.bias is None  # block-exact: nothing to mask
+    small = get_schedule(la.sliding_window(2), Geometry(4096, 4096, 1, 1), 16, cpu)
+    assert small.tiles[0].q_blocks.numel() > 1
+
+
+def test_blocked_tiles_of_several_blocks_match_oracle():
+    pattern = la.sliding_window(2) | la.global_tokens([40])
+    q, k, v = qkv(1, 2, 1025, 1025, 40, torch.float32, "cpu")
+    keep = pattern.dense(1025, num_heads=2)
+    assert_close_to_reference("blocked", q, k, v, keep, pattern=pattern)
+
+
+def test_dense_runs_plain_sdpa_when_the_pattern_allows_everything():
+    q, k, v = qkv(1, 2, 200, 200, 16, torch.float32, "cpu")
+    out = la.attention(q, k, v, pattern=la.longformer(512), backend="dense")
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))

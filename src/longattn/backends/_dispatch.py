@@ -29,11 +29,11 @@ from .dense import dense_attention
 
 logger = logging.getLogger("longattn")
 
-CROSSOVER = 1024  # keys; below this dense SDPA wins (see `longattn bench`)
-# Share of all scores above which the blocked path loses to masked SDPA: on 2 CPU cores a blocked score
-# costs ~2.5x a fused SDPA score (`longattn bench --lengths 1024 2048`: Longformer-512 computes 56% of
-# the scores at N=1024 and is 1.4x slower than dense, 28% at N=2048 and is 1.3-1.7x faster).
-DENSE_FRACTION = 0.4
+CROSSOVER = 512  # keys; up to this dense SDPA wins (see `longattn bench --lengths 256 512 1024`)
+# Share of all scores above which the blocked path loses to masked SDPA (2 CPU cores,
+# `longattn bench --lengths 1024`): Longformer-512 computes 48% of the scores at N=1024 and is 1.35x
+# faster than SDPA; BigBird-64 computes 56% there (three segments per tile) and is 0.75x.
+DENSE_FRACTION = 0.5
 # A materialised (B', H', Nq, Nk) mask above this many elements costs more than it saves (and can
 # exhaust memory: 12 heads at N=16384 is 3.2 GB of bool before SDPA converts it to float).
 DENSE_MASK_ELEMENTS = 64 * 2**20
