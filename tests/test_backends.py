@@ -252,8 +252,9 @@ def test_blocked_head_groups_match_oracle(pattern_name, monkeypatch):
 
 
 def test_blocked_schedule_reads_bands_in_place_and_gathers_the_rest():
-    """A window is read as one in-place view per tile; BigBird's global blocks are gathered once per call,
-    its random blocks per tile; a small window packs several query blocks into one tile."""
+    """A window is read as one in-place view per tile; a BigBird tile copies its window, global and random
+    blocks into one operand, while its global rows read the sequence in place plus the global blocks'
+    copy made once per call; a small window packs several query blocks into one tile."""
     from longattn.backends.blocked import get_schedule
     from longattn.patterns import Geometry
 
@@ -266,8 +267,10 @@ def test_blocked_schedule_reads_bands_in_place_and_gathers_the_rest():
     assert sum(t.bias is middle.bias for t in window.tiles) > len(window.tiles) // 2  # one mask, shared
     bb = get_schedule(la.bigbird(64, seed=0), Geometry(4096, 4096, 12, 1), 64, cpu)
     assert bb.shared_blocks.tolist() == [0, 63]
-    light = bb.tiles[len(bb.tiles) // 2]
-    assert light.views and light.gather_blocks == 3 and light.bias is None  # block-exact: nothing to mask
+    light, heavy = bb.tiles[len(bb.tiles) // 2], bb.tiles[0]
+    assert not light.views and not light.uses_shared and light.gather_blocks == 8
+    assert light.bias is None  # block-exact: nothing to mask
+    assert heavy.views == ((64, 63 * 64),) and heavy.uses_shared and heavy.gather is None
     small = get_schedule(la.sliding_window(2), Geometry(4096, 4096, 1, 1), 16, cpu)
     assert small.tiles[0].q_blocks.numel() > 1
 
