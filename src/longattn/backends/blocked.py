@@ -397,7 +397,10 @@ class _Call:
         scores = _scores(qg, parts, "k", out)
         if bias is not None:
             scores += bias
-        probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # row by row: safe in place
+        if scores.device.type == "cpu":  # the CPU kernel finishes each row before the next: safe in place
+            probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+        else:
+            probs = torch.softmax(scores, dim=-1)
         return probs if dead is None else probs.masked_fill_(dead, 0.0)
 
     def dropout_keep(self, n: int, like: Tensor) -> Tensor | None:
