@@ -42,6 +42,26 @@ def test_bench_tiny_run_writes_json_and_csv(tmp_path):
     assert all(r["time_ms"] > 0 and r["peak_mb"] is not None for r in rows)
     assert (tmp_path / "bench.csv").read_text().startswith("pattern,")
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    blocked = next(r for r in rows if r["path"] == "blocked")
+    assert blocked["vs_sdpa"] > 0 and 0 < blocked["of_matmul"] < 1.5
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "longformer_512 fwd N=1100 fp32" in summary and "x SDPA" in summary and "of matmul rate" in summary
+
+
+def test_bench_summary_states_each_headline_ratio():
+    from longattn.bench import Experiment, Result, summary
+
+    def result(path, n, dtype, ms, peak):
+        return Result(Experiment("p", path, "fwd", n, dtype), ms, 1.0, 50.0, peak, 0.1)
+
+    rows = [result("blocked", 8, "fp32", 10.0, 100.0), result("blocked", 16, "fp32", 20.0, 210.0),
+            result("flex_plain", 16, "fp32", 30.0, None), result("sdpa", 16, "fp32", 80.0, 5.0),
+            result("blocked", 16, "bf16", 16.0, 200.0)]
+    lines = summary(rows, {"matmul_gflops": {"fp32": 100.0, "bf16": 50.0}})
+    line16 = next(x for x in lines if "N=16 fp32" in x)
+    assert "1.50x compiled flex" in line16 and "4.0x SDPA" in line16 and "50% of matmul rate" in line16
+    assert "peak 2.10x N=8" in line16
+    assert "bf16 1.25x fp32" in next(x for x in lines if "bf16" in x)
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ from ._inputs import AttentionInputs
 DEFAULT_BLOCK = 64
 MIN_VIEW_BLOCKS = 2  # shorter runs of common blocks are gathered: a one-block matmul is too small to pay
 MERGE_VIEW_KEYS = 1024  # views up to this wide are copied into a tile's gather when it has one
-TILE_OVERHEAD_SCORES = 40_000  # a tile's fixed cost (~12 ops of ~8 us) in scores of work, all heads together
+TILE_OVERHEAD_SCORES = 150_000  # a tile's fixed cost (Python, ~40 op launches) in scores of work, all heads together
 MAX_TILE_BLOCKS = 8
 TILE_BYTES = 4 << 20  # wider tiles run a few heads at a time: scores stay in cache, no fresh pages
 SCHEDULE_MASK_BYTES = 1 << 30  # larger masks are not kept but evaluated tile by tile, every call
