@@ -287,3 +287,24 @@ def test_dense_runs_plain_sdpa_when_the_pattern_allows_everything():
     q, k, v = qkv(1, 2, 200, 200, 16, torch.float32, "cpu")
     out = la.attention(q, k, v, pattern=la.longformer(512), backend="dense")
     assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("pattern", [la.bigbird(2, random_blocks=1) | la.global_tokens([11]),
+                                     la.bigbird(2, random_blocks=0)],
+                         ids=["gathered", "views_and_shared"])
+def test_blocked_gradcheck_head_groups_with_dropout_and_bias(pattern, monkeypatch):
+    """Single (example, head) groups: dropout seeds, bias gradients and scatters stay exact."""
+    from longattn.backends import blocked
+
+    monkeypatch.setattr(blocked, "TILE_BYTES", 1)
+    monkeypatch.setattr(blocked, "TILE_OVERHEAD_SCORES", 0)  # one query block per tile: every segment kind
+    la.clear_caches()
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, 14, 14, 3, torch.float64))
+    bias = torch.randn(1, 1, 14, 14, dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, v, bias):
+        torch.manual_seed(0)
+        return la.attention(q, k, v, pattern=pattern, attn_mask=bias, dropout_p=0.2, backend="blocked")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+    la.clear_caches()
