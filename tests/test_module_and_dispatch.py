@@ -63,3 +63,10 @@ def test_auto_never_materialises_a_huge_mask(monkeypatch):
     assert la.explain(q, k, v, pattern=pattern).backend == "dense"
     monkeypatch.setattr(_dispatch, "DENSE_MASK_ELEMENTS", 4 * 300 * 300 - 1)
     assert la.explain(q, k, v, pattern=pattern).backend == "blocked"
+
+
+def test_auto_sends_plain_causal_to_sdpa_at_any_length():
+    """SDPA's is_causal kernel needs no mask: the mask-size guard must not push causal to the blocked path."""
+    q = torch.randn(1, 1, 12000, 8)
+    assert la.explain(q, q, q, pattern=la.causal()).backend == "dense"
+    assert la.explain(q, q, q, pattern=la.causal(la.sliding_window(64))).backend == "blocked"

@@ -1,10 +1,12 @@
 """``backend="auto"``: pick a backend by a fixed, documented rule, and say why.
 
-1. No pattern (or the full pattern): dense SDPA.
+1. No pattern (or the full pattern): dense SDPA. Plain causal attention, square and without other
+   masks: dense SDPA with ``is_causal`` (no mask, the upper half skipped).
 2. The pattern's mask would exceed ``DENSE_MASK_ELEMENTS`` (B' x H' x Nq x Nk): never dense (memory).
 3. At most ``CROSSOVER`` keys: dense SDPA (launch and gather overheads dominate short inputs).
-4. The blocked path would compute more than ``DENSE_FRACTION`` of the Nq x Nk scores (a dense pattern,
-   or blocks too coarse for it): dense SDPA, whose fused kernel does each score ~2.5x cheaper.
+4. The blocked path's cost (scores computed, gathered columns counted twice) exceeds ``DENSE_FRACTION``
+   of the Nq x Nk scores (a dense pattern, or blocks too coarse for it): dense SDPA, whose fused kernel
+   does each score cheaper.
 5. CUDA and FlexAttention can serve the call: flex.
 6. Otherwise: blocked (trains everywhere, no compilation).
 
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..patterns import Geometry
+from ..patterns.causal import CausalMask
 from . import flex
 from ._inputs import BACKENDS, AttentionInputs
 from .blocked import blocked_attention, choose_block, get_schedule
@@ -30,10 +33,12 @@ from .dense import dense_attention
 logger = logging.getLogger("longattn")
 
 CROSSOVER = 512  # keys; up to this dense SDPA wins (see `longattn bench --lengths 256 512 1024`)
-# Share of all scores above which the blocked path loses to masked SDPA (2 CPU cores,
-# `longattn bench --lengths 1024`): Longformer-512 computes 48% of the scores at N=1024 and is 1.35x
-# faster than SDPA; BigBird-64 computes 56% there (three segments per tile) and is 0.75x.
-DENSE_FRACTION = 0.5
+# The blocked path's cost (scores it computes, gathered ones counted twice: Schedule.cost_per_head) as
+# a share of all Nq x Nk scores, above which masked SDPA wins (2 CPU cores, `longattn bench --lengths
+# 1024 2048`): Longformer-512 at N=1024 reads a 640-key band in place, cost 0.55, and is 1.5x faster
+# than SDPA; BigBird-64 gathers 8 blocks per tile, cost 1.1 at N=1024 (0.75x SDPA), 0.59 at N=2048
+# (faster than SDPA).
+DENSE_FRACTION = 0.8
 # A materialised (B', H', Nq, Nk) mask above this many elements costs more than it saves (and can
 # exhaust memory: 12 heads at N=16384 is 3.2 GB of bool before SDPA converts it to float).
 DENSE_MASK_ELEMENTS = 64 * 2**20
@@ -55,11 +60,11 @@ class Choice:
 
 
 def _plan_shape(inp: AttentionInputs) -> tuple[float, int]:
-    """Scores the blocked path computes, as a fraction of Nq x Nk; and the dense mask's element count."""
+    """The blocked path's cost as a fraction of Nq x Nk scores; and the dense mask's element count."""
     geo: Geometry = inp.geometry
     sched = get_schedule(inp.pattern, geo, choose_block(inp.pattern), inp.q.device)
     mask_elements = sched.mask_batch * sched.mask_heads * geo.q_len * geo.kv_len
-    return sched.scores_per_head / (geo.q_len * geo.kv_len), mask_elements
+    return sched.cost_per_head / (geo.q_len * geo.kv_len), mask_elements
 
 
 def choose(inp: AttentionInputs, backend: str = "auto") -> Choice:
@@ -74,16 +79,18 @@ def choose(inp: AttentionInputs, backend: str = "auto") -> Choice:
     geo = inp.geometry
     if inp.sparse_pattern is None:
         return Choice("dense", "no sparse pattern: full attention is SDPA")
+    if isinstance(inp.sparse_pattern, CausalMask) and geo.q_len == geo.kv_len and not inp.has_extra_masks:
+        return Choice("dense", "plain causal: SDPA's fused causal kernel needs no mask and skips the upper half")
     work, mask_elements = _plan_shape(inp)
     if mask_elements <= DENSE_MASK_ELEMENTS:
         if geo.kv_len <= CROSSOVER:
             return Choice("dense", f"{geo.kv_len} keys <= crossover {CROSSOVER}: SDPA is faster on short inputs")
         if work > DENSE_FRACTION:
-            return Choice("dense", f"blocks cover {work:.2f} of all scores > {DENSE_FRACTION}: little to skip")
+            return Choice("dense", f"blocked cost {work:.2f} of all scores > {DENSE_FRACTION}: little to skip")
     if inp.q.device.type == "cuda" and flex.unsupported_reason(inp) is None:
-        return Choice("flex", f"CUDA, blocks cover {work:.3f} of all scores: FlexAttention kernel")
+        return Choice("flex", f"CUDA, blocked cost {work:.3f} of all scores: FlexAttention kernel")
     why = flex.unsupported_reason(inp) or "no compilation per length"
-    return Choice("blocked", f"blocks cover {work:.3f} of all scores; {why}: blocked gather kernel")
+    return Choice("blocked", f"blocked cost {work:.3f} of all scores; {why}: blocked tile kernel")
 
 
 def run(inp: AttentionInputs, backend: str = "auto") -> Tensor:

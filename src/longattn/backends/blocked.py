@@ -8,20 +8,23 @@ Where a tile's keys come from is decided once per pattern and geometry (the ``Sc
 block plan, in three kinds of column segments:
 
 - views: runs of consecutive key blocks the tile needs in every example and head (a sliding window's
-  band, every key for a global row) are read in place as slices of k, v and of transposed copies, so a
-  band costs no copy at all. Slices of one (b, h, d, Nk) tensor are ordinary strided batches for
-  MKL/oneDNN; ``Q @ K_t`` with K_t row-major runs ~1.5x faster than ``Q @ K.T`` on CPU.
-- shared: blocks that every tile needs apart from its runs (global tokens) are gathered once per call;
+  band, every key for a global row) are read in place as slices of k and v: a band costs no copy.
+- shared: blocks every tile needs apart from its runs (global tokens) are copied once per call;
 - gathered: what is left (random blocks, blocks that differ per head or example) is copied per tile with
-  one ``index_select`` of whole blocks.
+  one ``index_select`` of whole blocks. A tile that gathers anyway copies its short views and the shared
+  blocks into the same operand, since one matmul beats several small ones.
 
-One tile is r consecutive query blocks with r chosen by a cost model (scores computed plus a fixed
-per-tile overhead), typically one 64-row block: its scores (b, h, r*s, C) stay in the L2 cache, so the
-mask addition, softmax and the two matmuls run on cached data. Masks are additive (0 / -inf) biases
-stored once per distinct tile (interior tiles of a window share one) and are skipped where every
-column is allowed (BigBird on its own grid). Backward recomputes each tile's probabilities instead of
-storing them (FlashAttention's trade), so training memory is O(N * d) plus one tile; dropout masks are
-regenerated from a per-tile seed. Low-precision inputs are computed in float32 and cast back.
+A tile is r consecutive query blocks, r chosen by a cost model (scores computed plus a measured fixed
+cost per tile): Longformer-512 takes two 64-row blocks against a 640-key band, BigBird one block against
+its 8 gathered blocks. A tile's scores (b, h, r*s, C) live in a reused workspace that stays in cache
+(wider tiles run a few heads at a time), so the mask addition, the in-place softmax and the two matmuls
+touch cached memory and no fresh pages. Masks are additive (0 / -inf) biases stored once per distinct
+tile (interior tiles of a window share one) and skipped where every column is allowed (BigBird on its
+own grid). Backward recomputes each tile's probabilities instead of storing them (FlashAttention's
+trade), so training memory is O(N * d) plus one tile; dK and dV of views accumulate transposed
+(``q^T @ dS`` is the faster matmul form on CPU); dropout masks are regenerated from a per-group seed.
+Low-precision inputs are computed in float32 and cast back: on CPUs without AMX a bf16 matmul runs at
+half the fp32 rate (see ``longattn bench``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ MIN_VIEW_BLOCKS = 2  # shorter runs of common blocks are gathered: a one-block m
 MERGE_VIEW_KEYS = 1024  # views up to this wide are copied into a tile's gather when it has one
 TILE_OVERHEAD_SCORES = 150_000  # a tile's fixed cost (Python, ~40 op launches) in scores of work, all heads together
 MAX_TILE_BLOCKS = 8
+GATHER_COST = 2  # a gathered column costs about two in-place ones (BigBird vs Longformer, N=1024)
 TILE_BYTES = 4 << 20  # wider tiles run a few heads at a time: scores stay in cache, no fresh pages
 SCHEDULE_MASK_BYTES = 1 << 30  # larger masks are not kept but evaluated tile by tile, every call
 SCHEDULE_CACHE_BYTES = 2 << 30  # all cached schedules together
@@ -89,6 +93,16 @@ class Schedule:
     def scores_per_head(self) -> int:
         """Scores computed per (example, head): the blocked path's work, padding included."""
         return sum((t.rows.stop - t.rows.start) * t.columns for t in self.tiles)
+
+    @property
+    def cost_per_head(self) -> int:
+        """Scores per (example, head) with gathered columns counted GATHER_COST times (their keys and
+        values are copied per tile): what the ``auto`` rule compares with dense attention."""
+        total = 0
+        for t in self.tiles:
+            gathered = t.gather_blocks * self.block
+            total += (t.rows.stop - t.rows.start) * (t.columns + (GATHER_COST - 1) * gathered)
+        return total
 
     def tile_mask(self, tile: Tile) -> tuple[Tensor | None, Tensor | None]:
         """The tile's pattern bias and dead rows (evaluated now when the schedule does not keep them)."""
