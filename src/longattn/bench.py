@@ -318,7 +318,7 @@ class BenchConfig:
     min_run_time: float = 0.5
 
 
-QUICK = dict(patterns=["longformer_512", "bigbird_64"], paths=["sdpa", "blocked", "flex", "auto"],
+QUICK = dict(patterns=["longformer_512", "bigbird_64"], paths=["sdpa", "blocked", "flex_plain", "auto"],
              lengths=[1024, 4096], min_run_time=0.2)
 
 
