@@ -70,3 +70,11 @@ def test_auto_sends_plain_causal_to_sdpa_at_any_length():
     q = torch.randn(1, 1, 12000, 8)
     assert la.explain(q, q, q, pattern=la.causal()).backend == "dense"
     assert la.explain(q, q, q, pattern=la.causal(la.sliding_window(64))).backend == "blocked"
+
+
+def test_auto_moves_the_crossover_for_low_precision_on_cpu():
+    """bf16 SDPA on CPU runs at half the fp32 rate; the blocked path computes in fp32."""
+    q = torch.randn(1, 2, 512, 16)
+    pattern = la.longformer(256)
+    assert la.explain(q, q, q, pattern=pattern).backend == "dense"
+    assert la.explain(*(t.bfloat16() for t in (q, q, q)), pattern=pattern).backend == "blocked"

@@ -3,7 +3,8 @@
 1. No pattern (or the full pattern): dense SDPA. Plain causal attention, square and without other
    masks: dense SDPA with ``is_causal`` (no mask, the upper half skipped).
 2. The pattern's mask would exceed ``DENSE_MASK_ELEMENTS`` (B' x H' x Nq x Nk): never dense (memory).
-3. At most ``CROSSOVER`` keys: dense SDPA (launch and gather overheads dominate short inputs).
+3. At most ``CROSSOVER`` keys: dense SDPA (launch and gather overheads dominate short inputs). For
+   bf16/fp16 on CPU the crossover and the fraction of rule 4 are the ``LOW_PRECISION_CPU_*`` values.
 4. The blocked path's cost (scores computed, gathered columns counted twice) exceeds ``DENSE_FRACTION``
    of the Nq x Nk scores (a dense pattern, or blocks too coarse for it): dense SDPA, whose fused kernel
    does each score cheaper.
@@ -39,6 +40,11 @@ CROSSOVER = 512  # keys; up to this dense SDPA wins (see `longattn bench --lengt
 # than SDPA; BigBird-64 gathers 8 blocks per tile, cost 1.1 at N=1024 (0.75x SDPA), 0.59 at N=2048
 # (faster than SDPA).
 DENSE_FRACTION = 0.8
+# bf16/fp16 on CPU: SDPA runs at the low-precision matmul rate (half of fp32 without AMX, plus a slower
+# masked path) while the blocked path computes in fp32, so the crossover moves (`longattn bench --dtypes
+# bf16 --lengths 256 512 1024`: blocked 1.2-1.5x faster than SDPA from 512 keys, BigBird 1.6x at 1024).
+LOW_PRECISION_CPU_CROSSOVER = 256
+LOW_PRECISION_CPU_DENSE_FRACTION = 1.6
 # A materialised (B', H', Nq, Nk) mask above this many elements costs more than it saves (and can
 # exhaust memory: 12 heads at N=16384 is 3.2 GB of bool before SDPA converts it to float).
 DENSE_MASK_ELEMENTS = 64 * 2**20
@@ -82,11 +88,14 @@ def choose(inp: AttentionInputs, backend: str = "auto") -> Choice:
     if isinstance(inp.sparse_pattern, CausalMask) and geo.q_len == geo.kv_len and not inp.has_extra_masks:
         return Choice("dense", "plain causal: SDPA's fused causal kernel needs no mask and skips the upper half")
     work, mask_elements = _plan_shape(inp)
+    crossover, fraction = CROSSOVER, DENSE_FRACTION
+    if inp.q.device.type == "cpu" and inp.q.dtype in (torch.bfloat16, torch.float16):
+        crossover, fraction = LOW_PRECISION_CPU_CROSSOVER, LOW_PRECISION_CPU_DENSE_FRACTION
     if mask_elements <= DENSE_MASK_ELEMENTS:
-        if geo.kv_len <= CROSSOVER:
-            return Choice("dense", f"{geo.kv_len} keys <= crossover {CROSSOVER}: SDPA is faster on short inputs")
-        if work > DENSE_FRACTION:
-            return Choice("dense", f"blocked cost {work:.2f} of all scores > {DENSE_FRACTION}: little to skip")
+        if geo.kv_len <= crossover:
+            return Choice("dense", f"{geo.kv_len} keys <= crossover {crossover}: SDPA is faster on short inputs")
+        if work > fraction:
+            return Choice("dense", f"blocked cost {work:.2f} of all scores > {fraction}: little to skip")
     if inp.q.device.type == "cuda" and flex.unsupported_reason(inp) is None:
         return Choice("flex", f"CUDA, blocked cost {work:.3f} of all scores: FlexAttention kernel")
     why = flex.unsupported_reason(inp) or "no compilation per length"
