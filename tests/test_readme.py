@@ -44,6 +44,7 @@ def test_bench_tiny_run_writes_json_and_csv(tmp_path):
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     blocked = next(r for r in rows if r["path"] == "blocked")
     assert blocked["vs_sdpa"] > 0 and 0 < blocked["of_matmul"] < 1.5
+    assert blocked["sdpa_paired_ms"] > 0  # short inputs: SDPA timed alternately with the path
     summary = (tmp_path / "summary.txt").read_text()
     assert "longformer_512 fwd N=1100 fp32" in summary and "x SDPA" in summary and "of matmul rate" in summary
 
