@@ -218,6 +218,9 @@ def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.de
         kv_count = g_count + fixed.shape[-1]
         tile = Tile(slice(a * block, z * block), torch.arange(a, z, device=device), tuple(views), uses_shared,
                     _flat_rows(g_index, geo, nkb) if g else None, g, kv_index, kv_count, None, None)
+        if kept_bytes > SCHEDULE_MASK_BYTES:  # block-dense patterns at large N: bounded memory, re-evaluated
+            tiles.append(replace(tile, bias=_LAZY))
+            continue
         bias, dead = _bias_and_dead(_tile_keep(pattern, geo, block, tile, layout if plan.block_exact else None))
         if prev is not None and bias is not None and prev.shape == bias.shape and torch.equal(prev, bias):
             bias = prev  # interior tiles of a window share one mask
@@ -225,7 +228,7 @@ def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.de
             kept_bytes += bias.numel() * bias.element_size()
         prev = bias
         tiles.append(replace(tile, bias=bias, dead=dead))
-    if kept_bytes > SCHEDULE_MASK_BYTES:  # block-dense patterns at large N: bounded memory, re-evaluated
+    if kept_bytes > SCHEDULE_MASK_BYTES:  # stop keeping masks as soon as they pass the budget
         tiles = [replace(t, bias=_LAZY, dead=None) for t in tiles]
     if not any(t.uses_shared for t in tiles):
         shared_blocks = shared_blocks[:0]
