@@ -222,28 +222,29 @@ def run_experiment(exp: Experiment, device: torch.device, *, min_run_time: float
         step()
         _sync(device)
         first = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
         step()  # warm-up
         _sync(device)
-        ms = _median_ms(step, device, min_run_time)
-        paired = None
-        if exp.path != "sdpa" and device.type == "cpu" and ms < PAIRED_MAX_MS:
+        warm_ms, paired = (time.perf_counter() - t1) * 1e3, None
+        if exp.path != "sdpa" and device.type == "cpu" and warm_ms < PAIRED_MAX_MS:
             sdpa = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
             sdpa_step = lambda: torch.autograd.grad(sdpa(), (q, k, v), grad_out) if train else sdpa()  # noqa: E731
             ms, paired = _paired_ms(step, sdpa_step, min_run_time)
+        else:
+            ms = _median_ms(step, device, min_run_time)
         peak = _peak_mb(step, device, compiled=exp.path in ("flex", "flex_plain"))
     except (RuntimeError, NotImplementedError, ValueError) as err:  # a path that cannot run: say why
         return Result(exp, None, None, None, None, density, f"{type(err).__name__}: {str(err)[:80]}")
     return Result(exp, ms, first, flops / (ms * 1e-3) / 1e9, peak, density, sdpa_paired_ms=paired)
 
 
-PAIRED_MAX_MS = 50.0  # paths faster than this are timed alternately with SDPA
+PAIRED_MAX_MS = 50.0  # paths whose warm-up call is faster than this are timed alternately with SDPA
 
 
 def _paired_ms(fn_a: Callable[[], None], fn_b: Callable[[], None], min_run_time: float) -> tuple[float, float]:
     """Median times of two calls measured alternately, so that a shared machine's drift hits both alike
     (short inputs: a few percent separate the paths, and back-to-back runs differ by more)."""
-    with torch.set_grad_enabled(True):
-        fn_b()  # warm-up
+    fn_b()  # warm-up
     ta, tb = [], []
     deadline = time.perf_counter() + 2 * min_run_time
     while time.perf_counter() < deadline or len(ta) < 10:

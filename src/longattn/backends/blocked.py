@@ -29,6 +29,7 @@ half the fp32 rate (see ``longattn bench``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -88,6 +89,12 @@ class Schedule:
     shared: Tensor | None  # (b * h * S,) rows of the block view gathered once per call, or None
     shared_blocks: Tensor  # (S,) long key blocks every tile reads from the shared copy
     tiles: tuple[Tile, ...]
+    exact_layout: Tensor | None  # (B', H', nQB, nKB) block layout of a block-exact pattern (lazy tile masks)
+
+    @property
+    def copies(self) -> bool:
+        """Some columns are copies (shared or gathered): their gradients go back through row-layout dK/dV."""
+        return self.shared is not None or any(t.gather is not None for t in self.tiles)
 
     @property
     def scores_per_head(self) -> int:
@@ -107,9 +114,7 @@ class Schedule:
     def tile_mask(self, tile: Tile) -> tuple[Tensor | None, Tensor | None]:
         """The tile's pattern bias and dead rows (evaluated now when the schedule does not keep them)."""
         if isinstance(tile.bias, str):
-            plan = get_plan(self.pattern, self.geometry, self.block, tile.kv_index.device)
-            layout = plan.layout() if plan.block_exact else None
-            return _bias_and_dead(_tile_keep(self.pattern, self.geometry, self.block, tile, layout))
+            return _bias_and_dead(_tile_keep(self.pattern, self.geometry, self.block, tile, self.exact_layout))
         return tile.bias, tile.dead
 
 
@@ -186,6 +191,7 @@ def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.de
     plan = get_plan(pattern, geo, block, device)
     layout = plan.layout()  # (B', H', nQB, nKB)
     bp, hp, nqb, nkb = layout.shape
+    exact_layout = layout if plan.block_exact else None
     r = _tile_blocks(layout, geo, block)
     spans = [(t, min(nqb, t + r)) for t in range(0, nqb, r)]
     unions = [layout[:, :, a:z].any(2) for a, z in spans]  # (B', H', nKB) per tile
@@ -221,7 +227,7 @@ def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.de
         if kept_bytes > SCHEDULE_MASK_BYTES:  # block-dense patterns at large N: bounded memory, re-evaluated
             tiles.append(replace(tile, bias=_LAZY))
             continue
-        bias, dead = _bias_and_dead(_tile_keep(pattern, geo, block, tile, layout if plan.block_exact else None))
+        bias, dead = _bias_and_dead(_tile_keep(pattern, geo, block, tile, exact_layout))
         if prev is not None and bias is not None and prev.shape == bias.shape and torch.equal(prev, bias):
             bias = prev  # interior tiles of a window share one mask
         elif bias is not None:
@@ -233,7 +239,7 @@ def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.de
     if not any(t.uses_shared for t in tiles):
         shared_blocks = shared_blocks[:0]
     shared_rows = _flat_rows(shared_blocks.view(1, 1, -1), geo, nkb) if shared_blocks.numel() else None
-    return Schedule(pattern, geo, block, bp, hp, shared_rows, shared_blocks, tuple(tiles))
+    return Schedule(pattern, geo, block, bp, hp, shared_rows, shared_blocks, tuple(tiles), exact_layout)
 
 
 def _schedule_bytes(sched: Schedule) -> int:
@@ -324,9 +330,7 @@ class _Workspace:
         self._buffers: dict[str, Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < numel:
             buf = self._buffers[name] = like.new_empty(numel)
@@ -359,14 +363,6 @@ class _Call:
     scale: float
     dropout_p: float
     seed: int
-
-    def tiles(self) -> Iterator[tuple[int, Tile, Tensor | None, Tensor | None]]:
-        """Every tile with its bias and dead rows, this call's masks folded in."""
-        for n, tile in enumerate(self.sched.tiles):
-            bias, dead = self.sched.tile_mask(tile)
-            if self.kpm is not None or self.attn_mask is not None:
-                bias, dead = self._fold_call_masks(tile, bias, dead)
-            yield n, tile, bias, dead
 
     def groups(self, tile: Tile) -> list[tuple[slice, slice]]:
         """(example, head) groups whose scores fit TILE_BYTES; one group for all but the widest tiles."""
@@ -430,13 +426,27 @@ class _Call:
 
     def work(self, ops: _Operands) -> Iterator[tuple[int, Tile, tuple[slice, slice], list[Part], Tensor | None,
                                                      Tensor | None]]:
-        """Every (tile, example/head group) with its parts and masks; n numbers the groups (dropout seeds)."""
+        """Every (tile, example/head group) with its parts and masks (this call's folded in); n numbers
+        the groups (dropout seeds)."""
         n = 0
-        for _, tile, bias, dead in self.tiles():
+        for tile in self.sched.tiles:
+            bias, dead = self.sched.tile_mask(tile)
+            if self.kpm is not None or self.attn_mask is not None:
+                bias, dead = self._fold_call_masks(tile, bias, dead)
             parts = ops.parts(self.sched, tile)
             for g in self.groups(tile):
                 yield n, tile, g, [p.select(g) for p in parts], _select(bias, g), _select(dead, g)
                 n += 1
+
+    def tile_probabilities(self, ws: _Workspace, q: Tensor, n: int, tile: Tile, g: tuple[slice, slice],
+                           parts: list[Part], bias: Tensor | None, dead: Tensor | None
+                           ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A group's scaled queries, probabilities (in the workspace) and dropout mask: the forward pass,
+        and its recomputation in backward."""
+        qt = q[g][:, :, tile.rows] * self.scale
+        scores = ws.get("scores", (*qt.shape[:-1], parts[-1].cols.stop), q)
+        probs = self.probabilities(qt, parts, bias, dead, scores)
+        return qt, probs, self.dropout_keep(n, probs)
 
 
 def _mix(weights: Tensor, parts: list[Part], operand: str) -> Tensor:
@@ -463,10 +473,7 @@ class _BlockedAttention(torch.autograd.Function):
             if not parts:  # no key at all: the rows output zeros
                 o.zero_()
                 continue
-            qt = q[g][:, :, tile.rows] * call.scale
-            scores = ws.get("scores", (*qt.shape[:-1], parts[-1].cols.stop), q)
-            probs = call.probabilities(qt, parts, tile_bias, dead, scores)
-            keep = call.dropout_keep(n, probs)
+            _, probs, keep = call.tile_probabilities(ws, q, n, tile, g, parts, tile_bias, dead)
             if keep is not None:
                 probs *= keep
             o.copy_(_mix(probs, parts, "v"))
@@ -484,7 +491,9 @@ class _BlockedAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         # Views accumulate into transposed gradients: q^T @ dS runs ~1.3x faster than dS^T @ q on CPU.
         dkt, dvt = q.new_zeros(*k.shape[:2], k.shape[3], k.shape[2]), q.new_zeros(*v.shape[:2], v.shape[3], v.shape[2])
-        dk = dv = dkst = dvst = None
+        # Copied columns (shared, gathered) scatter back into row-layout gradients.
+        dk, dv = (torch.zeros_like(k), torch.zeros_like(v)) if sched.copies else (None, None)
+        dkst = dvst = None
         if ops.shared is not None:
             dkst, dvst = (x.new_zeros(*x.shape[:2], x.shape[3], x.shape[2]) for x in ops.shared)
         want_bias = ctx.bias_shape is not None and ctx.needs_input_grad[3]
@@ -494,12 +503,10 @@ class _BlockedAttention(torch.autograd.Function):
             if not parts:
                 dq_t.zero_()
                 continue
-            qt, dout_t = q[g][:, :, tile.rows] * call.scale, dout[g][:, :, tile.rows]
-            shape = (*qt.shape[:-1], parts[-1].cols.stop)
-            probs = call.probabilities(qt, parts, tile_bias, dead, ws.get("scores", shape, q))
-            keep = call.dropout_keep(n, probs)
+            qt, probs, keep = call.tile_probabilities(ws, q, n, tile, g, parts, tile_bias, dead)
+            dout_t = dout[g][:, :, tile.rows]
             dropped = probs * keep if keep is not None else probs
-            dp = _scores(dout_t, parts, "v", ws.get("dp", shape, q))
+            dp = _scores(dout_t, parts, "v", ws.get("dp", probs.shape, q))
             if keep is not None:
                 dp *= keep
             delta = (dout_t * out[g][:, :, tile.rows]).sum(-1, keepdim=True)  # rowsum(dO * O)
@@ -514,8 +521,6 @@ class _BlockedAttention(torch.autograd.Function):
                     grad = ws.get("grad", (*dout_t.shape[:2], dout_t.shape[-1], z - a), q)
                     acc_v[g][..., a:z] += torch.matmul(dout_t.transpose(-1, -2), dropped[..., p.cols], out=grad)
                     continue
-                if dk is None:
-                    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
                 _scatter_blocks(dk, p.rows.reshape(-1), torch.matmul(ds[..., p.cols].transpose(-1, -2), qt), block)
                 _scatter_blocks(dv, p.rows.reshape(-1), torch.matmul(dropped[..., p.cols].transpose(-1, -2), dout_t),
                                 block)
@@ -523,8 +528,6 @@ class _BlockedAttention(torch.autograd.Function):
                 cols = _select(call.cols(tile), g)
                 dbias[g][:, :, tile.rows].scatter_add_(-1, cols.expand(ds.shape), ds)
         if dkst is not None:
-            if dk is None:
-                dk, dv = torch.zeros_like(k), torch.zeros_like(v)
             _scatter_blocks(dk, sched.shared, dkst.transpose(-1, -2), block)
             _scatter_blocks(dv, sched.shared, dvst.transpose(-1, -2), block)
         dk = dkt.transpose(-1, -2) if dk is None else dk.add_(dkt.transpose(-1, -2))
