@@ -1,0 +1,136 @@
+"""Hugging Face checkpoint directories: read ``config.json`` + weights, write them back atomically.
+
+A directory holds ``config.json`` and the weights as ``model.safetensors``, ``pytorch_model.bin`` (read with
+``weights_only=True``: no pickled code runs) or a sharded ``*.index.json``. Task checkpoints
+(``LongformerForMaskedLM``, ``BertForSequenceClassification``, ...) store the encoder under a prefix
+(``longformer.``, ``bert.``, ``roberta.``) beside their heads; ``load_into`` strips the prefix and leaves
+the heads out. Nothing here imports ``transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+#: weight-file names in the order Hugging Face prefers them
+_SINGLE = ("model.safetensors", "pytorch_model.bin")
+_SHARDED = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def read_config(path: Path | str) -> dict:
+    """The ``config.json`` of a checkpoint directory, as a dict."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint directory {str(path)!r} does not exist (expected a folder with config.json "
+                         f"and model.safetensors or pytorch_model.bin)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+
+
+def check_model_type(config: dict, expected: Iterable[str], family: str, path: Path | str, hint: str = "") -> None:
+    """``ValueError`` naming the architecture found when ``config['model_type']`` is not one we load."""
+    expected = tuple(expected)
+    found = config.get("model_type")
+    if found not in expected:
+        arch = ", ".join(config.get("architectures") or []) or "unknown architecture"
+        raise ValueError(f"{path}: a {found!r} checkpoint ({arch}), not a {family} one (expected model_type in "
+                         f"{list(expected)}){hint}")
+
+
+def _read_file(file: Path) -> dict[str, Tensor]:
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file))
+    # weights_only: a .bin is a pickle, and only tensors may come out of it.
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: expected a state dict of tensors, found a {type(state).__name__}")
+    return state
+
+
+def read_weights(path: Path | str) -> dict[str, Tensor]:
+    """All tensors of a checkpoint directory (single file or shards), by their stored names."""
+    path = Path(path)
+    for name in _SINGLE:
+        if (path / name).is_file():
+            return _read_file(path / name)
+    for name in _SHARDED:
+        index = path / name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, Tensor] = {}
+            for shard in shards:
+                state.update(_read_file(path / shard))
+            return state
+    raise ValueError(f"{path}: no weights (expected one of {', '.join(_SINGLE + _SHARDED)})")
+
+
+def _normalise(name: str) -> str:
+    # Checkpoints converted from TensorFlow name LayerNorm parameters gamma/beta.
+    if name.endswith(".gamma"):
+        return name[: -len("gamma")] + "weight"
+    if name.endswith(".beta"):
+        return name[: -len("beta")] + "bias"
+    return name
+
+
+def load_into(module: nn.Module, weights: dict[str, Tensor], *, prefixes: Iterable[str], path: Path | str,
+              optional: Iterable[str] = ()) -> None:
+    """Copy ``weights`` into ``module``, stripping the first base-model prefix that the checkpoint uses.
+
+    Raises ``ValueError`` listing the missing parameters (other than ``optional`` prefixes, e.g. a pooler a
+    task checkpoint may lack) and naming any parameter whose shape differs. Heads and other unknown
+    tensors are ignored: a task checkpoint holds them beside the encoder.
+    """
+    weights = {_normalise(k): v for k, v in weights.items()}
+    own = module.state_dict()
+    for prefix in ("", *prefixes):
+        stripped = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if any(k in own for k in stripped):
+            weights = stripped
+            break
+    missing = [k for k in own if k not in weights and not any(k.startswith(o) for o in optional)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{path}: missing weights {shown} ({len(missing)} of {len(own)} parameters; is the "
+                         f"checkpoint truncated or of another model?)")
+    for name, target in own.items():
+        if name not in weights:
+            continue
+        if tuple(weights[name].shape) != tuple(target.shape):
+            raise ValueError(f"{path}: weight {name} has shape {tuple(weights[name].shape)}, the config asks for "
+                             f"{tuple(target.shape)}")
+    module.load_state_dict({k: weights[k] for k in own if k in weights}, strict=False)
+
+
+def save_directory(path: Path | str, config: dict, state: dict[str, Tensor]) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``path``, each file atomically (temp + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # Clones: safetensors refuses tensors that share storage (tied embeddings).
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    for name, write in (("model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+                        ("config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path

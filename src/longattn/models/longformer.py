@@ -1,0 +1,208 @@
+"""Longformer (Beltagy et al., 2020) on longattn's kernels, loading Hugging Face Longformer checkpoints.
+
+Notation: b batch, h head, n tokens, g global tokens of one example (padded to the batch's largest count),
+c model width, d head dim.
+
+Attention of one layer, as Hugging Face's ``LongformerSelfAttention`` computes it:
+- a *local* query i (``global_attention_mask = 0``) attends keys ``|i - j| <= w/2`` (``w`` = the layer's
+  ``attention_window``; with a dilation ``d``, the keys ``i + k*d`` for ``|k| <= w/2``) and every global key,
+  each once, with the projections ``query/key/value``; padding keys are never attended;
+- a *global* query attends every non-padding key with the separate projections ``query_global/key_global/
+  value_global``;
+- padding queries output zeros.
+The local part is one ``longattn.attention`` call with the pattern ``window | global_tokens(mask)`` (linear
+memory). The global rows are computed from the hidden states directly: with g global tokens,
+``softmax(q_g (W_k x + b_k)^T) (W_v x + b_v)`` is evaluated as ``softmax((q_g W_k) x^T + q_g b_k) x W_v^T
++ b_v``, which costs O(g n c) instead of the O(n c^2) of projecting every token (used while g*h < c).
+Hugging Face pads the input to a multiple of the window; the kernels here need no padding, and since padding
+is never attended the outputs of real tokens are the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import attention
+from ..patterns import Pattern, dilated, global_tokens, sliding_window
+from . import _hf_checkpoint as ckpt
+from ._bert_blocks import (BertShape, Embeddings, EncoderOutput, Layer, LayerStack, check_ids, check_mask,
+                           init_bert_weights, inverse_sqrt, merge_heads, split_heads)
+
+
+# ---- config ------------------------------------------------------------------------------------------
+@dataclass
+class LongformerConfig(BertShape):
+    """Hugging Face's ``LongformerConfig`` fields (same names and defaults), plus a per-layer dilation."""
+
+    attention_window: list[int] | int = 512  # keys per query window (w/2 each side), per layer or one for all
+    attention_dilation: list[int] | int = 1  # longattn extension: spacing of the window keys (Hugging Face: 1)
+    pad_token_id: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        layers = self.num_hidden_layers
+        for name in ("attention_window", "attention_dilation"):
+            value = getattr(self, name)
+            values = [value] * layers if isinstance(value, int) else list(value)
+            if len(values) != layers:
+                raise ValueError(f"{name} must hold one value per layer ({layers}), got {len(values)}")
+            if any(not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name} must hold positive ints, got {values}")
+            setattr(self, name, values)
+        odd = [w for w in self.attention_window if w % 2]
+        if odd:
+            raise ValueError(f"attention_window must be even (w/2 keys on each side), got {odd[0]}")
+
+    def to_hf(self) -> dict:
+        out = super().to_hf()
+        if all(d == 1 for d in self.attention_dilation):
+            out.pop("attention_dilation")  # Hugging Face has no dilation; keep its files clean
+        return {**out, "model_type": "longformer", "architectures": ["LongformerModel"]}
+
+
+# ---- self-attention ----------------------------------------------------------------------------------
+def _global_slots(flags: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, G) positions of each example's global tokens (padded with 0) and (B, G) bool: slot is real."""
+    counts = flags.sum(1)
+    g = int(counts.max())
+    # Stable sort puts the global positions first, in order.
+    order = torch.sort((~flags).to(torch.uint8), dim=1, stable=True).indices[:, :g]  # (B, G)
+    valid = torch.arange(g, device=flags.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+class LongformerSelfAttention(nn.Module):
+    """One layer's local + global attention (see the module docstring); ``x: (B, N, C)`` in and out."""
+
+    def __init__(self, cfg: LongformerConfig, layer: int, *, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        c, factory = cfg.hidden_size, {"device": device, "dtype": dtype}
+        for name in ("query", "key", "value", "query_global", "key_global", "value_global"):
+            setattr(self, name, nn.Linear(c, c, **factory))
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.window, self.dilation = cfg.attention_window[layer], cfg.attention_dilation[layer]
+        self.dropout, self.backend = cfg.attention_probs_dropout_prob, backend
+        half = self.window // 2
+        self.local_pattern: Pattern = sliding_window(half) if self.dilation == 1 else dilated(self.window,
+                                                                                              self.dilation)
+
+    def forward(self, x: Tensor, *, padding: Tensor, global_flags: Tensor | None) -> Tensor:
+        h, p = self.heads, (self.dropout if self.training else 0.0)
+        q, k, v = (split_heads(proj(x), h) for proj in (self.query, self.key, self.value))  # (B, H, N, D)
+        pattern = self.local_pattern
+        if global_flags is not None:
+            pattern = pattern | global_tokens(global_flags)
+        out = merge_heads(attention(q, k, v, pattern=pattern, key_padding_mask=padding, dropout_p=p,
+                                    backend=self.backend))  # (B, N, C)
+        if global_flags is not None:
+            out = self._global_rows(x, out, padding, global_flags, p)
+        return out * padding[..., None].to(out.dtype)  # padding queries output zeros, as Hugging Face
+
+    def _global_rows(self, x: Tensor, out: Tensor, padding: Tensor, flags: Tensor, p: float) -> Tensor:
+        b, n, c = x.shape
+        h, d = self.heads, self.head_dim
+        slots, valid = _global_slots(flags)  # (B, G)
+        g = slots.shape[1]
+        xg = x.gather(1, slots[..., None].expand(b, g, c))  # (B, G, C)
+        qg = split_heads(self.query_global(xg), h) * inverse_sqrt(d)  # (B, H, G, D)
+        if g * h < c:
+            ctx = self._absorbed(x, qg, padding, p)
+        else:
+            kg, vg = split_heads(self.key_global(x), h), split_heads(self.value_global(x), h)
+            ctx = attention(qg, kg, vg, key_padding_mask=padding, scale=1.0, dropout_p=p, backend="dense")
+        ctx = merge_heads(ctx)  # (B, G, C)
+        rows = torch.arange(b, device=x.device)[:, None].expand(b, g)
+        out = out.clone()
+        out[rows[valid], slots[valid]] = ctx[valid].to(out.dtype)
+        return out
+
+    def _absorbed(self, x: Tensor, qg: Tensor, padding: Tensor, p: float) -> Tensor:
+        """Global rows without projecting all n tokens: the key/value projections move to the g queries."""
+        h, d = self.heads, self.head_dim
+        wk = self.key_global.weight.view(h, d, -1)  # (H, D, C)
+        wv = self.value_global.weight.view(h, d, -1)  # (H, D, C)
+        q_in = torch.einsum("bhgd,hdc->bhgc", qg, wk)  # (B, H, G, C)
+        bias = torch.einsum("bhgd,hd->bhg", qg, self.key_global.bias.view(h, d))  # (B, H, G)
+        scores = torch.einsum("bhgc,bnc->bhgn", q_in, x) + bias[..., None]  # (B, H, G, N)
+        scores = scores.masked_fill(~padding[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
+        probs = nn.functional.dropout(probs, p=p, training=p > 0)
+        mixed = torch.einsum("bhgn,bnc->bhgc", probs, x)  # (B, H, G, C)
+        return torch.einsum("bhgc,hdc->bhgd", mixed, wv) + self.value_global.bias.view(h, 1, d)  # (B, H, G, D)
+
+
+# ---- model -------------------------------------------------------------------------------------------
+class LongformerModel(nn.Module):
+    """Hugging Face ``LongformerModel``-compatible encoder running on longattn's sparse kernels.
+
+    ``forward(input_ids (B, N) | inputs_embeds (B, N, C), attention_mask=(B, N) 1 real / 0 padding,
+    global_attention_mask=(B, N) 1 global / 0 local, token_type_ids, position_ids)`` returns
+    ``EncoderOutput(last_hidden_state (B, N, C), pooler_output (B, C))``, the same numbers as
+    ``transformers.LongformerModel`` on the same weights (tested to 1e-4 in fp32). Any ``N`` works up to the
+    position table (``max_position_embeddings - pad_token_id - 1`` tokens): no padding to the window.
+    """
+
+    model_types = ("longformer",)
+    prefixes = ("longformer.", "roberta.", "model.")
+
+    def __init__(self, config: LongformerConfig, *, add_pooling_layer: bool = True, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        factory = {"device": device, "dtype": dtype}
+        self.embeddings = Embeddings(config, roberta_positions=True, **factory)
+        self.encoder = LayerStack([
+            Layer(LongformerSelfAttention(config, i, backend=backend, **factory), config, **factory)
+            for i in range(config.num_hidden_layers)])
+        if add_pooling_layer:
+            self.pooler = nn.Module()
+            self.pooler.dense = nn.Linear(config.hidden_size, config.hidden_size, **factory)
+        else:
+            self.pooler = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_bert_weights(self, self.config.initializer_range)
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                global_attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> EncoderOutput:
+        shape = check_ids(input_ids, inputs_embeds, self.config.hidden_size)
+        padding = check_mask(attention_mask, "attention_mask", shape)
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        padding = torch.ones(shape, dtype=torch.bool, device=device) if padding is None else padding
+        flags = check_mask(global_attention_mask, "global_attention_mask", shape)
+        if flags is not None:
+            flags = flags & padding  # a padding token is never global
+            flags = flags if bool(flags.any()) else None
+        x = self.embeddings(input_ids, inputs_embeds=inputs_embeds, token_type_ids=token_type_ids,
+                            position_ids=position_ids)
+        for layer in self.encoder.layer:
+            x = layer(x, padding=padding, global_flags=flags)
+        pooled = torch.tanh(self.pooler.dense(x[:, 0])) if self.pooler is not None else None
+        return EncoderOutput(last_hidden_state=x, pooler_output=pooled)
+
+    # ---- Hugging Face directories ----
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, backend: str = "auto", device=None, dtype=None
+                        ) -> "LongformerModel":
+        """Load a Hugging Face Longformer directory (``config.json`` + ``model.safetensors`` or
+        ``pytorch_model.bin``), from ``LongformerModel`` or a task model (``LongformerForMaskedLM``, ...)."""
+        hf = ckpt.read_config(path)
+        ckpt.check_model_type(hf, cls.model_types, "Longformer", path,
+                              hint="; convert a BERT/RoBERTa checkpoint with `longattn convert --to-long N`")
+        config = LongformerConfig.from_hf(hf)
+        weights = ckpt.read_weights(path)
+        has_pooler = any(k.endswith("pooler.dense.weight") for k in weights)
+        model = cls(config, add_pooling_layer=has_pooler, backend=backend, device=device, dtype=dtype)
+        ckpt.load_into(model, weights, prefixes=cls.prefixes, path=path)
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` that both longattn and ``transformers`` load."""
+        return ckpt.save_directory(path, self.config.to_hf(), self.state_dict())
