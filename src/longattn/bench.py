@@ -26,7 +26,7 @@ from ._measure import median_ms as _median_ms, peak_mb as _peak_mb, sync as _syn
 from .backends import flex as flex_backend
 from .functional import attention
 from .backends import clear_caches
-from .patterns import Geometry, Pattern, bigbird, get_plan, longformer, sparse_transformer
+from .patterns import Geometry, Pattern, bigbird, fixed, get_plan, longformer, sparse_transformer, strided
 from .backends.blocked import choose_block
 
 PATHS = ("sdpa", "dense", "blocked", "flex", "flex_plain", "auto")
@@ -65,6 +65,8 @@ BENCH_PATTERNS: dict[str, Callable[[], Pattern]] = {
     "longformer_512": lambda: longformer(512),
     "bigbird_64": lambda: bigbird(64, window_blocks=3, global_blocks=2, random_blocks=3, seed=0),
     "strided_128_causal": lambda: sparse_transformer("strided", stride=128),
+    "strided_64": lambda: strided(64),
+    "fixed_128_8": lambda: fixed(128, 8),
 }
 
 

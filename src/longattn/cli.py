@@ -1,4 +1,5 @@
-"""The ``longattn`` command: ``show`` draws a pattern, ``bench`` times every path, ``lra`` runs Long Range Arena."""
+"""The ``longattn`` command: ``show`` draws a pattern, ``bench`` times every path, ``convert`` extends a
+checkpoint to long inputs, ``lra`` runs Long Range Arena."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.hf:
+        from . import bench_hf
+
+        bench_hf.run(args.hf, args.lengths or [4096], layers=args.layers, hidden=args.hidden, heads=args.heads,
+                     repeats=args.repeats, out_dir=Path(args.out) if args.out else None)
+        return 0
     from . import bench
 
     cfg = bench.BenchConfig(device=args.device, heads=args.heads, head_dim=args.head_dim, batch=args.batch)
@@ -44,6 +51,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         except ImportError:  # matplotlib is the optional `viz` extra
             pass
         print("wrote " + ", ".join(written))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .integrations.convert import convert_to_long
+
+    dst = convert_to_long(args.src, args.dst, max_length=args.to_long, window=args.window,
+                          copy_tokenizer=not args.no_tokenizer)
+    print(f"wrote a Longformer checkpoint for {args.to_long} tokens to {dst} "
+          f"(load it with longattn.models.LongformerModel.from_pretrained)")
     return 0
 
 
@@ -77,7 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement")
     b.add_argument("--out", default=None, help="folder for bench.json and bench.csv")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--hf", nargs="+", choices=["longformer", "bigbird"], default=None,
+                   help="instead: whole encoders vs transformers' on the same weights (default N=4096)")
+    b.add_argument("--layers", type=int, default=12, help="--hf: encoder layers")
+    b.add_argument("--hidden", type=int, default=768, help="--hf: model width (heads from --heads)")
+    b.add_argument("--repeats", type=int, default=3, help="--hf: timed forwards per model")
     b.set_defaults(func=_cmd_bench)
+
+    c = sub.add_parser("convert", help="extend a BERT/RoBERTa-family checkpoint to long inputs (Longformer recipe)")
+    c.add_argument("--to-long", type=int, required=True, metavar="N", help="new maximum length, e.g. 4096")
+    c.add_argument("--window", type=int, default=None,
+                   help="attention window (even); default twice the source's length, exact on its inputs")
+    c.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer files")
+    c.add_argument("src", help="Hugging Face checkpoint directory (config.json + weights)")
+    c.add_argument("dst", help="output directory")
+    c.set_defaults(func=_cmd_convert)
 
     from .lra.cli import add_parser as add_lra_parser
 

@@ -238,5 +238,10 @@ def check_mask(mask: Tensor | None, name: str, shape: tuple[int, int]) -> Tensor
     return mask.bool()
 
 
+def unless_all_real(padding: Tensor) -> Tensor | None:
+    """The key padding mask, or None when nothing is padded (the kernels then skip masking altogether)."""
+    return None if bool(padding.all()) else padding
+
+
 def inverse_sqrt(d: int) -> float:
     return 1.0 / math.sqrt(d)

@@ -34,7 +34,7 @@ from ..functional import attention
 from ..patterns import Pattern, bigbird, causal
 from . import _hf_checkpoint as ckpt
 from ._bert_blocks import (BertShape, Embeddings, EncoderOutput, Layer, LayerStack, check_ids, check_mask,
-                           init_bert_weights, inverse_sqrt, merge_heads, split_heads)
+                           init_bert_weights, inverse_sqrt, merge_heads, split_heads, unless_all_real)
 
 
 # ---- config ------------------------------------------------------------------------------------------
@@ -120,8 +120,8 @@ class BigBirdSelfAttention(nn.Module):
         if block_sparse and self.hf_parity and not self.training and cfg.num_random_blocks:
             q, k = _block_zero_bias(q, k, cfg.block_size, cfg.num_random_blocks, scale)
         p = cfg.attention_probs_dropout_prob if self.training else 0.0
-        out = merge_heads(attention(q, k, v, pattern=pattern, key_padding_mask=padding, scale=scale, dropout_p=p,
-                                    backend=self.backend))  # (B, N, C)
+        out = merge_heads(attention(q, k, v, pattern=pattern, key_padding_mask=unless_all_real(padding), scale=scale,
+                                    dropout_p=p, backend=self.backend))  # (B, N, C)
         if block_sparse:
             out = out * padding[..., None].to(out.dtype)  # Hugging Face's block-sparse path zeroes padding rows
         return out

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from ..functional import attention
 from ..patterns import Pattern, dilated, global_tokens, sliding_window
 from . import _hf_checkpoint as ckpt
-from ._bert_blocks import (BertShape, Embeddings, EncoderOutput, Layer, LayerStack, check_ids, check_mask,
-                           init_bert_weights, inverse_sqrt, merge_heads, split_heads)
+from ._bert_blocks import (BertShape, Embeddings, EncoderOutput, Layer, LayerStack, unless_all_real, check_ids,
+                           check_mask, init_bert_weights, inverse_sqrt, merge_heads, split_heads)
 
 
 # ---- config ------------------------------------------------------------------------------------------
@@ -65,6 +65,14 @@ class LongformerConfig(BertShape):
 
 
 # ---- self-attention ----------------------------------------------------------------------------------
+def _shared_or_per_example(flags: Tensor) -> list[int] | Tensor:
+    """Positions when every example has the same global tokens (a CLS token, batch 1): a static pattern
+    whose plan is cached; otherwise the (B, N) mask itself."""
+    if bool((flags == flags[:1]).all()):
+        return flags[0].nonzero().flatten().tolist()
+    return flags
+
+
 def _global_slots(flags: Tensor) -> tuple[Tensor, Tensor]:
     """(B, G) positions of each example's global tokens (padded with 0) and (B, G) bool: slot is real."""
     counts = flags.sum(1)
@@ -95,9 +103,9 @@ class LongformerSelfAttention(nn.Module):
         q, k, v = (split_heads(proj(x), h) for proj in (self.query, self.key, self.value))  # (B, H, N, D)
         pattern = self.local_pattern
         if global_flags is not None:
-            pattern = pattern | global_tokens(global_flags)
-        out = merge_heads(attention(q, k, v, pattern=pattern, key_padding_mask=padding, dropout_p=p,
-                                    backend=self.backend))  # (B, N, C)
+            pattern = pattern | global_tokens(_shared_or_per_example(global_flags))
+        out = merge_heads(attention(q, k, v, pattern=pattern, key_padding_mask=unless_all_real(padding),
+                                    dropout_p=p, backend=self.backend))  # (B, N, C)
         if global_flags is not None:
             out = self._global_rows(x, out, padding, global_flags, p)
         return out * padding[..., None].to(out.dtype)  # padding queries output zeros, as Hugging Face

@@ -1,0 +1,110 @@
+"""``longattn convert --to-long N SRC DST``: the Longformer recipe for short BERT/RoBERTa-family checkpoints.
+
+Beltagy et al. (2020, section 5) turn a RoBERTa checkpoint into a long-document model by (1) extending the
+position table to the new length by copying the learned positions over and over, (2) replacing full
+attention by a sliding window and (3) initialising the global projections ``query_global/key_global/
+value_global`` from ``query/key/value``. The output is a Hugging Face Longformer directory that
+``longattn.models.LongformerModel`` (and ``transformers.LongformerModel``) load.
+
+Positions: Longformer counts positions from ``pad_token_id + 1`` (RoBERTa's convention). A RoBERTa-family
+source already does; for a BERT source (positions from 0) the table is shifted so that token ``t`` still
+reads the source's row ``t``. The default window is twice the source's length, so every input that the
+source accepted sees all its tokens and the converted model gives the source's outputs on it exactly;
+``window=512`` is the paper's setting (exact only below 257 tokens), cheaper on long inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..models import _hf_checkpoint as ckpt
+from ..models.longformer import LongformerConfig, LongformerModel
+
+#: model_type of the sources this recipe applies to, and whether their positions start after the padding id
+SOURCES = {"bert": False, "roberta": True, "xlm-roberta": True, "camembert": True}
+_TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
+                    "sentencepiece.bpe.model", "tokenizer_config.json")
+_POSITIONS = "embeddings.position_embeddings.weight"
+
+
+def _encoder_weights(weights: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The encoder's tensors without their task prefix (``bert.``, ``roberta.``), buffers left out."""
+    prefixes = [k[: -len(_POSITIONS)] for k in weights if k.endswith(_POSITIONS)]
+    if not prefixes:
+        raise ValueError(f"{path}: no {_POSITIONS} in the weights (not a BERT-family encoder?)")
+    prefix = min(prefixes, key=len)
+    return {k[len(prefix):]: v for k, v in weights.items()
+            if k.startswith(prefix) and not k.endswith(("position_ids", "token_type_ids"))}
+
+
+def extend_positions(table: torch.Tensor, *, roberta_style: bool, pad_token_id: int, max_length: int
+                     ) -> torch.Tensor:
+    """(max_length + pad_token_id + 1, C): row ``pad_token_id + 1 + t`` holds the source's position
+    ``t mod L`` (L = the source's learned positions); rows up to ``pad_token_id`` are the padding rows."""
+    offset = pad_token_id + 1
+    learned = table[offset:] if roberta_style else table  # (L, C)
+    repeats = -(-max_length // learned.shape[0])
+    head = table[:offset].clone() if roberta_style else table.new_zeros(offset, table.shape[1])
+    return torch.cat([head, learned.repeat(repeats, 1)[:max_length]])
+
+
+def convert_to_long(src: str | Path, dst: str | Path, *, max_length: int = 4096, window: int | None = None,
+                    copy_tokenizer: bool = True) -> Path:
+    """Write a Longformer directory to ``dst`` from the BERT/RoBERTa-family checkpoint directory ``src``.
+
+    Args:
+        max_length: tokens the converted model accepts (the new position table).
+        window: ``attention_window`` of every layer (even); default twice the source's length.
+        copy_tokenizer: copy the tokenizer files and raise their ``model_max_length`` to ``max_length``.
+    """
+    src, dst = Path(src), Path(dst)
+    hf = ckpt.read_config(src)
+    ckpt.check_model_type(hf, SOURCES, "BERT/RoBERTa-family", src)
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"{src}: position_embedding_type {hf['position_embedding_type']!r}; only absolute "
+                         f"position tables can be extended")
+    roberta_style = SOURCES[hf["model_type"]]
+    pad = int(hf.get("pad_token_id", 1 if roberta_style else 0))
+    weights = _encoder_weights(ckpt.read_weights(src), src)
+    table = weights[_POSITIONS]
+    source_length = table.shape[0] - (pad + 1 if roberta_style else 0)
+    if not isinstance(max_length, int) or max_length < source_length:
+        raise ValueError(f"max_length must be an int >= the source's {source_length} positions, got {max_length!r}")
+    window = 2 * source_length if window is None else window
+    if not isinstance(window, int) or window < 2 or window % 2:
+        raise ValueError(f"window must be a positive even int, got {window!r}")
+
+    weights[_POSITIONS] = extend_positions(table, roberta_style=roberta_style, pad_token_id=pad,
+                                           max_length=max_length)
+    layers = int(hf["num_hidden_layers"])
+    for i in range(layers):
+        for name in ("query", "key", "value"):
+            for part in ("weight", "bias"):
+                local = weights.get(f"encoder.layer.{i}.attention.self.{name}.{part}")
+                if local is not None:
+                    weights[f"encoder.layer.{i}.attention.self.{name}_global.{part}"] = local.clone()
+
+    config = {k: v for k, v in hf.items() if k not in ("architectures", "model_type", "_name_or_path")}
+    config.update(max_position_embeddings=weights[_POSITIONS].shape[0], attention_window=[window] * layers,
+                  pad_token_id=pad)
+    model = LongformerModel(LongformerConfig.from_hf(config), add_pooling_layer="pooler.dense.weight" in weights)
+    ckpt.load_into(model, weights, prefixes=(), path=src)  # every parameter accounted for, shapes checked
+    model.save_pretrained(dst)
+    if copy_tokenizer:
+        _copy_tokenizer(src, dst, max_length)
+    return dst
+
+
+def _copy_tokenizer(src: Path, dst: Path, max_length: int) -> None:
+    for name in _TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    settings = dst / "tokenizer_config.json"
+    if settings.is_file():
+        data = json.loads(settings.read_text())
+        data["model_max_length"] = max_length
+        settings.write_text(json.dumps(data, indent=2) + "\n")
