@@ -265,3 +265,14 @@ def test_input_errors():
         LongformerModel(LongformerConfig(num_hidden_layers=1, attention_window=5))
     with pytest.raises(ValueError, match=r"one value per layer \(2\)"):
         LongformerModel(LongformerConfig(num_hidden_layers=2, attention_window=[4]))
+
+
+def test_bench_hf_tiny_run(tmp_path, capsys):
+    from longattn.cli import main
+
+    assert main(["bench", "--hf", "longformer", "bigbird", "--lengths", "300", "--layers", "1", "--hidden", "32",
+                 "--heads", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_hf.json").read_text())
+    assert [r["model"] for r in rows] == ["longformer", "bigbird"]
+    assert all(r["max_abs_diff"] < TOL and r["hf_ms"] > 0 and r["ours_attention_ms"] > 0 for r in rows)
+    assert "| longformer | 300 |" in capsys.readouterr().out

@@ -68,3 +68,16 @@ def test_bench_summary_states_each_headline_ratio():
 @pytest.mark.slow
 def test_bench_quick_finishes(tmp_path):
     assert main(["bench", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+
+
+def test_readme_models_example_runs_verbatim():
+    pytest.importorskip("transformers")
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "LongformerModel" in b)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["out"].shape == (2, 1000, 64)
+    ids = scope["torch"].randint(3, 100, (2, 50))
+    mask = scope["torch"].ones_like(ids)
+    mask[1, 30:] = 0
+    assert scope["bert"](ids, attention_mask=mask).last_hidden_state.shape == (2, 50, 64)
