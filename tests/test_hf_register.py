@@ -104,26 +104,20 @@ def assert_real_close(out, ref, mask, atol=ATOL):
 
 # ---- models against the dense reference ----------------------------------------------------------
 
-def test_bert_window_and_global_matches_dense_reference():
-    pattern = la.sliding_window(4) | la.global_tokens([0, 7])
-    ids, mask = batch(57, (57, 41))
-    model = bert("eager")
-    out = run(model, ids, mask, register("la-bert-win", pattern))
-    ref = run(model, ids, mask, register_reference("ref-bert-win", pattern))
+# Llama's pattern is registered without causality: the decoder's is_causal adds it (the reference gets it
+# from transformers). BERT: window plus global tokens, right padding; Llama (GQA): both paddings.
+@pytest.mark.parametrize("family,n,pattern,side", [
+    ("bert", 57, la.sliding_window(4) | la.global_tokens([0, 7]), "right"),
+    ("llama", 61, la.sliding_window(6), "right"),
+    ("llama", 61, la.sliding_window(6), "left"),
+])
+def test_pattern_matches_dense_reference(family, n, pattern, side):
+    ids, mask = batch(n, (n, n - 17), side)
+    model = bert("eager") if family == "bert" else llama("eager")
+    out = run(model, ids, mask, register(f"la-{family}-win", pattern))
+    ref = run(model, ids, mask, register_reference(f"ref-{family}-win", pattern))
     assert_real_close(out, ref, mask)
     # The pattern matters: plain attention differs.
-    assert (out - run(model, ids, mask, "sdpa"))[mask.bool()].abs().max() > 1e-2
-
-
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_llama_causal_window_gqa_matches_dense_reference(side):
-    # Registered without causality: the decoder's is_causal adds it (the reference gets it from transformers).
-    pattern = la.sliding_window(6)
-    ids, mask = batch(61, (61, 44), side)
-    model = llama("eager")
-    out = run(model, ids, mask, register("la-llama-win", pattern))
-    ref = run(model, ids, mask, register_reference("ref-llama-win", pattern))
-    assert_real_close(out, ref, mask)
     assert (out - run(model, ids, mask, "sdpa"))[mask.bool()].abs().max() > 1e-2
 
 
