@@ -1,9 +1,11 @@
-"""Models built on longattn's attention: one family per file."""
+"""Models built on longattn's attention: one family per file; ``create_model(name)`` builds named variants."""
 
+from ._registry import create_model, default_config, list_models
 from .bigbird import BigBirdConfig, BigBirdModel
 from .encoder import EncoderConfig, SparseEncoderClassifier
 from .etc import EtcConfig, EtcModel, EtcStructure, etc_structure
 from .longformer import LongformerConfig, LongformerModel
 
-__all__ = ["BigBirdConfig", "BigBirdModel", "EncoderConfig", "EtcConfig", "EtcModel", "EtcStructure", "LongformerConfig",
-           "LongformerModel", "SparseEncoderClassifier", "etc_structure"]
+__all__ = ["BigBirdConfig", "BigBirdModel", "EncoderConfig", "EtcConfig", "EtcModel", "EtcStructure",
+           "LongformerConfig", "LongformerModel", "SparseEncoderClassifier", "create_model", "default_config",
+           "etc_structure", "list_models"]

@@ -32,7 +32,9 @@ k max relative distance, w block length, nb number of blocks, V relative vocabul
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,9 @@ from torch import Tensor, nn
 
 from ..functional import attention
 from ..patterns import global_tokens, sliding_window
+from . import _hf_checkpoint as ckpt
+
+MODEL_TYPE = "longattn_etc"  # config.json's model_type of saved ETC models
 
 
 # ---- structure: global tokens from segment ids -----------------------------------------------------
@@ -480,3 +485,18 @@ class EtcModel(nn.Module):
         for layer in self.layers:
             x, gx = layer(x, gx, structure)
         return EtcOutput(x, gx, structure)
+
+    # ---- checkpoints: config.json + model.safetensors, as the Hugging Face-compatible models ----
+    def save_pretrained(self, path: str | Path) -> Path:
+        config = {"model_type": MODEL_TYPE, "architectures": ["EtcModel"], **dataclasses.asdict(self.cfg)}
+        return ckpt.save_directory(path, config, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, backend: str = "auto", device=None, dtype=None) -> "EtcModel":
+        config = ckpt.read_config(path)
+        ckpt.check_model_type(config, (MODEL_TYPE,), "longattn ETC", path)
+        fields = {f.name for f in dataclasses.fields(EtcConfig)}
+        model = cls(EtcConfig(**{k: v for k, v in config.items() if k in fields}), backend=backend, device=device,
+                    dtype=dtype)
+        ckpt.load_into(model, ckpt.read_weights(path), prefixes=(), path=path)
+        return model.eval()

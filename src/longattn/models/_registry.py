@@ -1,0 +1,55 @@
+"""Named model variants: ``create_model("bigbird-roberta-base")`` builds one with fresh weights.
+
+Each entry is a model class and its config, the published sizes of the paper's checkpoints; keyword
+overrides replace config fields (``create_model("longformer-base-4096", num_hidden_layers=6)``). To load
+trained weights use the class's ``from_pretrained`` on a checkpoint directory instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from torch import nn
+
+from .bigbird import BigBirdConfig, BigBirdModel
+from .etc import EtcConfig, EtcModel
+from .longformer import LongformerConfig, LongformerModel
+
+_ROBERTA = dict(vocab_size=50265, pad_token_id=1, type_vocab_size=1, layer_norm_eps=1e-5)
+_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+
+_MODELS: dict[str, tuple[type[nn.Module], Callable[[], object]]] = {
+    # allenai/longformer-{base,large}-4096: RoBERTa sizes, window 512, 4096 positions (+2 for the offset)
+    "longformer-base-4096": (LongformerModel, lambda: LongformerConfig(**_ROBERTA, max_position_embeddings=4098)),
+    "longformer-large-4096": (LongformerModel,
+                              lambda: LongformerConfig(**_ROBERTA, **_LARGE, max_position_embeddings=4098)),
+    # google/bigbird-roberta-{base,large}: block 64, 3 random blocks, 4096 positions
+    "bigbird-roberta-base": (BigBirdModel, lambda: BigBirdConfig()),
+    "bigbird-roberta-large": (BigBirdModel, lambda: BigBirdConfig(**_LARGE)),
+    # ETC-base (Ainslie et al. 2020, Table 1): BERT vocabulary and sizes, radius 84, k = 12
+    "etc-base": (EtcModel, lambda: EtcConfig(vocab_size=30522)),
+    "etc-large": (EtcModel, lambda: EtcConfig(vocab_size=30522, hidden=1024, layers=24, heads=16,
+                                              intermediate=4096, local_radius=169)),
+}
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def default_config(name: str):
+    """The config of a named model (a fresh copy)."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    return _MODELS[name][1]()
+
+
+def create_model(name: str, *, backend: str = "auto", device=None, dtype=None, **overrides) -> nn.Module:
+    """A named model with fresh weights; ``overrides`` replace fields of its config."""
+    config = default_config(name)
+    cls = _MODELS[name][0]
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(config)}
+    if unknown:
+        raise ValueError(f"{type(config).__name__} has no field {sorted(unknown)[0]!r}")
+    return cls(dataclasses.replace(config, **overrides), backend=backend, device=device, dtype=dtype)
