@@ -70,6 +70,18 @@ def test_longformer_matches_transformers(tmp_path, globals_):
                ours(ids, attention_mask=mask, global_attention_mask=glob))
 
 
+def test_longformer_legacy_global_in_attention_mask(tmp_path):
+    hf = _hf_longformer(tmp_path)
+    ours = LongformerModel.from_pretrained(tmp_path)
+    ids, mask = _batch(2, 50, [50, 40], pad_id=1)
+    mask[:, 0] = 2  # the original Longformer API: 2 = global
+    with torch.no_grad():
+        _close(hf(ids, attention_mask=mask), ours(ids, attention_mask=mask))
+        glob = torch.zeros_like(ids)
+        glob[:, 0] = 1
+        _close(ours(ids, attention_mask=mask.clamp(max=1), global_attention_mask=glob), ours(ids, attention_mask=mask))
+
+
 def test_longformer_odd_width_token_types_and_bin_weights(tmp_path):
     hf = _hf_longformer(tmp_path, hidden_size=36, num_attention_heads=3, intermediate_size=20, type_vocab_size=2,
                         attention_window=[4, 8], num_hidden_layers=2, hidden_act="gelu_new")

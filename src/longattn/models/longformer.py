@@ -147,8 +147,9 @@ class LongformerSelfAttention(nn.Module):
 class LongformerModel(nn.Module):
     """Hugging Face ``LongformerModel``-compatible encoder running on longattn's sparse kernels.
 
-    ``forward(input_ids (B, N) | inputs_embeds (B, N, C), attention_mask=(B, N) 1 real / 0 padding,
-    global_attention_mask=(B, N) 1 global / 0 local, token_type_ids, position_ids)`` returns
+    ``forward(input_ids (B, N) | inputs_embeds (B, N, C), attention_mask=(B, N) 1 real / 0 padding (2 = global,
+    the original Longformer convention), global_attention_mask=(B, N) 1 global / 0 local, token_type_ids,
+    position_ids)`` returns
     ``EncoderOutput(last_hidden_state (B, N, C), pooler_output (B, C))``, the same numbers as
     ``transformers.LongformerModel`` on the same weights (tested to 1e-4 in fp32). Any ``N`` works up to the
     position table (``max_position_embeddings - pad_token_id - 1`` tokens): no padding to the window.
@@ -185,6 +186,10 @@ class LongformerModel(nn.Module):
         device = (input_ids if input_ids is not None else inputs_embeds).device
         padding = torch.ones(shape, dtype=torch.bool, device=device) if padding is None else padding
         flags = check_mask(global_attention_mask, "global_attention_mask", shape)
+        if attention_mask is not None and bool((attention_mask == 2).any()):
+            # Longformer's original API: 2 in attention_mask marks a global token (Hugging Face keeps it).
+            legacy = attention_mask == 2
+            flags = legacy if flags is None else flags | legacy
         if flags is not None:
             flags = flags & padding  # a padding token is never global
             flags = flags if bool(flags.any()) else None
