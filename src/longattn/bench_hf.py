@@ -6,7 +6,8 @@ so both run the same weights. One input (batch 1, a global CLS token for Longfor
 alternating, ``repeats`` times; the table gives median forward times, the time spent inside the layers'
 self-attention modules (summed by forward hooks, the same way for both libraries), the rest (embeddings,
 projections, feed-forward, LayerNorms: the same dense work in both) and the largest output difference.
-BigBird runs longattn's ``hf_parity`` mode, so the outputs are expected to agree.
+BigBird runs longattn's ``hf_parity`` mode, so the outputs are expected to agree. Peak memory is the extra
+live tensor bytes of one forward (counted exactly, after the timed runs).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from ._measure import peak_mb
 
 HF_MODELS = ("longformer", "bigbird")
 
@@ -45,6 +48,8 @@ class HFResult:
     hf_attention_ms: float  # of which inside the self-attention modules
     ours_attention_ms: float
     max_abs_diff: float  # last_hidden_state, same input and weights
+    hf_peak_mb: float | None = None  # extra peak of live tensor bytes during one forward
+    ours_peak_mb: float | None = None
 
     @property
     def speedup(self) -> float:
@@ -57,7 +62,8 @@ class HFResult:
     def row(self) -> dict:
         return {**asdict(self.exp), "hf_ms": self.hf_ms, "ours_ms": self.ours_ms, "speedup": self.speedup,
                 "hf_attention_ms": self.hf_attention_ms, "ours_attention_ms": self.ours_attention_ms,
-                "attention_speedup": self.attention_speedup, "max_abs_diff": self.max_abs_diff}
+                "attention_speedup": self.attention_speedup, "max_abs_diff": self.max_abs_diff,
+                "hf_peak_mb": self.hf_peak_mb, "ours_peak_mb": self.ours_peak_mb}
 
 
 def build_pair(exp: HFExperiment, folder: Path) -> tuple[nn.Module, nn.Module]:
@@ -135,23 +141,28 @@ def run_experiment(exp: HFExperiment, *, repeats: int = 3, log: Callable[[str], 
                 attn[key].append(timers[key].total)
             log(f"  {exp.model} N={exp.length} repeat {rep + 1}/{repeats}: transformers {totals['hf'][-1]:.2f} s, "
                 f"longattn {totals['ours'][-1]:.2f} s")
+        # Memory last and apart from the timing: counting every tensor slows the call down.
+        peaks = {key: peak_mb(lambda m=models[key]: m(**inputs), torch.device("cpu"), compiled=False)
+                 for key in models}
 
     def median_ms(xs: list[float]) -> float:
         return sorted(xs)[len(xs) // 2] * 1e3
 
     return HFResult(exp, median_ms(totals["hf"]), median_ms(totals["ours"]), median_ms(attn["hf"]),
-                    median_ms(attn["ours"]), diff)
+                    median_ms(attn["ours"]), diff, peaks["hf"], peaks["ours"])
 
 
 def format_table(results: list[HFResult]) -> str:
     lines = ["| model | N | transformers ms | longattn ms | speedup | attention ms (transformers / longattn) | "
-             "attention speedup | rest ms (transformers / longattn) | max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "attention speedup | rest ms (transformers / longattn) | peak MB (transformers / longattn) | "
+             "max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rest_hf, rest_ours = r.hf_ms - r.hf_attention_ms, r.ours_ms - r.ours_attention_ms
         lines.append(f"| {r.exp.model} | {r.exp.length} | {r.hf_ms:.0f} | {r.ours_ms:.0f} | {r.speedup:.2f}x | "
                      f"{r.hf_attention_ms:.0f} / {r.ours_attention_ms:.0f} | {r.attention_speedup:.2f}x | "
-                     f"{rest_hf:.0f} / {rest_ours:.0f} | {r.max_abs_diff:.1e} |")
+                     f"{rest_hf:.0f} / {rest_ours:.0f} | {r.hf_peak_mb:.1f} / {r.ours_peak_mb:.1f} | "
+                     f"{r.max_abs_diff:.1e} |")
     return "\n".join(lines)
 
 
