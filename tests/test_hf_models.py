@@ -288,3 +288,16 @@ def test_bench_hf_tiny_run(tmp_path, capsys):
     assert [r["model"] for r in rows] == ["longformer", "bigbird"]
     assert all(r["max_abs_diff"] < TOL and r["hf_ms"] > 0 and r["ours_attention_ms"] > 0 for r in rows)
     assert "| longformer | 300 |" in capsys.readouterr().out
+
+
+def test_bigbird_task_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.BigBirdConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=40, block_size=8, num_random_blocks=2, num_labels=3,
+                                     max_position_embeddings=256)
+    task = transformers.BigBirdForSequenceClassification(cfg).eval()  # encoder under "bert.", plus a classifier
+    task.save_pretrained(tmp_path)
+    ours = BigBirdModel.from_pretrained(tmp_path, hf_parity=True)
+    ids, mask = _batch(2, 150, [150, 120], pad_id=0)
+    with torch.no_grad():
+        _close(task.bert(ids, attention_mask=mask), ours(ids, attention_mask=mask))
