@@ -10,7 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from longattn.models.bigbird import BigBirdConfig, BigBirdModel  # noqa: E402
-from longattn.models.longformer import LongformerConfig, LongformerModel  # noqa: E402
+from longattn.models._bert_blocks import Padding  # noqa: E402
+from longattn.models.longformer import GlobalTokens, LongformerConfig, LongformerModel  # noqa: E402
 
 TOL = 1e-4
 
@@ -160,7 +161,7 @@ def test_longformer_dilation_matches_dense_reference():
                          -1) @ vg
     want = torch.where(flags[:, None, :, None], glob, local).transpose(1, 2).reshape(2, n, 24)
     want = want * padding[..., None]
-    got = attn(x, padding=padding, global_flags=flags)
+    got = attn(x, padding=Padding.of(padding), globals_=GlobalTokens.of(flags))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -208,7 +209,7 @@ def test_bigbird_attention_matches_dense_pattern():
     q, k, v = split(attn.query(x)), split(attn.key(x)), split(attn.value(x))
     want = torch.softmax((q @ k.transpose(-1, -2) / d ** 0.5).masked_fill(~mask, -torch.inf), -1) @ v
     want = want.transpose(1, 2).reshape(2, n, 24) * padding[..., None]
-    torch.testing.assert_close(attn(x, padding=padding), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x, padding=Padding.of(padding)), want, atol=1e-5, rtol=1e-5)
 
 
 def test_causal_bigbird_sees_only_the_past():

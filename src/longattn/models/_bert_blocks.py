@@ -8,7 +8,6 @@ checkpoint's state dict loads without a renaming table. Blocks are post-LN, as B
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -79,6 +78,18 @@ class BertShape:
 class EncoderOutput:
     last_hidden_state: Tensor  # (B, N, C)
     pooler_output: Tensor | None = None  # (B, C): tanh(W h_0 + b), None without a pooler
+
+
+@dataclass(frozen=True)
+class Padding:
+    """A batch's padding, derived once per forward for every layer."""
+
+    real: Tensor  # (B, N) bool, True = real token
+    keys: Tensor | None  # ``real`` as the kernels' key_padding_mask; None when nothing is padded (no masking)
+
+    @classmethod
+    def of(cls, real: Tensor) -> "Padding":
+        return cls(real, None if bool(real.all()) else real)
 
 
 def roberta_position_ids(input_ids: Tensor, padding_idx: int) -> Tensor:
@@ -236,12 +247,3 @@ def check_mask(mask: Tensor | None, name: str, shape: tuple[int, int]) -> Tensor
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape (B, N) = {tuple(shape)}, got {tuple(mask.shape)}")
     return mask.bool()
-
-
-def unless_all_real(padding: Tensor) -> Tensor | None:
-    """The key padding mask, or None when nothing is padded (the kernels then skip masking altogether)."""
-    return None if bool(padding.all()) else padding
-
-
-def inverse_sqrt(d: int) -> float:
-    return 1.0 / math.sqrt(d)

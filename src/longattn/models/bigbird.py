@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from ..functional import attention
 from ..patterns import Pattern, bigbird, causal
 from . import _hf_checkpoint as ckpt
-from ._bert_blocks import (BertShape, Embeddings, EncoderOutput, Layer, LayerStack, check_ids, check_mask,
-                           init_bert_weights, inverse_sqrt, merge_heads, split_heads, unless_all_real)
+from ._bert_blocks import (BertShape, Embeddings, EncoderOutput, Layer, LayerStack, Padding, check_ids, check_mask,
+                           init_bert_weights, merge_heads, split_heads)
 
 
 # ---- config ------------------------------------------------------------------------------------------
@@ -110,20 +110,20 @@ class BigBirdSelfAttention(nn.Module):
             return causal(pattern)
         return pattern
 
-    def forward(self, x: Tensor, *, padding: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, padding: Padding) -> Tensor:
         cfg, n = self.cfg, x.shape[1]
         h = cfg.num_attention_heads
         q, k, v = (split_heads(proj(x), h) for proj in (self.query, self.key, self.value))  # (B, H, N, D)
         pattern = self.pattern(n)
-        scale = inverse_sqrt(cfg.head_dim)
+        scale = cfg.head_dim ** -0.5
         block_sparse = pattern is not None and not cfg.is_decoder
         if block_sparse and self.hf_parity and not self.training and cfg.num_random_blocks:
             q, k = _block_zero_bias(q, k, cfg.block_size, cfg.num_random_blocks, scale)
         p = cfg.attention_probs_dropout_prob if self.training else 0.0
-        out = merge_heads(attention(q, k, v, pattern=pattern, key_padding_mask=unless_all_real(padding), scale=scale,
+        out = merge_heads(attention(q, k, v, pattern=pattern, key_padding_mask=padding.keys, scale=scale,
                                     dropout_p=p, backend=self.backend))  # (B, N, C)
         if block_sparse:
-            out = out * padding[..., None].to(out.dtype)  # Hugging Face's block-sparse path zeroes padding rows
+            out = out * padding.real[..., None].to(out.dtype)  # Hugging Face's block-sparse path zeroes padding rows
         return out
 
 
@@ -166,6 +166,7 @@ class BigBirdModel(nn.Module):
         padding = torch.ones(shape, dtype=torch.bool, device=device) if padding is None else padding
         x = self.embeddings(input_ids, inputs_embeds=inputs_embeds, token_type_ids=token_type_ids,
                             position_ids=position_ids)
+        padding = Padding.of(padding)
         for layer in self.encoder.layer:
             x = layer(x, padding=padding)
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from ..functional import attention
 from ..patterns import global_tokens, sliding_window
 from . import _hf_checkpoint as ckpt
+from ._bert_blocks import Padding
 
 MODEL_TYPE = "longattn_etc"  # config.json's model_type of saved ETC models
 
@@ -233,7 +234,7 @@ def global_local_attention(q_long: Tensor, k_long: Tensor, v_long: Tensor, q_glo
         padding = torch.cat([structure.global_mask, structure.long_mask], dim=1)  # (B, G + N)
         out = attention(*(torch.cat(pair, dim=2) for pair in ((q_global, q_long), (k_global, k_long),
                                                                (v_global, v_long))),
-                        pattern=pattern, key_padding_mask=None if bool(padding.all()) else padding, scale=scale,
+                        pattern=pattern, key_padding_mask=Padding.of(padding).keys, scale=scale,
                         dropout_p=dropout_p, backend=backend)  # (B, H, G + N, Dv)
         return out[:, :, g:], out[:, :, :g]
     out_long = _long_side(q_long, k_long, v_long, k_global, v_global, structure, local_radius, long_relative,

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from ..functional import attention
 from ..patterns import Pattern, dilated, global_tokens, sliding_window
 from . import _hf_checkpoint as ckpt
-from ._bert_blocks import (BertShape, Embeddings, EncoderOutput, Layer, LayerStack, unless_all_real, check_ids,
-                           check_mask, init_bert_weights, inverse_sqrt, merge_heads, split_heads)
+from ._bert_blocks import (BertShape, Embeddings, EncoderOutput, Layer, LayerStack, Padding, check_ids, check_mask,
+                           init_bert_weights, merge_heads, split_heads)
 
 
 # ---- config ------------------------------------------------------------------------------------------
@@ -65,22 +65,26 @@ class LongformerConfig(BertShape):
 
 
 # ---- self-attention ----------------------------------------------------------------------------------
-def _shared_or_per_example(flags: Tensor) -> list[int] | Tensor:
-    """Positions when every example has the same global tokens (a CLS token, batch 1): a static pattern
-    whose plan is cached; otherwise the (B, N) mask itself."""
-    if bool((flags == flags[:1]).all()):
-        return flags[0].nonzero().flatten().tolist()
-    return flags
+@dataclass(frozen=True)
+class GlobalTokens:
+    """A batch's global tokens, derived once per forward for every layer."""
 
+    pattern: Pattern  # global_tokens(...) for the local attention call
+    slots: Tensor  # (B, G) positions of each example's global tokens, padded with 0
+    valid: Tensor  # (B, G) bool: the slot is a real global token
 
-def _global_slots(flags: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, G) positions of each example's global tokens (padded with 0) and (B, G) bool: slot is real."""
-    counts = flags.sum(1)
-    g = int(counts.max())
-    # Stable sort puts the global positions first, in order.
-    order = torch.sort((~flags).to(torch.uint8), dim=1, stable=True).indices[:, :g]  # (B, G)
-    valid = torch.arange(g, device=flags.device)[None, :] < counts[:, None]
-    return torch.where(valid, order, torch.zeros_like(order)), valid
+    @classmethod
+    def of(cls, flags: Tensor) -> "GlobalTokens":
+        # The same positions in every example (a CLS token, batch 1): a static pattern whose plan is cached;
+        # otherwise the (B, N) mask itself.
+        same = bool((flags == flags[:1]).all())
+        pattern = global_tokens(flags[0].nonzero().flatten().tolist() if same else flags)
+        counts = flags.sum(1)
+        g = int(counts.max())
+        # Stable sort puts the global positions first, in order.
+        order = torch.sort((~flags).to(torch.uint8), dim=1, stable=True).indices[:, :g]  # (B, G)
+        valid = torch.arange(g, device=flags.device)[None, :] < counts[:, None]
+        return cls(pattern, torch.where(valid, order, torch.zeros_like(order)), valid)
 
 
 class LongformerSelfAttention(nn.Module):
@@ -98,25 +102,23 @@ class LongformerSelfAttention(nn.Module):
         self.local_pattern: Pattern = sliding_window(half) if self.dilation == 1 else dilated(self.window,
                                                                                               self.dilation)
 
-    def forward(self, x: Tensor, *, padding: Tensor, global_flags: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, *, padding: Padding, globals_: GlobalTokens | None) -> Tensor:
         h, p = self.heads, (self.dropout if self.training else 0.0)
         q, k, v = (split_heads(proj(x), h) for proj in (self.query, self.key, self.value))  # (B, H, N, D)
-        pattern = self.local_pattern
-        if global_flags is not None:
-            pattern = pattern | global_tokens(_shared_or_per_example(global_flags))
-        out = merge_heads(attention(q, k, v, pattern=pattern, key_padding_mask=unless_all_real(padding),
-                                    dropout_p=p, backend=self.backend))  # (B, N, C)
-        if global_flags is not None:
-            out = self._global_rows(x, out, padding, global_flags, p)
-        return out * padding[..., None].to(out.dtype)  # padding queries output zeros, as Hugging Face
+        pattern = self.local_pattern if globals_ is None else self.local_pattern | globals_.pattern
+        out = merge_heads(attention(q, k, v, pattern=pattern, key_padding_mask=padding.keys, dropout_p=p,
+                                    backend=self.backend))  # (B, N, C)
+        if globals_ is not None:
+            out = self._global_rows(x, out, padding.real, globals_, p)
+        return out * padding.real[..., None].to(out.dtype)  # padding queries output zeros, as Hugging Face
 
-    def _global_rows(self, x: Tensor, out: Tensor, padding: Tensor, flags: Tensor, p: float) -> Tensor:
+    def _global_rows(self, x: Tensor, out: Tensor, padding: Tensor, globals_: GlobalTokens, p: float) -> Tensor:
         b, n, c = x.shape
         h, d = self.heads, self.head_dim
-        slots, valid = _global_slots(flags)  # (B, G)
+        slots, valid = globals_.slots, globals_.valid  # (B, G)
         g = slots.shape[1]
         xg = x.gather(1, slots[..., None].expand(b, g, c))  # (B, G, C)
-        qg = split_heads(self.query_global(xg), h) * inverse_sqrt(d)  # (B, H, G, D)
+        qg = split_heads(self.query_global(xg), h) * d ** -0.5  # (B, H, G, D)
         if g * h < c:
             ctx = self._absorbed(x, qg, padding, p)
         else:
@@ -195,8 +197,9 @@ class LongformerModel(nn.Module):
             flags = flags if bool(flags.any()) else None
         x = self.embeddings(input_ids, inputs_embeds=inputs_embeds, token_type_ids=token_type_ids,
                             position_ids=position_ids)
+        padding, globals_ = Padding.of(padding), None if flags is None else GlobalTokens.of(flags)
         for layer in self.encoder.layer:
-            x = layer(x, padding=padding, global_flags=flags)
+            x = layer(x, padding=padding, globals_=globals_)
         pooled = torch.tanh(self.pooler.dense(x[:, 0])) if self.pooler is not None else None
         return EncoderOutput(last_hidden_state=x, pooler_output=pooled)
 
