@@ -33,12 +33,10 @@ _POSITIONS = "embeddings.position_embeddings.weight"
 
 def _encoder_weights(weights: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """The encoder's tensors without their task prefix (``bert.``, ``roberta.``), buffers left out."""
-    prefixes = [k[: -len(_POSITIONS)] for k in weights if k.endswith(_POSITIONS)]
-    if not prefixes:
+    weights = ckpt.strip_prefix(weights, _POSITIONS)
+    if _POSITIONS not in weights:
         raise ValueError(f"{path}: no {_POSITIONS} in the weights (not a BERT-family encoder?)")
-    prefix = min(prefixes, key=len)
-    return {k[len(prefix):]: v for k, v in weights.items()
-            if k.startswith(prefix) and not k.endswith(("position_ids", "token_type_ids"))}
+    return {k: v for k, v in weights.items() if not k.endswith(("position_ids", "token_type_ids"))}
 
 
 def extend_positions(table: torch.Tensor, *, roberta_style: bool, pad_token_id: int, max_length: int
@@ -92,7 +90,7 @@ def convert_to_long(src: str | Path, dst: str | Path, *, max_length: int = 4096,
     config.update(max_position_embeddings=weights[_POSITIONS].shape[0], attention_window=[window] * layers,
                   pad_token_id=pad)
     model = LongformerModel(LongformerConfig.from_hf(config), add_pooling_layer="pooler.dense.weight" in weights)
-    ckpt.load_into(model, weights, prefixes=(), path=src)  # every parameter accounted for, shapes checked
+    ckpt.load_into(model, weights, path=src)  # every parameter accounted for, shapes checked
     model.save_pretrained(dst)
     if copy_tokenizer:
         _copy_tokenizer(src, dst, max_length)

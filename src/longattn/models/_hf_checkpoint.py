@@ -86,22 +86,26 @@ def _normalise(name: str) -> str:
     return name
 
 
-def load_into(module: nn.Module, weights: dict[str, Tensor], *, prefixes: Iterable[str], path: Path | str,
-              optional: Iterable[str] = ()) -> None:
-    """Copy ``weights`` into ``module``, stripping the first base-model prefix that the checkpoint uses.
+def strip_prefix(weights: dict[str, Tensor], anchor: str) -> dict[str, Tensor]:
+    """The tensors under the base-model prefix that ``anchor`` (an encoder parameter's name) is stored with
+    (``longformer.``, ``bert.``, ... in task checkpoints; none in base ones), without that prefix; the rest
+    (heads) is left out. ``weights`` unchanged when no name ends with ``anchor``."""
+    prefixes = [k[: -len(anchor)] for k in weights if k.endswith(anchor) and k[: -len(anchor)][-1:] in ("", ".")]
+    if not prefixes:
+        return weights
+    prefix = min(prefixes, key=len)
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
-    Raises ``ValueError`` listing the missing parameters (other than ``optional`` prefixes, e.g. a pooler a
-    task checkpoint may lack) and naming any parameter whose shape differs. Heads and other unknown
-    tensors are ignored: a task checkpoint holds them beside the encoder.
+
+def load_into(module: nn.Module, weights: dict[str, Tensor], *, path: Path | str) -> None:
+    """Copy ``weights`` into ``module``, stripping the base-model prefix that the checkpoint uses.
+
+    Raises ``ValueError`` listing the missing parameters and naming any parameter whose shape differs.
+    Heads and other unknown tensors are ignored: a task checkpoint holds them beside the encoder.
     """
-    weights = {_normalise(k): v for k, v in weights.items()}
     own = module.state_dict()
-    for prefix in ("", *prefixes):
-        stripped = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        if any(k in own for k in stripped):
-            weights = stripped
-            break
-    missing = [k for k in own if k not in weights and not any(k.startswith(o) for o in optional)]
+    weights = strip_prefix({_normalise(k): v for k, v in weights.items()}, next(iter(own)))
+    missing = [k for k in own if k not in weights]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{path}: missing weights {shown} ({len(missing)} of {len(own)} parameters; is the "

@@ -138,7 +138,6 @@ class BigBirdModel(nn.Module):
     """
 
     model_types = ("big_bird",)
-    prefixes = ("bert.", "model.")
 
     def __init__(self, config: BigBirdConfig, *, add_pooling_layer: bool = True, hf_parity: bool = False,
                  backend: str = "auto", device=None, dtype=None):
@@ -183,7 +182,7 @@ class BigBirdModel(nn.Module):
         has_pooler = any(k.endswith("pooler.weight") and "dense" not in k for k in weights)
         model = cls(config, add_pooling_layer=has_pooler, hf_parity=hf_parity, backend=backend, device=device,
                     dtype=dtype)
-        ckpt.load_into(model, weights, prefixes=cls.prefixes, path=path)
+        ckpt.load_into(model, weights, path=path)
         return model.eval()
 
     def save_pretrained(self, path: str | Path) -> Path:

@@ -499,5 +499,5 @@ class EtcModel(nn.Module):
         fields = {f.name for f in dataclasses.fields(EtcConfig)}
         model = cls(EtcConfig(**{k: v for k, v in config.items() if k in fields}), backend=backend, device=device,
                     dtype=dtype)
-        ckpt.load_into(model, ckpt.read_weights(path), prefixes=(), path=path)
+        ckpt.load_into(model, ckpt.read_weights(path), path=path)
         return model.eval()

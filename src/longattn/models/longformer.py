@@ -158,7 +158,6 @@ class LongformerModel(nn.Module):
     """
 
     model_types = ("longformer",)
-    prefixes = ("longformer.", "roberta.", "model.")
 
     def __init__(self, config: LongformerConfig, *, add_pooling_layer: bool = True, backend: str = "auto",
                  device=None, dtype=None):
@@ -216,7 +215,7 @@ class LongformerModel(nn.Module):
         weights = ckpt.read_weights(path)
         has_pooler = any(k.endswith("pooler.dense.weight") for k in weights)
         model = cls(config, add_pooling_layer=has_pooler, backend=backend, device=device, dtype=dtype)
-        ckpt.load_into(model, weights, prefixes=cls.prefixes, path=path)
+        ckpt.load_into(model, weights, path=path)
         return model.eval()
 
     def save_pretrained(self, path: str | Path) -> Path:
