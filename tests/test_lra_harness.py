@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import longattn as la
-from longattn.lra import checkpoint
+from longattn.training import checkpoint
 from longattn.lra import train as train_mod
 from longattn.lra.attentions import ATTENTIONS, build_attention
 from longattn.lra.configs import BASE, QUICK, LRAConfig, ModelShape, Training, get_config, scaled

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import EncoderConfig, SparseEncoderClassifier
-from . import checkpoint
+from ..training import checkpoint
+from ..training.distributed import World, all_sum, barrier, gather_objects, init_world, wrap
+from ..training.state import load_model_state, model_state, progress_bar, rng_state, set_rng_state
 from .attentions import ALIASES, build_attention
 from .configs import LRAConfig
-from .distributed import World, all_sum, barrier, gather_objects, init_world, wrap
 from .tasks import Split, Task, get_task
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -100,32 +101,6 @@ def majority_rate(labels: Tensor) -> float:
     return float(torch.bincount(labels).max() / max(len(labels), 1)) if len(labels) else float("nan")
 
 
-def _model_state(model: nn.Module, optimizer, world: World) -> tuple[dict, dict]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _load_model_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-
-
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def load_splits(cfg: LRAConfig, task: Task) -> dict[str, Split]:
     """The task's three splits, the training split cut to ``cfg.train_fraction``."""
     data = {split: task.load(split) for split in ("train", "val", "test")}
@@ -181,16 +156,16 @@ def train_run(cfg: LRAConfig, attention: str, *, data_dir: Path | str, out_dir: 
         if json.dumps(state["identity"], sort_keys=True) != json.dumps(identity, sort_keys=True):
             raise ValueError(f"{path} belongs to another run (config, attention or process count differ); "
                              "use another --out or --no-resume")
-        _load_model_state(net, optimizer, state["model"], state["optimizer"])
+        load_model_state(net, optimizer, state["model"], state["optimizer"])
         step, history, seconds = state["step"], state["history"], state["seconds"]
         mine = state["per_process"][world.rank]
         running = mine.pop("running").double()
-        _set_rng_state(mine)
+        set_rng_state(mine)
 
     def save_checkpoint() -> None:
-        model_sd, optim_sd = _model_state(net, optimizer, world)
+        model_sd, optim_sd = model_state(net, optimizer)
         # RNG streams and the loss sum since the last evaluation differ per process: keep each one's.
-        mine = {k: v.tolist() for k, v in _rng_state().items()}
+        mine = {k: v.tolist() for k, v in rng_state().items()}
         per_process = gather_objects({**mine, "running": running.tolist()}, world)
         if world.main:
             per_process = [{k: torch.tensor(v, dtype=torch.float64 if k == "running" else torch.uint8)
@@ -199,14 +174,8 @@ def train_run(cfg: LRAConfig, attention: str, *, data_dir: Path | str, out_dir: 
                                    "history": history, "seconds": seconds, "per_process": per_process})
         barrier(world)
 
-    bar = None
-    if progress and world.main:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=t.steps, initial=step, desc=f"{cfg.task}/{attention}", unit="step", leave=False)
-        except ImportError:
-            pass
+    bar = progress_bar(progress and world.main, total=t.steps, initial=step, desc=f"{cfg.task}/{attention}",
+                       unit="step", leave=False)
     local = t.batch_size // world.size
     train, last = data["train"], min(t.steps, stop_after if stop_after is not None else t.steps)
     eval_batch = max(local, 64)

@@ -1,0 +1,5 @@
+"""What every training loop of longattn shares (LRA classifiers, language models).
+
+``checkpoint``: nested state in one safetensors file, written atomically; ``distributed``: torchrun worlds,
+DDP/FSDP2 wrapping and collectives; ``state``: model/optimizer/RNG state for exact resume, progress bars.
+"""

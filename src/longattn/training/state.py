@@ -1,0 +1,46 @@
+"""Exact resume: full model/optimizer state dicts (plain, DDP or FSDP2 alike) and RNG streams; progress bars."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def model_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded, CPU) state dicts of the model and optimizer, whatever wraps the model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_model_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """Inverse of ``model_state``; every process loads the full state (no broadcast needed)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+
+def rng_state() -> dict:
+    """This process's RNG streams (dropout, sampling) as uint8 tensors."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def progress_bar(enabled: bool, **kwargs):
+    """A tqdm bar, or None when disabled or tqdm is not installed (loops then run silently)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(**kwargs)
