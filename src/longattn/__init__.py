@@ -2,7 +2,7 @@
 
 from .backends import Choice, clear_caches
 from .functional import attention, explain
-from .modules import SparseSelfAttention
+from .modules import RelativeAttention, SparseSelfAttention
 from .patterns import (
     Pattern,
     bigbird,
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Choice",
     "Pattern",
+    "RelativeAttention",
     "SparseSelfAttention",
     "attention",
     "bigbird",

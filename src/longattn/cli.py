@@ -110,9 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="output directory")
     c.set_defaults(func=_cmd_convert)
 
+    from .lm.cli import add_parser as add_lm_parser
     from .lra.cli import add_parser as add_lra_parser
 
     add_lra_parser(sub)
+    add_lm_parser(sub)
     return parser
 
 

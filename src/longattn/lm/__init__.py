@@ -1,1 +1,12 @@
-"""Byte-level language modelling: corpora and Transformer-XL style batching (vocabulary 256)."""
+"""Byte-level language modelling with Transformer-XL: corpora, training, evaluation, generation.
+
+``longattn lm train|eval|generate`` is the command line; ``train_lm``, ``evaluate`` and ``generate`` the API.
+"""
+
+from .corpus import Corpus, load_corpus, read_corpus, stdlib_corpus, unigram_bits_per_byte
+from .evaluate import EvalResult, evaluate, evaluate_recompute
+from .generate import generate
+from .train import LMRunConfig, TrainConfig, load_lm, preset, train_lm
+
+__all__ = ["Corpus", "EvalResult", "LMRunConfig", "TrainConfig", "evaluate", "evaluate_recompute", "generate",
+           "load_corpus", "load_lm", "preset", "read_corpus", "stdlib_corpus", "train_lm", "unigram_bits_per_byte"]

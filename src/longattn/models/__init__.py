@@ -5,7 +5,8 @@ from .bigbird import BigBirdConfig, BigBirdModel
 from .encoder import EncoderConfig, SparseEncoderClassifier
 from .etc import EtcConfig, EtcModel, EtcStructure, etc_structure
 from .longformer import LongformerConfig, LongformerModel
+from .xl import TransformerXL, XLConfig, XLOutput
 
 __all__ = ["BigBirdConfig", "BigBirdModel", "EncoderConfig", "EtcConfig", "EtcModel", "EtcStructure",
            "LongformerConfig", "LongformerModel", "SparseEncoderClassifier", "create_model", "default_config",
-           "etc_structure", "list_models"]
+           "TransformerXL", "XLConfig", "XLOutput", "etc_structure", "list_models"]

@@ -1,0 +1,134 @@
+"""``longattn lm ...``: train, eval and generate with the Transformer-XL byte LM (argparse wiring)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+_MODEL_FLAGS = ("pattern", "seg_len", "mem_len", "same_length", "clamp_len", "dim", "depth", "heads", "dropout")
+_TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup", "eval_every", "eval_bytes", "seed")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import preset, train_lm
+
+    pick = lambda names: {n: getattr(args, n) for n in names if getattr(args, n) is not None}  # noqa: E731
+    cfg = preset(args.preset, model=pick(_MODEL_FLAGS), train=pick(_TRAIN_FLAGS), corpus=args.corpus)
+    result = train_lm(cfg, out_dir=args.out, strategy=args.strategy, device=args.device, resume=not args.no_resume,
+                      stop_after=args.stop_after)
+    if not result["finished"]:
+        print(f"stopped at step {result['step']}; the checkpoint in {args.out} resumes it")
+        return 0
+    print(f"{result['steps']} steps in {result['train_seconds']:.0f} s ({result['seconds_per_step']:.3f} s/step): "
+          f"validation {result['val_bpb']:.3f} bits/byte (unigram {result['unigram_bpb']:.3f}); model in "
+          f"{Path(args.out) / 'model'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .corpus import load_corpus, unigram_bits_per_byte
+    from .evaluate import evaluate, evaluate_recompute
+    from .train import load_lm
+
+    model = load_lm(args.run, device=args.device)
+    corpus = load_corpus(args.corpus if args.corpus is not None else model_corpus(args.run))
+    data = corpus.split(args.split)
+    data = data if args.max_bytes is None else data[:args.max_bytes]
+    seg_len = args.seg_len or model.cfg.seg_len
+    rows = []
+    print(f"{args.split} split of {corpus.name}: {data.numel():,} bytes; unigram "
+          f"{unigram_bits_per_byte(corpus.train, data):.3f} bits/byte; trained with mem_len {model.cfg.mem_len}")
+    for mem_len in args.mem_len or [model.cfg.mem_len]:
+        r = evaluate(model, data, seg_len=seg_len, mem_len=mem_len, batch=args.batch, progress=True,
+                     desc=f"mem {mem_len}")
+        rows.append({"mem_len": mem_len, "seg_len": seg_len, "bits_per_byte": r.bits_per_byte, "bytes": r.bytes,
+                     "ms_per_byte": r.ms_per_byte})
+        print(f"  mem_len {mem_len:6d} seg_len {seg_len:5d}: {r.bits_per_byte:.4f} bits/byte, "
+              f"{r.ms_per_byte:.4f} ms/byte")
+    report = {"run": str(args.run), "split": args.split, "corpus": corpus.name, "memory": rows}
+    if args.recompute:
+        context = args.recompute
+        with_memory = evaluate(model, data, seg_len=seg_len, mem_len=context, batch=1, progress=True,
+                               max_bytes=context + args.recompute_positions * 8, desc=f"memory {context}")
+        vanilla = evaluate_recompute(model, data, context=context, positions=args.recompute_positions, progress=True)
+        ratio = vanilla.ms_per_byte / with_memory.ms_per_byte
+        report["recompute"] = {"context": context, "memory_ms_per_byte": with_memory.ms_per_byte,
+                               "recompute_ms_per_byte": vanilla.ms_per_byte, "speedup": ratio,
+                               "recompute_bits_per_byte": vanilla.bits_per_byte, "positions": vanilla.bytes}
+        print(f"context {context}: memory {with_memory.ms_per_byte:.3f} ms/byte, recomputing "
+              f"{vanilla.ms_per_byte:.1f} ms/byte: {ratio:.0f}x faster with memory")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def model_corpus(run: str) -> str | None:
+    """The corpus a run directory was trained on (its result.json), None for the default."""
+    result = Path(run) / "result.json"
+    return json.loads(result.read_text())["config"].get("corpus") if result.exists() else None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .generate import generate
+    from .train import load_lm
+
+    model = load_lm(args.run, device=args.device)
+    prompt = torch.tensor(list(args.prompt.encode("utf-8")), dtype=torch.long)[None]
+    gen = torch.Generator().manual_seed(args.seed)
+    out = generate(model, prompt, args.bytes, mem_len=args.mem_len, temperature=args.temperature, top_k=args.top_k,
+                   generator=gen, progress=True)
+    print(bytes(out[0].tolist()).decode("utf-8", errors="replace"))
+    return 0
+
+
+def add_parser(sub) -> None:
+    from .train import PRESETS
+
+    lm = sub.add_parser("lm", help="byte-level Transformer-XL language model: train, eval, generate")
+    cmds = lm.add_subparsers(dest="lm_command", required=True)
+
+    train = cmds.add_parser("train", help="train on the standard-library corpus (default) or an enwik8-style file")
+    train.add_argument("--out", required=True, help="run directory (checkpoint, model/, result.json); resumed")
+    train.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    train.add_argument("--corpus", help="raw byte file or .zip (enwik8); default: this Python's standard library")
+    train.add_argument("--pattern", help="full, window, strided, fixed, bigbird, or a pattern expression")
+    for flag, kind in (("--seg-len", int), ("--mem-len", int), ("--clamp-len", int), ("--dim", int),
+                       ("--depth", int), ("--heads", int), ("--dropout", float), ("--steps", int),
+                       ("--batch-size", int), ("--lr", float), ("--warmup", int), ("--eval-every", int),
+                       ("--eval-bytes", int), ("--seed", int)):
+        train.add_argument(flag, type=kind)
+    train.add_argument("--same-length", action="store_true", default=None)
+    train.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    train.add_argument("--stop-after", type=int, help="end after this many steps in total (resume later)")
+    train.set_defaults(func=_cmd_train)
+
+    ev = cmds.add_parser("eval", help="bits per byte with one or more memory lengths; speed against recomputing")
+    ev.add_argument("run", help="run directory or model directory")
+    ev.add_argument("--mem-len", type=int, nargs="+", help="memory lengths to evaluate (default: the training one)")
+    ev.add_argument("--seg-len", type=int, help="segment length (default: the training one)")
+    ev.add_argument("--split", default="test", choices=["valid", "test"])
+    ev.add_argument("--max-bytes", type=int, help="evaluate a prefix of the split only")
+    ev.add_argument("--batch", type=int, default=4, help="parallel streams")
+    ev.add_argument("--corpus", help="default: the run's corpus")
+    ev.add_argument("--recompute", type=int, metavar="CONTEXT",
+                    help="also time recomputing each byte from CONTEXT previous bytes against memory of CONTEXT")
+    ev.add_argument("--recompute-positions", type=int, default=32, help="bytes predicted by recomputation")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", help="write the results as JSON")
+    ev.set_defaults(func=_cmd_eval)
+
+    gen = cmds.add_parser("generate", help="continue a prompt, with cached memory")
+    gen.add_argument("run", help="run directory or model directory")
+    gen.add_argument("--prompt", default="def ")
+    gen.add_argument("--bytes", type=int, default=400)
+    gen.add_argument("--mem-len", type=int)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(func=_cmd_generate)

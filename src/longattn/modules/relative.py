@@ -1,0 +1,236 @@
+"""Transformer-XL relative multi-head attention (Dai et al., 2019) on any causal longattn pattern.
+
+Notation: b batch, h head, i query position, j key position (absolute, bottom-right aligned: with a memory
+of M states the Nq queries sit at M..M+Nq-1 of the Nk = M + Nq keys), d head dim, p sinusoid dim.
+The score of the paper, with R the sinusoidal encoding of the distance ``i - j``::
+
+    score(i, j) = (q_i + u) . k_j  +  (q_i + v) . W_r R_{i-j}       (terms a+c, b+d; u, v learned per head)
+
+The position term is computed one of two exact ways:
+
+- ``"factorised"`` (linear memory, every backend): R is sinusoidal, so ``R_{i-j}`` is ``R_j``'s angles
+  rotated by ``i``'s: ``sin((i-j)w) = sin(iw)cos(jw) - cos(iw)sin(jw)`` and likewise for cos. The term
+  becomes a dot product ``q'_i . k'_j`` with ``k'_j = [cos(jw), sin(jw)]`` and ``q'_i`` the rotation of
+  ``W_r^T (q_i + v)``. Appending ``q'`` to ``q + u`` and ``k'`` to ``k`` turns relative attention into
+  plain attention of width ``d + p``: it runs on every pattern and backend (blocked, Sparse Transformer's
+  permuted path, flex) in O(N) memory, with autograd, and never forms an ``Nq x Nk`` table.
+- ``"shift"`` (the paper's way): ``(q + v) W_r R^T`` for the Nk distances ``Nk-1 .. 0`` (an ``Nq x Nk``
+  table), then the relative shift, here a zero-copy strided view instead of the pad-and-reshape copy. It
+  materialises the scores, so memory is O(Nq * Nk); it is the only way to honour ``clamp_len`` (distances
+  beyond it share one encoding, which breaks the rotation identity).
+
+``"auto"`` takes ``"factorised"`` unless ``clamp_len`` is shorter than the context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import attention
+from ..patterns import Pattern, causal
+
+METHODS = ("auto", "factorised", "shift")
+
+
+def inverse_frequencies(dim: int, *, device=None) -> Tensor:
+    """Transformer-XL's ``1 / 10000^(2k / dim)`` for ``k < dim / 2``, in float64."""
+    return 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim))
+
+
+def sinusoid(positions: Tensor, dim: int) -> Tensor:
+    """``(N, dim)`` encodings ``[sin(p w), cos(p w)]`` of ``positions`` (float64, cast by the caller)."""
+    angles = positions.to(torch.float64)[:, None] * inverse_frequencies(dim, device=positions.device)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def rel_shift(table: Tensor) -> Tensor:
+    """The relative shift: ``out[..., r, j] = table[..., r, j + Nq - 1 - r]``, as a view (no copy).
+
+    ``table[..., r, m]`` scores query row ``r`` against the encoding of distance ``Nk - 1 - m`` (the paper's
+    descending ``R_{Nk-1}, ..., R_0``). Query row ``r`` sits at ``r + Nk - Nq``, so key ``j`` is at distance
+    ``r + Nk - Nq - j``: column ``m = j + Nq - 1 - r``. Entries with ``j`` after the query (``m >= Nk``) read a
+    neighbouring row's values; causal masking discards them. The paper pads a zero column and reshapes, which
+    copies the table twice; a strided view with row stride ``Nk - 1`` reads the same numbers in place.
+    """
+    *lead, nq, nk = table.shape
+    if nq > nk:
+        raise ValueError(f"rel_shift needs Nq <= Nk (queries are the last Nq keys), got table {tuple(table.shape)}")
+    table = table.contiguous()
+    strides = list(table.stride())
+    strides[-2] = nk - 1
+    return table.as_strided((*lead, nq, nk), strides, table.storage_offset() + nq - 1)
+
+
+@dataclass(frozen=True, eq=False)
+class RelativePositions:
+    """The sinusoidal terms of one ``(Nq, Nk)`` geometry: computed once per forward, shared by every layer.
+
+    Angles are taken in float64 and cast once, so positions in the thousands lose nothing to fp32 rounding.
+    """
+
+    q_len: int
+    kv_len: int
+    clamp_len: int | None
+    key_features: Tensor  # (Nk, p): [cos(j w), sin(j w)], the key side of the factorised term
+    query_cos: Tensor  # (Nq, p/2): cos(i w) at the queries' absolute positions
+    query_sin: Tensor  # (Nq, p/2)
+    distance_table: Tensor  # (Nk, p): R_{Nk-1}, ..., R_0, clamped: the shift method's encodings
+
+    @classmethod
+    def build(cls, q_len: int, kv_len: int, dim: int, *, clamp_len: int | None = None, device=None,
+              dtype=torch.float32) -> "RelativePositions":
+        if dim % 2:
+            raise ValueError(f"the sinusoid dimension must be even, got {dim}")
+        if q_len > kv_len:
+            raise ValueError(f"q_len ({q_len}) must be <= kv_len ({kv_len})")
+        inv = inverse_frequencies(dim, device=device)
+        key_angles = torch.arange(kv_len, device=device, dtype=torch.float64)[:, None] * inv
+        query_angles = key_angles[kv_len - q_len:]
+        distances = torch.arange(kv_len - 1, -1, -1, device=device, dtype=torch.float64)
+        if clamp_len is not None:
+            distances = distances.clamp(max=clamp_len)
+        cast = lambda t: t.to(dtype)  # noqa: E731
+        return cls(q_len, kv_len, clamp_len, cast(torch.cat([key_angles.cos(), key_angles.sin()], -1)),
+                   cast(query_angles.cos()), cast(query_angles.sin()), cast(sinusoid(distances, dim)))
+
+    @property
+    def clamped(self) -> bool:
+        """True when ``clamp_len`` changes some allowed distance (at most ``Nk - 1``) of this geometry."""
+        return self.clamp_len is not None and self.clamp_len < self.kv_len - 1
+
+
+class RelativeAttention(nn.Module):
+    """Transformer-XL's relative multi-head attention with a causal longattn pattern and an optional memory.
+
+    Args:
+        dim: model width C.
+        num_heads: H.
+        head_dim: d, default ``dim // num_heads``.
+        pattern: which keys a query may attend; always intersected with ``causal()``. ``None`` = all past keys.
+        pos_dim: p, width of the sinusoidal encodings (default ``dim``, as the paper).
+        clamp_len: distances beyond it use the encoding of ``clamp_len`` (the paper's evaluation trick).
+        dropout: attention-probability dropout, training mode only.
+        method: ``"auto"``, ``"factorised"`` or ``"shift"`` (see the module docstring).
+        backend: passed to ``longattn.attention``.
+
+    Parameters: ``qkv`` (no bias), ``r_net`` = W_r (no bias), ``u`` and ``v`` ``(H, d)`` (the paper's
+    position-independent biases, ``r_w_bias`` and ``r_r_bias`` in its code), ``proj`` (no bias).
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, head_dim: int | None = None, pattern: Pattern | None = None,
+                 pos_dim: int | None = None, clamp_len: int | None = None, dropout: float = 0.0,
+                 method: str = "auto", backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        head_dim = dim // num_heads if head_dim is None else head_dim
+        pos_dim = dim if pos_dim is None else pos_dim
+        if head_dim < 1 or dim < 1 or num_heads < 1:
+            raise ValueError(f"dim ({dim}), num_heads ({num_heads}) and head_dim ({head_dim}) must be positive")
+        if pos_dim % 2 or pos_dim < 2:
+            raise ValueError(f"pos_dim must be a positive even number, got {pos_dim}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if pattern is not None and not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a longattn Pattern or None, got {type(pattern).__name__}")
+        if clamp_len is not None and clamp_len < 0:
+            raise ValueError(f"clamp_len must be >= 0 or None, got {clamp_len}")
+        self.dim, self.num_heads, self.head_dim, self.pos_dim = dim, num_heads, head_dim, pos_dim
+        self.pattern = causal(pattern)
+        self.clamp_len, self.dropout, self.method, self.backend = clamp_len, dropout, method, backend
+        factory = {"device": device, "dtype": dtype}
+        inner = num_heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * inner, bias=False, **factory)
+        self.r_net = nn.Linear(pos_dim, inner, bias=False, **factory)
+        self.u = nn.Parameter(torch.empty(num_heads, head_dim, **factory))
+        self.v = nn.Parameter(torch.empty(num_heads, head_dim, **factory))
+        self.proj = nn.Linear(inner, dim, bias=False, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.qkv, self.r_net, self.proj):
+            nn.init.normal_(lin.weight, std=0.02)
+        nn.init.normal_(self.u, std=0.02)
+        nn.init.normal_(self.v, std=0.02)
+
+    def positions(self, q_len: int, kv_len: int, *, device=None, dtype=torch.float32) -> RelativePositions:
+        return RelativePositions.build(q_len, kv_len, self.pos_dim, clamp_len=self.clamp_len, device=device,
+                                       dtype=dtype)
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, *, positions: RelativePositions | None = None,
+                pattern: Pattern | None = None, attn_mask: Tensor | None = None,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        """Attend from ``x: (B, Nq, C)`` to ``[memory; x]`` (memory ``(B, M, C)``, already detached by the caller).
+
+        ``pattern`` overrides the module's (it must be causal already: ``Transformer-XL``'s ``same_length``
+        passes ``causal(p) & sliding_window(...)``). ``positions`` lets a model share one encoding table
+        over its layers. ``attn_mask`` / ``key_padding_mask`` are over the Nk keys, as in ``attention``.
+        Returns ``(B, Nq, C)``.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (B, Nq, C={self.dim}), got {tuple(x.shape)}")
+        if memory is not None and (memory.dim() != 3 or memory.shape[0] != x.shape[0] or memory.shape[-1] != self.dim):
+            raise ValueError(f"memory must have shape (B={x.shape[0]}, M, C={self.dim}), got {tuple(memory.shape)}")
+        b, nq, _ = x.shape
+        context = x if memory is None or memory.shape[1] == 0 else torch.cat([memory, x], dim=1)  # (B, Nk, C)
+        nk = context.shape[1]
+        if positions is None:
+            positions = self.positions(nq, nk, device=x.device, dtype=x.dtype)
+        elif (positions.q_len, positions.kv_len) != (nq, nk):
+            raise ValueError(f"positions are for (Nq, Nk) = {(positions.q_len, positions.kv_len)}, got {(nq, nk)}")
+        h, d = self.num_heads, self.head_dim
+        w_q, w_kv = self.qkv.weight.split([h * d, 2 * h * d])
+        q = nn.functional.linear(x, w_q).view(b, nq, h, d).transpose(1, 2)  # (B, H, Nq, d)
+        k, v = nn.functional.linear(context, w_kv).view(b, nk, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        method = self.method
+        if method == "auto":
+            method = "shift" if positions.clamped else "factorised"
+        elif method == "factorised" and positions.clamped:
+            raise ValueError(f"clamp_len={self.clamp_len} is shorter than the context ({nk} keys): the factorised "
+                             "position term cannot clamp distances; use method='shift' or 'auto'")
+        pattern = self.pattern if pattern is None else pattern
+        q_content = q + self.u[:, None]  # (B, H, Nq, d)
+        q_position = q + self.v[:, None]
+        dropout = self.dropout if self.training else 0.0
+        if method == "factorised":
+            out = self._factorised(q_content, q_position, k, v, positions, pattern, attn_mask, key_padding_mask,
+                                   dropout)
+        else:
+            out = self._shift(q_content, q_position, k, v, positions, pattern, attn_mask, key_padding_mask, dropout)
+        return self.proj(out.transpose(1, 2).reshape(b, nq, h * d))  # (B, Nq, C)
+
+    def _factorised(self, q_content, q_position, k, v, pos: RelativePositions, pattern, attn_mask,
+                    key_padding_mask, dropout) -> Tensor:
+        h, d, half = self.num_heads, self.head_dim, self.pos_dim // 2
+        w_r = self.r_net.weight.view(h, d, self.pos_dim)
+        coeff = torch.einsum("bhid,hdp->bhip", q_position, w_r)  # (B, H, Nq, p): W_r^T (q + v)
+        a, c = coeff.split(half, dim=-1)  # the weights of sin(t w) and cos(t w), t = i - j
+        cos_i, sin_i = pos.query_cos, pos.query_sin  # (Nq, p/2)
+        # sum_w a sin((i-j)w) + c cos((i-j)w) = cos(jw)[a sin(iw) + c cos(iw)] + sin(jw)[c sin(iw) - a cos(iw)]
+        q_rotated = torch.cat([a * sin_i + c * cos_i, c * sin_i - a * cos_i], dim=-1)  # (B, H, Nq, p)
+        b, nk = k.shape[0], k.shape[2]
+        q_wide = torch.cat([q_content, q_rotated], dim=-1)  # (B, H, Nq, d + p)
+        k_wide = torch.cat([k, pos.key_features.expand(b, h, nk, self.pos_dim)], dim=-1)  # (B, H, Nk, d + p)
+        return attention(q_wide, k_wide, v, pattern=pattern, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                         scale=d ** -0.5, dropout_p=dropout, backend=self.backend)
+
+    def _shift(self, q_content, q_position, k, v, pos: RelativePositions, pattern, attn_mask, key_padding_mask,
+               dropout) -> Tensor:
+        h, d = self.num_heads, self.head_dim
+        r = self.r_net(pos.distance_table).view(-1, h, d)  # (Nk, H, d): W_r R_{Nk-1..0}
+        table = torch.einsum("bhid,jhd->bhij", q_position, r)  # (B, H, Nq, Nk), distance-indexed
+        bias = rel_shift(table) * d ** -0.5  # (B, H, Nq, Nk), key-indexed
+        if attn_mask is not None:
+            extra = attn_mask if attn_mask.dtype != torch.bool else torch.zeros_like(attn_mask, dtype=bias.dtype
+                                                                                     ).masked_fill_(~attn_mask, -math.inf)
+            bias = bias + extra
+        # The position term rides in as SDPA's additive mask: one fused softmax, masks and dead rows handled
+        # by the dense backend, and gradients flow into the bias like any other input.
+        return attention(q_content, k, v, pattern=pattern, attn_mask=bias, key_padding_mask=key_padding_mask,
+                         scale=d ** -0.5, dropout_p=dropout, backend="dense")
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, pos_dim={self.pos_dim}, "
+                f"pattern={self.pattern}, clamp_len={self.clamp_len}, method={self.method!r}")
