@@ -15,6 +15,7 @@ from torch import nn
 from .bigbird import BigBirdConfig, BigBirdModel
 from .etc import EtcConfig, EtcModel
 from .longformer import LongformerConfig, LongformerModel
+from .xl import TransformerXL, XLConfig
 
 _ROBERTA = dict(vocab_size=50265, pad_token_id=1, type_vocab_size=1, layer_norm_eps=1e-5)
 _LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
@@ -31,6 +32,11 @@ _MODELS: dict[str, tuple[type[nn.Module], Callable[[], object]]] = {
     "etc-base": (EtcModel, lambda: EtcConfig(vocab_size=30522)),
     "etc-large": (EtcModel, lambda: EtcConfig(vocab_size=30522, hidden=1024, layers=24, heads=16,
                                               intermediate=4096, local_radius=169)),
+    # Transformer-XL's enwik8 base model (Dai et al. 2019): 12 layers, 512 wide, 8 heads, segments and memory
+    # of 512 bytes; "small" is the 4-layer, 256-wide model that `longattn lm train --preset small` trains
+    "transformer-xl-enwik8-base": (TransformerXL, lambda: XLConfig(dim=512, depth=12, heads=8, ffn_dim=2048,
+                                                                   seg_len=512, mem_len=512)),
+    "transformer-xl-small": (TransformerXL, lambda: XLConfig(dim=256, depth=4, heads=4, seg_len=256, mem_len=256)),
 }
 
 
