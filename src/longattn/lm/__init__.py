@@ -4,9 +4,10 @@
 """
 
 from .corpus import Corpus, load_corpus, read_corpus, stdlib_corpus, unigram_bits_per_byte
-from .evaluate import EvalResult, evaluate, evaluate_recompute
+from .evaluate import EvalResult, SpeedComparison, evaluate, evaluate_recompute, memory_speedup
 from .generate import generate
 from .train import LMRunConfig, TrainConfig, load_lm, preset, train_lm
 
-__all__ = ["Corpus", "EvalResult", "LMRunConfig", "TrainConfig", "evaluate", "evaluate_recompute", "generate",
-           "load_corpus", "load_lm", "preset", "read_corpus", "stdlib_corpus", "train_lm", "unigram_bits_per_byte"]
+__all__ = ["Corpus", "EvalResult", "LMRunConfig", "SpeedComparison", "TrainConfig", "evaluate", "evaluate_recompute",
+           "generate", "load_corpus", "load_lm", "memory_speedup", "preset", "read_corpus", "stdlib_corpus",
+           "train_lm", "unigram_bits_per_byte"]

@@ -28,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .corpus import load_corpus, unigram_bits_per_byte
-    from .evaluate import evaluate, evaluate_recompute
+    from .evaluate import evaluate, memory_speedup
     from .train import load_lm
 
     model = load_lm(args.run, device=args.device)
@@ -47,17 +47,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"  mem_len {mem_len:6d} seg_len {seg_len:5d}: {r.bits_per_byte:.4f} bits/byte, "
               f"{r.ms_per_byte:.4f} ms/byte")
     report = {"run": str(args.run), "split": args.split, "corpus": corpus.name, "memory": rows}
-    if args.recompute:
-        context = args.recompute
-        with_memory = evaluate(model, data, seg_len=seg_len, mem_len=context, batch=1, progress=True,
-                               max_bytes=context + args.recompute_positions * 8, desc=f"memory {context}")
-        vanilla = evaluate_recompute(model, data, context=context, positions=args.recompute_positions, progress=True)
-        ratio = vanilla.ms_per_byte / with_memory.ms_per_byte
-        report["recompute"] = {"context": context, "memory_ms_per_byte": with_memory.ms_per_byte,
-                               "recompute_ms_per_byte": vanilla.ms_per_byte, "speedup": ratio,
-                               "recompute_bits_per_byte": vanilla.bits_per_byte, "positions": vanilla.bytes}
-        print(f"context {context}: memory {with_memory.ms_per_byte:.3f} ms/byte, recomputing "
-              f"{vanilla.ms_per_byte:.1f} ms/byte: {ratio:.0f}x faster with memory")
+    for context in args.recompute or []:
+        cmp = memory_speedup(model, data, context=context, seg_len=seg_len, positions=args.recompute_positions,
+                             progress=True)
+        report.setdefault("recompute", []).append(
+            {"context": context, "memory_ms_per_byte": cmp.memory.ms_per_byte, "recompute_ms_per_byte":
+             cmp.recompute.ms_per_byte, "speedup": cmp.speedup, "memory_bits_per_byte": cmp.memory.bits_per_byte,
+             "recompute_bits_per_byte": cmp.recompute.bits_per_byte})
+        print(f"context {context}: memory {cmp.memory.ms_per_byte:.3f} ms/byte, recomputing "
+              f"{cmp.recompute.ms_per_byte:.1f} ms/byte: {cmp.speedup:.0f}x faster with memory")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return 0
@@ -115,8 +113,8 @@ def add_parser(sub) -> None:
     ev.add_argument("--max-bytes", type=int, help="evaluate a prefix of the split only")
     ev.add_argument("--batch", type=int, default=4, help="parallel streams")
     ev.add_argument("--corpus", help="default: the run's corpus")
-    ev.add_argument("--recompute", type=int, metavar="CONTEXT",
-                    help="also time recomputing each byte from CONTEXT previous bytes against memory of CONTEXT")
+    ev.add_argument("--recompute", type=int, nargs="+", metavar="CONTEXT",
+                    help="also time recomputing each byte from CONTEXT previous bytes against a memory of CONTEXT")
     ev.add_argument("--recompute-positions", type=int, default=32, help="bytes predicted by recomputation")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", help="write the results as JSON")

@@ -75,6 +75,48 @@ def evaluate(model: nn.Module, data: Tensor, *, seg_len: int, mem_len: int, batc
     return EvalResult(float(total[0] / total[1] / LN2) if total[1] else float("nan"), int(total[1]), seconds)
 
 
+@dataclass(frozen=True)
+class SpeedComparison:
+    context: int
+    memory: EvalResult  # segments of seg_len after a memory of `context` states
+    recompute: EvalResult  # a fresh forward over `context` bytes per predicted byte
+
+    @property
+    def speedup(self) -> float:
+        return self.recompute.ms_per_byte / self.memory.ms_per_byte
+
+
+@torch.no_grad()
+def memory_speedup(model: nn.Module, data: Tensor, *, context: int, seg_len: int, segments: int = 4,
+                   positions: int = 32, progress: bool = False) -> SpeedComparison:
+    """Time per predicted byte with a memory of ``context`` states against recomputing ``context`` bytes.
+
+    The memory is filled by reading the first ``context`` bytes (untimed); then ``segments`` segments are
+    timed, each byte seeing at least ``context`` earlier states. Recomputation predicts ``positions`` bytes
+    from the same point, each from the ``context`` bytes before it.
+    """
+    need = context + max(segments * seg_len, positions) + 1
+    if data.numel() < need:
+        raise ValueError(f"data has {data.numel()} bytes; {need} needed for context {context}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = data[:need].long().to(device)[None]  # (1, need)
+    memory = None
+    for start in range(0, context, seg_len):  # fill the memory, untimed
+        memory = model(ids[:, start:min(start + seg_len, context)], memory, mem_len=context).memory
+    nats, tick = 0.0, time.perf_counter()
+    for s in range(segments):
+        lo = context + s * seg_len
+        out = model(ids[:, lo:lo + seg_len], memory, targets=ids[:, lo + 1:lo + 1 + seg_len], mem_len=context)
+        memory = out.memory
+        nats += out.loss.item() * seg_len
+    timed = EvalResult(nats / (segments * seg_len) / LN2, segments * seg_len, time.perf_counter() - tick)
+    model.train(was_training)
+    vanilla = evaluate_recompute(model, data[:need], context=context, positions=positions, progress=progress)
+    return SpeedComparison(context, timed, vanilla)
+
+
 @torch.no_grad()
 def evaluate_recompute(model: nn.Module, data: Tensor, *, context: int, positions: int, batch: int = 8,
                        progress: bool = False) -> EvalResult:
