@@ -62,9 +62,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def model_corpus(run: str) -> str | None:
-    """The corpus a run directory was trained on (its result.json), None for the default."""
-    result = Path(run) / "result.json"
-    return json.loads(result.read_text())["config"].get("corpus") if result.exists() else None
+    """The corpus a run directory was trained on (its result.json or, mid-run, its checkpoint), None for the
+    default."""
+    from ..training import checkpoint
+    from .train import CHECKPOINT, RESULT
+
+    run = Path(run)
+    if (run / RESULT).exists():
+        return json.loads((run / RESULT).read_text())["config"].get("corpus")
+    if (run / CHECKPOINT).exists():  # load_lm reads such a run too: evaluate it on its own corpus
+        return checkpoint.load(run / CHECKPOINT)["identity"]["config"].get("corpus")
+    return None
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
