@@ -9,22 +9,20 @@ its last checkpoint gives the losses of an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..models.xl import TransformerXL, XLConfig
 from ..training import checkpoint
-from ..training.distributed import World, all_sum, barrier, gather_objects, init_world, wrap
-from ..training.state import load_model_state, model_state, progress_bar, rng_state, set_rng_state
+from ..training.distributed import World, all_sum, barrier, init_world, wrap
+from ..training.run import Progress, load_checkpoint, machine, optimizer_step, save_checkpoint, write_result
+from ..training.state import progress_bar
 from .corpus import Corpus, load_corpus, num_segments, segment, streams, unigram_bits_per_byte
 from .evaluate import LN2, evaluate
 
@@ -128,93 +126,68 @@ def train_lm(cfg: LMRunConfig, *, out_dir: Path | str, corpus: Corpus | None = N
     optimizer = torch.optim.AdamW(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     identity = {"config": cfg.to_dict(), "corpus": corpus.fingerprint, "world_size": world.size}
 
-    step, history, seconds, memory = 0, [], 0.0, None
-    running = torch.zeros(2, dtype=torch.float64)  # this process's nats and bytes since the last evaluation
+    run, memory = Progress(), None
     torch.manual_seed(t.seed + 1 + world.rank)  # dropout streams differ per process
     path = out / CHECKPOINT
     if resume and path.exists():
-        state = checkpoint.load(path)
-        if json.dumps(state["identity"], sort_keys=True) != json.dumps(identity, sort_keys=True):
-            raise ValueError(f"{path} belongs to another run (config, corpus or process count differ); "
-                             "use another --out or --no-resume")
-        load_model_state(net, optimizer, state["model"], state["optimizer"])
-        step, history, seconds = state["step"], state["history"], state["seconds"]
-        mine = state["per_process"][world.rank]
-        running = mine.pop("running").double()
-        set_rng_state(mine)
+        run, state = load_checkpoint(path, identity, net, optimizer, world, differs="config, corpus or process count")
         if state["memory"] is not None:
             memory = [m[world.rank * local:(world.rank + 1) * local].to(world.device) for m in state["memory"]]
 
-    def save_checkpoint() -> None:
-        model_sd, optim_sd = model_state(net, optimizer)
-        mine = {k: v.tolist() for k, v in rng_state().items()}
-        per_process = gather_objects({**mine, "running": running.tolist()}, world)
-        all_memory = _gather_memory(memory, world)
-        if world.main:
-            per_process = [{k: torch.tensor(v, dtype=torch.float64 if k == "running" else torch.uint8)
-                            for k, v in p.items()} for p in per_process]
-            checkpoint.save(path, {"identity": identity, "model": model_sd, "optimizer": optim_sd, "step": step,
-                                   "history": history, "seconds": seconds, "per_process": per_process,
-                                   "memory": all_memory})
-        barrier(world)
+    def save() -> None:
+        save_checkpoint(path, identity, net, optimizer, run, world, memory=_gather_memory(memory, world))
 
     last = min(t.steps, stop_after if stop_after is not None else t.steps)
-    bar = progress_bar(progress and world.main, total=t.steps, initial=step, desc="lm train", unit="step",
+    bar = progress_bar(progress and world.main, total=t.steps, initial=run.step, desc="lm train", unit="step",
                        leave=False)
     net.train()
-    while step < last:
+    while run.step < last:
         tick = time.perf_counter()
-        index = step % per_epoch
+        index = run.step % per_epoch
         if index == 0:
             memory = None  # a new epoch starts each stream over: nothing before it to remember
         inputs, targets = (x.to(world.device) for x in segment(rows, index, mcfg.seg_len))
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(t, step)
+            group["lr"] = learning_rate(t, run.step)
         result = net(inputs, memory, targets=targets)
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        if t.grad_clip:
-            nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
-        optimizer.step()
+        optimizer_step(net, optimizer, result.loss, t.grad_clip)
         memory = result.memory
-        step += 1
-        running += torch.tensor([result.loss.item() * targets.numel(), targets.numel()], dtype=torch.float64)
-        seconds += time.perf_counter() - tick
+        run.step += 1
+        run.running += torch.tensor([result.loss.item() * targets.numel(), targets.numel()], dtype=torch.float64)
+        run.seconds += time.perf_counter() - tick
         if bar is not None:
             bar.update(1)
             bar.set_postfix(bpb=f"{result.loss.item() / LN2:.3f}")
-        if step % t.eval_every == 0 or step == t.steps:
-            total = all_sum(running, world)
+        if run.step % t.eval_every == 0 or run.step == t.steps:
+            total = all_sum(run.running, world)
             val = evaluate(model, corpus.valid, seg_len=mcfg.seg_len, mem_len=mcfg.mem_len, batch=t.eval_batch,
                            max_bytes=t.eval_bytes, world=world)
-            history.append({"step": step, "train_bpb": float(total[0] / total[1] / LN2), "val_bpb": val.bits_per_byte,
-                            "lr": learning_rate(t, step - 1), "seconds": seconds})
-            running.zero_()
+            run.history.append({"step": run.step, "train_bpb": float(total[0] / total[1] / LN2),
+                                "val_bpb": val.bits_per_byte, "lr": learning_rate(t, run.step - 1),
+                                "seconds": run.seconds})
+            run.running.zero_()
             if bar is not None:
-                bar.set_postfix(bpb=f"{history[-1]['train_bpb']:.3f}", val=f"{val.bits_per_byte:.3f}")
-            save_checkpoint()
+                bar.set_postfix(bpb=f"{run.history[-1]['train_bpb']:.3f}", val=f"{val.bits_per_byte:.3f}")
+            save()
     if bar is not None:
         bar.close()
-    if step < t.steps:  # stopped early on request: the checkpoint holds everything
-        save_checkpoint()
-        return {"finished": False, "step": step}
+    if run.step < t.steps:  # stopped early on request: the checkpoint holds everything
+        save()
+        return {"finished": False, "step": run.step}
 
     result = {
-        "finished": True, "steps": step, "params": sum(p.numel() for p in model.parameters()),
-        "pattern": mcfg.pattern or "full", "world_size": world.size, "train_seconds": seconds,
-        "seconds_per_step": seconds / step if step else None, "history": history,
-        "val_bpb": history[-1]["val_bpb"] if history else None,
+        "finished": True, "steps": run.step, "params": sum(p.numel() for p in model.parameters()),
+        "pattern": mcfg.pattern or "full", "world_size": world.size, "train_seconds": run.seconds,
+        "seconds_per_step": run.seconds / run.step if run.step else None, "history": run.history,
+        "val_bpb": run.history[-1]["val_bpb"] if run.history else None,
         "unigram_bpb": unigram_bits_per_byte(corpus.train, corpus.valid[:t.eval_bytes]),
         "corpus": {"name": corpus.name, "fingerprint": corpus.fingerprint, "sizes": list(corpus.sizes)},
         "config": cfg.to_dict(),
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
-                    "device": str(world.device)},
+        "machine": machine(world),
     }
     if world.main:
         model.save_pretrained(out / MODEL_DIR)
-        tmp = out / f".{RESULT}.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out / RESULT)
+        write_result(out / RESULT, result)
     barrier(world)
     return result
 

@@ -9,10 +9,7 @@ writes ``result.json``. Under ``torchrun`` it trains data-parallel (see ``distri
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import EncoderConfig, SparseEncoderClassifier
-from ..training import checkpoint
-from ..training.distributed import World, all_sum, barrier, gather_objects, init_world, wrap
-from ..training.state import load_model_state, model_state, progress_bar, rng_state, set_rng_state
+from ..training.distributed import World, all_sum, init_world, wrap
+from ..training.run import Progress, load_checkpoint, machine, optimizer_step, save_checkpoint, write_result
+from ..training.state import progress_bar
 from .attentions import ALIASES, build_attention
 from .configs import LRAConfig
 from .tasks import Split, Task, get_task
@@ -147,86 +144,56 @@ def train_run(cfg: LRAConfig, attention: str, *, data_dir: Path | str, out_dir: 
     optimizer = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
     identity = {"config": cfg.to_dict(), "attention": attention, "world_size": world.size}
 
-    step, history, seconds = 0, [], 0.0
-    running = torch.zeros(2, dtype=torch.float64)  # this process's loss sum and steps since the last evaluation
+    run = Progress()  # its running sums: loss and steps since the last evaluation
     torch.manual_seed(cfg.seed + 1 + world.rank)  # dropout streams differ per process
     path = out / CHECKPOINT
     if resume and path.exists():
-        state = checkpoint.load(path)
-        if json.dumps(state["identity"], sort_keys=True) != json.dumps(identity, sort_keys=True):
-            raise ValueError(f"{path} belongs to another run (config, attention or process count differ); "
-                             "use another --out or --no-resume")
-        load_model_state(net, optimizer, state["model"], state["optimizer"])
-        step, history, seconds = state["step"], state["history"], state["seconds"]
-        mine = state["per_process"][world.rank]
-        running = mine.pop("running").double()
-        set_rng_state(mine)
+        run, _ = load_checkpoint(path, identity, net, optimizer, world, differs="config, attention or process count")
 
-    def save_checkpoint() -> None:
-        model_sd, optim_sd = model_state(net, optimizer)
-        # RNG streams and the loss sum since the last evaluation differ per process: keep each one's.
-        mine = {k: v.tolist() for k, v in rng_state().items()}
-        per_process = gather_objects({**mine, "running": running.tolist()}, world)
-        if world.main:
-            per_process = [{k: torch.tensor(v, dtype=torch.float64 if k == "running" else torch.uint8)
-                            for k, v in p.items()} for p in per_process]
-            checkpoint.save(path, {"identity": identity, "model": model_sd, "optimizer": optim_sd, "step": step,
-                                   "history": history, "seconds": seconds, "per_process": per_process})
-        barrier(world)
-
-    bar = progress_bar(progress and world.main, total=t.steps, initial=step, desc=f"{cfg.task}/{attention}",
+    bar = progress_bar(progress and world.main, total=t.steps, initial=run.step, desc=f"{cfg.task}/{attention}",
                        unit="step", leave=False)
     local = t.batch_size // world.size
     train, last = data["train"], min(t.steps, stop_after if stop_after is not None else t.steps)
     eval_batch = max(local, 64)
     net.train()
-    while step < last:
+    while run.step < last:
         tick = time.perf_counter()
-        index = batch_indices(len(train), t.batch_size, step, cfg.seed)[world.rank * local:(world.rank + 1) * local]
+        index = batch_indices(len(train), t.batch_size, run.step, cfg.seed)[world.rank * local:(world.rank + 1) * local]
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
+            group["lr"] = learning_rate(cfg, run.step)
         loss = F.cross_entropy(net(*_inputs(train, index, world.device)), train.labels[index].to(world.device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip:
-            nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
-        optimizer.step()
-        step += 1
-        running += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-        seconds += time.perf_counter() - tick
+        optimizer_step(net, optimizer, loss, t.grad_clip)
+        run.step += 1
+        run.running += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        run.seconds += time.perf_counter() - tick
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % t.eval_every == 0 or step == t.steps:
-            total = all_sum(running, world)
+        if run.step % t.eval_every == 0 or run.step == t.steps:
+            total = all_sum(run.running, world)
             acc = evaluate(net, data["val"], world, batch=eval_batch, limit=t.eval_examples)
-            history.append({"step": step, "loss": float(total[0] / total[1]), "val_acc": acc,
-                            "lr": learning_rate(cfg, step - 1), "seconds": seconds})
-            running.zero_()
+            run.history.append({"step": run.step, "loss": float(total[0] / total[1]), "val_acc": acc,
+                                "lr": learning_rate(cfg, run.step - 1), "seconds": run.seconds})
+            run.running.zero_()
             if bar is not None:
-                bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val=f"{acc:.3f}")
-            save_checkpoint()
+                bar.set_postfix(loss=f"{run.history[-1]['loss']:.3f}", val=f"{acc:.3f}")
+            save_checkpoint(path, identity, net, optimizer, run, world)
     if bar is not None:
         bar.close()
-    if step < t.steps:  # stopped early on request: the checkpoint holds everything
-        save_checkpoint()
-        return {"finished": False, "step": step}
+    if run.step < t.steps:  # stopped early on request: the checkpoint holds everything
+        save_checkpoint(path, identity, net, optimizer, run, world)
+        return {"finished": False, "step": run.step}
 
     result = {
         "task": cfg.task, "attention": attention, "pattern": getattr(model.pattern, "name", "full"),
-        "finished": True, "steps": step, "params": params, "world_size": world.size,
-        "train_seconds": seconds, "steps_per_second": step / seconds if seconds else None,
-        "val_acc": history[-1]["val_acc"] if history else None,
-        "best_val_acc": max((h["val_acc"] for h in history), default=None),
+        "finished": True, "steps": run.step, "params": params, "world_size": world.size,
+        "train_seconds": run.seconds, "steps_per_second": run.step / run.seconds if run.seconds else None,
+        "val_acc": run.history[-1]["val_acc"] if run.history else None,
+        "best_val_acc": max((h["val_acc"] for h in run.history), default=None),
         "test_acc": evaluate(net, data["test"], world, batch=eval_batch),
         "test_majority": majority_rate(data["test"].labels), "seq_len": model.cfg.seq_len,
-        "history": history, "config": cfg.to_dict(),
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
-                    "device": str(world.device)},
+        "history": run.history, "config": cfg.to_dict(), "machine": machine(world),
     }
     if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{RESULT}.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out / RESULT)
+        write_result(out / RESULT, result)
     return result

@@ -1,0 +1,85 @@
+"""A resumable training run: its progress, its checkpoint and its result file (LRA and LM trainers alike).
+
+The checkpoint holds the run's identity (config, data, process count), the full model and optimizer state,
+the progress (step, history, training seconds) and, per process, the RNG streams and the loss sums since the
+last evaluation; a trainer adds what else its next step depends on (the LM's memory). Restoring all of it
+makes the next step the one an uninterrupted run would take.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint
+from .distributed import World, barrier, gather_objects
+from .state import load_model_state, model_state, rng_state, set_rng_state
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0  # training time, evaluation excluded
+    running: Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))  # this process's sums
+
+
+def save_checkpoint(path: Path, identity: dict, net: nn.Module, optimizer, run: Progress, world: World,
+                    **extra) -> None:
+    """Every process calls it (the state dicts and per-process values are gathered); the main one writes."""
+    model_sd, optim_sd = model_state(net, optimizer)
+    # RNG streams and the sums since the last evaluation differ per process: keep each one's.
+    mine = {k: v.tolist() for k, v in rng_state().items()}
+    per_process = gather_objects({**mine, "running": run.running.tolist()}, world)
+    if world.main:
+        per_process = [{k: torch.tensor(v, dtype=torch.float64 if k == "running" else torch.uint8)
+                        for k, v in p.items()} for p in per_process]
+        checkpoint.save(path, {"identity": identity, "model": model_sd, "optimizer": optim_sd, "step": run.step,
+                               "history": run.history, "seconds": run.seconds, "per_process": per_process,
+                               **extra})
+    barrier(world)
+
+
+def load_checkpoint(path: Path, identity: dict, net: nn.Module, optimizer, world: World, *,
+                    differs: str) -> tuple[Progress, dict]:
+    """Restore ``save_checkpoint``'s state into ``net``, ``optimizer`` and this process's RNG.
+
+    Returns the progress and the whole state (for a trainer's extras). A checkpoint of another run (its
+    identity differs: ``differs`` names what may) is refused rather than silently continued.
+    """
+    state = checkpoint.load(path)
+    if json.dumps(state["identity"], sort_keys=True) != json.dumps(identity, sort_keys=True):
+        raise ValueError(f"{path} belongs to another run ({differs} differ); use another --out or --no-resume")
+    load_model_state(net, optimizer, state["model"], state["optimizer"])
+    mine = dict(state["per_process"][world.rank])
+    running = mine.pop("running").double()
+    set_rng_state(mine)
+    return Progress(state["step"], state["history"], state["seconds"], running), state
+
+
+def optimizer_step(net: nn.Module, optimizer, loss: Tensor, grad_clip: float | None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    optimizer.step()
+
+
+def machine(world: World) -> dict:
+    """Where the numbers of a result were measured."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
+            "device": str(world.device)}
+
+
+def write_result(path: Path, result: dict) -> None:
+    """``result.json``, atomically: a reader never sees half of one (its presence marks a finished run)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
