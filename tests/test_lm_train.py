@@ -274,3 +274,34 @@ def test_cli_eval_of_a_run_still_in_progress_uses_the_runs_corpus(corpus_file, c
     assert main(["lm", "eval", str(run), "--max-bytes", "2000", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["corpus"] == corpus_file.name and math.isfinite(report["memory"][0]["bits_per_byte"])
+
+
+def test_sweep_trains_each_pattern_evaluates_each_memory_and_reuses_both(corpus_file, corpus, tmp_path):
+    from longattn.lm.evaluate import evaluate
+    from longattn.lm.sweep import run_sweep
+
+    logged = []
+    kwargs = dict(patterns=["full", "sliding_window(7, 0)"], preset_name="tiny", steps=6, mem_lens=[0, 32, 128],
+                  max_bytes=3000, corpus=str(corpus_file), progress=False, log=logged.append)
+    report = run_sweep(tmp_path, **kwargs)
+    assert [r["pattern"] for r in report["rows"]] == ["full", "sliding_window(7, 0)"]
+    assert sum("training" in line for line in logged) == 2
+    window = load_lm(tmp_path / "sliding_window_7_0")
+    assert window.cfg.pattern == "sliding_window(7, 0)" and window.cfg.seg_len == 32
+    direct = evaluate(window, corpus.test[:3000], seg_len=32, mem_len=128, batch=4)
+    assert report["rows"][1]["memory"]["128"]["bits_per_byte"] == pytest.approx(direct.bits_per_byte, abs=1e-6)
+    # the window reaches 8 keys: memory beyond that changes nothing; full attention uses it
+    window_bpb = [report["rows"][1]["memory"][m]["bits_per_byte"] for m in ("32", "128")]
+    assert window_bpb[0] == pytest.approx(window_bpb[1], abs=1e-5)
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| full |" in table and "bpb, mem 128" in table and "unigram baseline" in table
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+    logged.clear()
+    cached = (tmp_path / "full" / "evaluations.json").stat().st_mtime_ns
+    again = run_sweep(tmp_path, **kwargs)  # finished runs and their evaluations are reused
+    assert not any("training" in line for line in logged)
+    assert (tmp_path / "full" / "evaluations.json").stat().st_mtime_ns == cached
+    assert again["rows"] == report["rows"]
+    with pytest.raises(ValueError, match="patterns"):
+        run_sweep(tmp_path, **{**kwargs, "patterns": []})

@@ -90,7 +90,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    report = run_sweep(args.out, patterns=args.patterns, preset_name=args.preset, steps=args.steps,
+                       mem_lens=args.mem_len, split=args.split, max_bytes=args.max_bytes, corpus=args.corpus)
+    print(f"table in {Path(args.out) / 'sweep.md'}, plot in {Path(args.out) / 'sweep.png'}; "
+          f"unigram {report['unigram_bpb']:.3f} bits/byte")
+    return 0
+
+
 def add_parser(sub) -> None:
+    from .sweep import DEFAULT_PATTERNS
     from .train import PRESETS
 
     lm = sub.add_parser("lm", help="byte-level Transformer-XL language model: train, eval, generate")
@@ -127,6 +138,18 @@ def add_parser(sub) -> None:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", help="write the results as JSON")
     ev.set_defaults(func=_cmd_eval)
+
+    sweep = cmds.add_parser("sweep", help="train every pattern, evaluate each at several memory lengths: the table")
+    sweep.add_argument("--out", default="results/lm", help="runs go to OUT/<pattern>/, the table to OUT/sweep.md")
+    sweep.add_argument("--patterns", nargs="+", default=list(DEFAULT_PATTERNS),
+                       help="preset names or pattern expressions")
+    sweep.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    sweep.add_argument("--steps", type=int, default=300)
+    sweep.add_argument("--mem-len", type=int, nargs="+", help="default: the training memory times 1, 2 and 4")
+    sweep.add_argument("--split", default="test", choices=["valid", "test"])
+    sweep.add_argument("--max-bytes", type=int, default=200_000, help="evaluate a prefix of the split")
+    sweep.add_argument("--corpus", help="raw byte file or .zip; default: this Python's standard library")
+    sweep.set_defaults(func=_cmd_sweep)
 
     gen = cmds.add_parser("generate", help="continue a prompt, with cached memory")
     gen.add_argument("run", help="run directory or model directory")

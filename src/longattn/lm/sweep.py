@@ -1,0 +1,145 @@
+"""``longattn lm sweep``: the pattern x memory table of the Transformer-XL byte LM.
+
+One run per attention pattern, all with the same preset and number of steps (finished runs are reused,
+interrupted ones resume), then each evaluated on one split at several memory lengths, by default the
+training one, twice and four times it (the paper's claim: more memory at evaluation than in training lowers
+bits per byte). Writes ``sweep.json``, ``sweep.md`` (the table) and ``sweep.png`` (bits per byte against
+memory) into the output folder. Evaluations are kept in each run's ``evaluations.json`` and reused while the
+run's weights are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from ..training.run import write_result
+from .corpus import Corpus, load_corpus, unigram_bits_per_byte
+from .evaluate import evaluate
+from .train import MODEL_DIR, RESULT, load_lm, preset, train_lm
+
+DEFAULT_PATTERNS = ("full", "window", "strided", "fixed", "bigbird")
+EVALUATIONS = "evaluations.json"
+
+
+def run_dir_name(pattern: str) -> str:
+    """A folder name for a preset name or a pattern expression."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", pattern).strip("_") or "pattern"
+
+
+def _weights_digest(run: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted((run / MODEL_DIR).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _finished(run: Path, config: dict) -> dict | None:
+    """The run's result when it finished with exactly this config."""
+    path = run / RESULT
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    same = json.dumps(result.get("config"), sort_keys=True) == json.dumps(config, sort_keys=True)
+    return result if same and result.get("finished") else None
+
+
+def _evaluations(run: Path, key: dict, mem_lens: list[int], corpus: Corpus, progress: bool) -> dict[int, dict]:
+    """Bits per byte and ms per byte at each memory length, from the cache when ``key`` matches."""
+    path = run / EVALUATIONS
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    if cache.get("key") != key:
+        cache = {"key": key, "memory": {}}
+    todo = [m for m in mem_lens if str(m) not in cache["memory"]]
+    if todo:
+        model = load_lm(run)
+        data = corpus.split(key["split"])[:key["max_bytes"]]
+        for mem_len in todo:
+            r = evaluate(model, data, seg_len=key["seg_len"], mem_len=mem_len, batch=key["batch"], progress=progress,
+                         desc=f"{run.name} mem {mem_len}")
+            cache["memory"][str(mem_len)] = {"bits_per_byte": r.bits_per_byte, "ms_per_byte": r.ms_per_byte,
+                                             "bytes": r.bytes}
+        write_result(path, cache)
+    return {m: cache["memory"][str(m)] for m in mem_lens}
+
+
+def run_sweep(out: Path | str, *, patterns=DEFAULT_PATTERNS, preset_name: str = "small", steps: int = 300,
+              mem_lens: list[int] | None = None, split: str = "test", max_bytes: int = 200_000, batch: int = 4,
+              corpus: str | None = None, progress: bool = True, log=print) -> dict:
+    """Train and evaluate every pattern into ``out/<pattern>/``; returns (and writes) the sweep's rows."""
+    out = Path(out)
+    if not patterns:
+        raise ValueError("patterns must name at least one pattern")
+    if steps < 1 or max_bytes < 1:
+        raise ValueError(f"steps and max_bytes must be >= 1, got {steps} and {max_bytes}")
+    data = load_corpus(corpus)
+    base = preset(preset_name, corpus=corpus)
+    mem_lens = sorted(set(mem_lens or [base.model.mem_len * k for k in (1, 2, 4)]))
+    if min(mem_lens) < 0:
+        raise ValueError(f"mem_lens must be >= 0, got {mem_lens}")
+    test = data.split(split)[:max_bytes]
+    rows = []
+    for pattern in patterns:
+        cfg = preset(preset_name, model={"pattern": pattern}, train={"steps": steps}, corpus=corpus)
+        run = out / run_dir_name(pattern)
+        result = _finished(run, cfg.to_dict())
+        if result is None:
+            log(f"training {pattern} ({steps} steps of the {preset_name} preset) into {run}")
+            result = train_lm(cfg, out_dir=run, corpus=data, progress=progress)
+        key = {"weights": _weights_digest(run), "split": split, "max_bytes": max_bytes, "batch": batch,
+               "seg_len": cfg.model.seg_len, "corpus": data.fingerprint}
+        evals = _evaluations(run, key, mem_lens, data, progress)
+        rows.append({"pattern": pattern, "params": result["params"], "seconds_per_step": result["seconds_per_step"],
+                     "val_bpb": result["val_bpb"], "memory": {str(m): e for m, e in evals.items()}})
+        log(f"{pattern:>10}: {result['seconds_per_step']:.2f} s/step; " + ", ".join(
+            f"mem {m} {e['bits_per_byte']:.4f}" for m, e in evals.items()) + " bits/byte")
+    report = {"preset": preset_name, "steps": steps, "split": split, "bytes": int(test.numel()),
+              "corpus": data.name, "train_mem_len": base.model.mem_len, "seg_len": base.model.seg_len,
+              "mem_lens": mem_lens, "unigram_bpb": unigram_bits_per_byte(data.train, test), "rows": rows}
+    write_result(out / "sweep.json", report)
+    (out / "sweep.md").write_text(table(report) + "\n")
+    _plot(report, out / "sweep.png")
+    return report
+
+
+def table(report: dict) -> str:
+    """The Markdown table: a row per pattern, bits per byte and evaluation speed per memory length."""
+    mems = report["mem_lens"]
+    head = (["pattern", "params", "s/step (train)"] + [f"bpb, mem {m}" for m in mems]
+            + [f"ms/byte, mem {m}" for m in mems])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        cells = [r["pattern"], f"{r['params'] / 1e6:.2f}M", f"{r['seconds_per_step']:.2f}"]
+        cells += [f"{r['memory'][str(m)]['bits_per_byte']:.4f}" for m in mems]
+        cells += [f"{r['memory'][str(m)]['ms_per_byte']:.3f}" for m in mems]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\n{report['split']} split, first {report['bytes']:,} bytes of {report['corpus']}; "
+                 f"{report['steps']} steps of the {report['preset']} preset (segments of {report['seg_len']}, "
+                 f"memory {report['train_mem_len']} in training); unigram baseline "
+                 f"{report['unigram_bpb']:.3f} bits/byte.")
+    return "\n".join(lines)
+
+
+def _plot(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # headless
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is the optional `viz` extra
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    mems = report["mem_lens"]
+    for r in report["rows"]:
+        ax.plot(mems, [r["memory"][str(m)]["bits_per_byte"] for m in mems], marker="o", label=r["pattern"])
+    ax.axvline(report["train_mem_len"], ls=":", lw=0.8, color="grey")
+    ax.set(xlabel="memory length at evaluation (dotted: training)", ylabel="bits per byte",
+           title=f"{report['split']} bits per byte vs memory")
+    if min(mems) > 0:
+        ax.set_xscale("log", base=2)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
