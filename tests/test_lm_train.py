@@ -282,10 +282,10 @@ def test_sweep_trains_each_pattern_evaluates_each_memory_and_reuses_both(corpus_
 
     logged = []
     kwargs = dict(patterns=["full", "sliding_window(7, 0)"], preset_name="tiny", steps=6, mem_lens=[0, 32, 128],
-                  max_bytes=3000, corpus=str(corpus_file), progress=False, log=logged.append)
+                  max_bytes=3000, corpus=str(corpus_file), step_repeats=2, progress=False, log=logged.append)
     report = run_sweep(tmp_path, **kwargs)
     assert [r["pattern"] for r in report["rows"]] == ["full", "sliding_window(7, 0)"]
-    assert sum("training" in line for line in logged) == 2
+    assert sum(line.startswith("training ") for line in logged) == 2
     window = load_lm(tmp_path / "sliding_window_7_0")
     assert window.cfg.pattern == "sliding_window(7, 0)" and window.cfg.seg_len == 32
     direct = evaluate(window, corpus.test[:3000], seg_len=32, mem_len=128, batch=4)
@@ -295,13 +295,16 @@ def test_sweep_trains_each_pattern_evaluates_each_memory_and_reuses_both(corpus_
     assert window_bpb[0] == pytest.approx(window_bpb[1], abs=1e-5)
     table = (tmp_path / "sweep.md").read_text()
     assert "| full |" in table and "bpb, mem 128" in table and "unigram baseline" in table
+    assert "s/step (paired)" in table and all(r["paired_seconds_per_step"] > 0 for r in report["rows"])
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
     logged.clear()
     cached = (tmp_path / "full" / "evaluations.json").stat().st_mtime_ns
     again = run_sweep(tmp_path, **kwargs)  # finished runs and their evaluations are reused
-    assert not any("training" in line for line in logged)
+    assert not any(line.startswith("training ") for line in logged)
     assert (tmp_path / "full" / "evaluations.json").stat().st_mtime_ns == cached
+    for row in (*again["rows"], *report["rows"]):
+        row.pop("paired_seconds_per_step")  # timed afresh, the rest reused
     assert again["rows"] == report["rows"]
     with pytest.raises(ValueError, match="patterns"):
         run_sweep(tmp_path, **{**kwargs, "patterns": []})

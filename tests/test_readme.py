@@ -81,3 +81,12 @@ def test_readme_models_example_runs_verbatim():
     mask = scope["torch"].ones_like(ids)
     mask[1, 30:] = 0
     assert scope["bert"](ids, attention_mask=mask).last_hidden_state.shape == (2, 50, 64)
+
+
+def test_readme_language_model_example_runs_verbatim():
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "TransformerXL" in b)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["text"].shape == (2, 30) and scope["out"].logits.shape == (2, 32, 256)
+    assert [m.shape for m in scope["memory"]] == [(2, 96, 64)] * 2

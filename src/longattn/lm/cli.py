@@ -94,7 +94,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
     report = run_sweep(args.out, patterns=args.patterns, preset_name=args.preset, steps=args.steps,
-                       mem_lens=args.mem_len, split=args.split, max_bytes=args.max_bytes, corpus=args.corpus)
+                       mem_lens=args.mem_len, split=args.split, max_bytes=args.max_bytes, corpus=args.corpus,
+                       step_repeats=args.step_repeats)
     print(f"table in {Path(args.out) / 'sweep.md'}, plot in {Path(args.out) / 'sweep.png'}; "
           f"unigram {report['unigram_bpb']:.3f} bits/byte")
     return 0
@@ -149,6 +150,8 @@ def add_parser(sub) -> None:
     sweep.add_argument("--split", default="test", choices=["valid", "test"])
     sweep.add_argument("--max-bytes", type=int, default=200_000, help="evaluate a prefix of the split")
     sweep.add_argument("--corpus", help="raw byte file or .zip; default: this Python's standard library")
+    sweep.add_argument("--step-repeats", type=int, default=5,
+                       help="rounds of training steps timed with the patterns taking turns (0: skip)")
     sweep.set_defaults(func=_cmd_sweep)
 
     gen = cmds.add_parser("generate", help="continue a prompt, with cached memory")

@@ -4,7 +4,9 @@ One run per attention pattern, all with the same preset and number of steps (fin
 interrupted ones resume), then each evaluated on one split at several memory lengths, by default the
 training one, twice and four times it (the paper's claim: more memory at evaluation than in training lowers
 bits per byte). Writes ``sweep.json``, ``sweep.md`` (the table) and ``sweep.png`` (bits per byte against
-memory) into the output folder. Evaluations are kept in each run's ``evaluations.json`` and reused while the
+memory) into the output folder. Time per step is given twice: each run's own mean, and a median measured
+with the patterns taking turns step by step (``paired_step_seconds``), the one to compare patterns by on a
+machine whose speed drifts. Evaluations are kept in each run's ``evaluations.json`` and reused while the
 run's weights are unchanged.
 """
 
@@ -13,12 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import statistics
+import time
 from pathlib import Path
 
+import torch
+
 from ..training.run import write_result
-from .corpus import Corpus, load_corpus, unigram_bits_per_byte
+from ..models.xl import TransformerXL
+from ..training.run import optimizer_step
+from .corpus import Corpus, load_corpus, num_segments, segment, streams, unigram_bits_per_byte
 from .evaluate import evaluate
-from .train import MODEL_DIR, RESULT, load_lm, preset, train_lm
+from .train import MODEL_DIR, RESULT, LMRunConfig, load_lm, preset, train_lm
 
 DEFAULT_PATTERNS = ("full", "window", "strided", "fixed", "bigbird")
 EVALUATIONS = "evaluations.json"
@@ -65,10 +73,41 @@ def _evaluations(run: Path, key: dict, mem_lens: list[int], corpus: Corpus, prog
     return {m: cache["memory"][str(m)] for m in mem_lens}
 
 
+def paired_step_seconds(configs: dict[str, LMRunConfig], corpus: Corpus, *, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one training step (forward, backward, optimizer) of each config, with a full memory.
+
+    The configs take turns, one step each, ``repeats`` rounds: on a shared machine whose speed drifts, every
+    config sees the same conditions, which the runs' own times (taken minutes apart) do not guarantee.
+    """
+    states = {}
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        model = TransformerXL(cfg.model).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+        rows = streams(corpus.train, cfg.train.batch_size)
+        states[name] = [model, optimizer, rows, None]
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for index in range(repeats + 2):  # two untimed rounds: warm-up, and the memory filled to mem_len
+        for name, state in states.items():
+            model, optimizer, rows, memory = state
+            seg_len = configs[name].model.seg_len
+            inputs, targets = segment(rows, index % num_segments(rows.shape[1], seg_len), seg_len)
+            tick = time.perf_counter()
+            out = model(inputs, memory, targets=targets)
+            optimizer_step(model, optimizer, out.loss, configs[name].train.grad_clip)
+            if index >= 2:
+                times[name].append(time.perf_counter() - tick)
+            state[3] = out.memory
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def run_sweep(out: Path | str, *, patterns=DEFAULT_PATTERNS, preset_name: str = "small", steps: int = 300,
               mem_lens: list[int] | None = None, split: str = "test", max_bytes: int = 200_000, batch: int = 4,
-              corpus: str | None = None, progress: bool = True, log=print) -> dict:
-    """Train and evaluate every pattern into ``out/<pattern>/``; returns (and writes) the sweep's rows."""
+              corpus: str | None = None, step_repeats: int = 5, progress: bool = True, log=print) -> dict:
+    """Train and evaluate every pattern into ``out/<pattern>/``; returns (and writes) the sweep's rows.
+
+    ``step_repeats``: rounds of ``paired_step_seconds`` (0: only the runs' own seconds per step).
+    """
     out = Path(out)
     if not patterns:
         raise ValueError("patterns must name at least one pattern")
@@ -80,9 +119,10 @@ def run_sweep(out: Path | str, *, patterns=DEFAULT_PATTERNS, preset_name: str = 
     if min(mem_lens) < 0:
         raise ValueError(f"mem_lens must be >= 0, got {mem_lens}")
     test = data.split(split)[:max_bytes]
-    rows = []
+    rows, configs = [], {}
     for pattern in patterns:
-        cfg = preset(preset_name, model={"pattern": pattern}, train={"steps": steps}, corpus=corpus)
+        cfg = configs[pattern] = preset(preset_name, model={"pattern": pattern}, train={"steps": steps},
+                                        corpus=corpus)
         run = out / run_dir_name(pattern)
         result = _finished(run, cfg.to_dict())
         if result is None:
@@ -93,8 +133,12 @@ def run_sweep(out: Path | str, *, patterns=DEFAULT_PATTERNS, preset_name: str = 
         evals = _evaluations(run, key, mem_lens, data, progress)
         rows.append({"pattern": pattern, "params": result["params"], "seconds_per_step": result["seconds_per_step"],
                      "val_bpb": result["val_bpb"], "memory": {str(m): e for m, e in evals.items()}})
-        log(f"{pattern:>10}: {result['seconds_per_step']:.2f} s/step; " + ", ".join(
-            f"mem {m} {e['bits_per_byte']:.4f}" for m, e in evals.items()) + " bits/byte")
+        log(f"{pattern:>10}: " + ", ".join(f"mem {m} {e['bits_per_byte']:.4f}" for m, e in evals.items())
+            + " bits/byte")
+    if step_repeats:
+        log(f"timing training steps, the patterns taking turns ({step_repeats} rounds)")
+        for row, seconds in zip(rows, paired_step_seconds(configs, data, repeats=step_repeats).values()):
+            row["paired_seconds_per_step"] = seconds
     report = {"preset": preset_name, "steps": steps, "split": split, "bytes": int(test.numel()),
               "corpus": data.name, "train_mem_len": base.model.mem_len, "seg_len": base.model.seg_len,
               "mem_lens": mem_lens, "unigram_bpb": unigram_bits_per_byte(data.train, test), "rows": rows}
@@ -107,18 +151,21 @@ def run_sweep(out: Path | str, *, patterns=DEFAULT_PATTERNS, preset_name: str = 
 def table(report: dict) -> str:
     """The Markdown table: a row per pattern, bits per byte and evaluation speed per memory length."""
     mems = report["mem_lens"]
-    head = (["pattern", "params", "s/step (train)"] + [f"bpb, mem {m}" for m in mems]
+    paired = all("paired_seconds_per_step" in r for r in report["rows"])
+    head = (["pattern", "params", "s/step (run)"] + ["s/step (paired)"] * paired + [f"bpb, mem {m}" for m in mems]
             + [f"ms/byte, mem {m}" for m in mems])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         cells = [r["pattern"], f"{r['params'] / 1e6:.2f}M", f"{r['seconds_per_step']:.2f}"]
+        cells += [f"{r['paired_seconds_per_step']:.2f}"] * paired
         cells += [f"{r['memory'][str(m)]['bits_per_byte']:.4f}" for m in mems]
         cells += [f"{r['memory'][str(m)]['ms_per_byte']:.3f}" for m in mems]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\n{report['split']} split, first {report['bytes']:,} bytes of {report['corpus']}; "
                  f"{report['steps']} steps of the {report['preset']} preset (segments of {report['seg_len']}, "
                  f"memory {report['train_mem_len']} in training); unigram baseline "
-                 f"{report['unigram_bpb']:.3f} bits/byte.")
+                 f"{report['unigram_bpb']:.3f} bits/byte. s/step (run): the run's mean training step; "
+                 "(paired): the median step, the patterns taking turns on the same machine state.")
     return "\n".join(lines)
 
 

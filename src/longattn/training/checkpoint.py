@@ -15,7 +15,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 _TENSOR = "__tensor__"
