@@ -109,6 +109,7 @@ def run_sweep(out: Path | str, *, patterns=DEFAULT_PATTERNS, preset_name: str = 
     ``step_repeats``: rounds of ``paired_step_seconds`` (0: only the runs' own seconds per step).
     """
     out = Path(out)
+    patterns = list(dict.fromkeys(patterns))  # each once
     if not patterns:
         raise ValueError("patterns must name at least one pattern")
     if steps < 1 or max_bytes < 1:
