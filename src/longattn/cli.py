@@ -121,10 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as err:  # FileNotFoundError: missing LRA data
         print(f"longattn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    from .training.distributed import leave_world
+
+    leave_world()  # under torchrun: every process finishes its last collective before any exits
+    return code
 
 
 if __name__ == "__main__":

@@ -80,3 +80,11 @@ def gather_objects(obj, world: World) -> list:
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()
+
+
+def leave_world() -> None:
+    """Leave torchrun's process group together: a process that exits while another is still in a collective,
+    or with the group alive, can abort its peer (gloo raises SIGABRT at teardown)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
