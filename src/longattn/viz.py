@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from .patterns import Pattern
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend; ImportError without the `viz` extra."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on servers and CI
@@ -18,20 +18,21 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: str | Path, dpi: int) -> Path:
+def save_figure(fig, out: str | Path, dpi: int) -> Path:
+    """Write ``fig`` as an image (folders created) and free it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=dpi)
     fig.clf()
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return out
 
 
 def draw_pattern(pattern: Pattern, seq_len: int, out: str | Path, *, kv_len: int | None = None, block: int = 64,
                  num_heads: int = 1, head: int = 0) -> Path:
     """Save a PNG: the token mask of ``head`` (left) and its block layout (right), titled with density."""
-    plt = _pyplot()
+    plt = pyplot()
 
     if not 0 <= head < num_heads:
         raise ValueError(f"head must be in [0, {num_heads}), got {head}")
@@ -58,13 +59,13 @@ def draw_pattern(pattern: Pattern, seq_len: int, out: str | Path, *, kv_len: int
         ax.set_ylabel(f"query {unit} i")
     head_note = f", head {head} of {num_heads}" if num_heads > 1 else ""
     fig.suptitle(f"{pattern.name}  (Nq={seq_len}, Nk={kv_len or seq_len}{head_note})")
-    return _save(fig, out, dpi=110)
+    return save_figure(fig, out, dpi=110)
 
 
 def draw_bench(rows: list[dict], out: str | Path) -> Path:
     """Save a PNG from ``bench.json`` rows: time (ms) against sequence length, one panel per
     (pattern, dtype, mode), one line per path, log-log so that linear and quadratic paths separate."""
-    plt = _pyplot()
+    plt = pyplot()
 
     panels = sorted({(r["pattern"], r["dtype"], r["mode"]) for r in rows})
     paths = sorted({r["path"] for r in rows})
@@ -86,4 +87,4 @@ def draw_bench(rows: list[dict], out: str | Path) -> Path:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    return _save(fig, out, dpi=100)
+    return save_figure(fig, out, dpi=100)

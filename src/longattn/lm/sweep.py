@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from ..training.run import write_result
 from ..models.xl import TransformerXL
-from ..training.run import optimizer_step
+from ..training.run import finished_result, optimizer_step, write_result
+from ..viz import pyplot, save_figure
 from .corpus import Corpus, load_corpus, num_segments, segment, streams, unigram_bits_per_byte
 from .evaluate import evaluate
 from .train import MODEL_DIR, RESULT, LMRunConfig, load_lm, preset, train_lm
@@ -44,18 +45,8 @@ def _weights_digest(run: Path) -> str:
     return h.hexdigest()
 
 
-def _finished(run: Path, config: dict) -> dict | None:
-    """The run's result when it finished with exactly this config."""
-    path = run / RESULT
-    if not path.exists():
-        return None
-    result = json.loads(path.read_text())
-    same = json.dumps(result.get("config"), sort_keys=True) == json.dumps(config, sort_keys=True)
-    return result if same and result.get("finished") else None
-
-
-def _evaluations(run: Path, key: dict, mem_lens: list[int], corpus: Corpus, progress: bool) -> dict[int, dict]:
-    """Bits per byte and ms per byte at each memory length, from the cache when ``key`` matches."""
+def _evaluations(run: Path, key: dict, mem_lens: list[int], data: Tensor, progress: bool) -> dict[int, dict]:
+    """Bits per byte and ms per byte of ``data`` at each memory length, from the cache when ``key`` matches."""
     path = run / EVALUATIONS
     cache = json.loads(path.read_text()) if path.exists() else {}
     if cache.get("key") != key:
@@ -63,7 +54,6 @@ def _evaluations(run: Path, key: dict, mem_lens: list[int], corpus: Corpus, prog
     todo = [m for m in mem_lens if str(m) not in cache["memory"]]
     if todo:
         model = load_lm(run)
-        data = corpus.split(key["split"])[:key["max_bytes"]]
         for mem_len in todo:
             r = evaluate(model, data, seg_len=key["seg_len"], mem_len=mem_len, batch=key["batch"], progress=progress,
                          desc=f"{run.name} mem {mem_len}")
@@ -79,25 +69,24 @@ def paired_step_seconds(configs: dict[str, LMRunConfig], corpus: Corpus, *, repe
     The configs take turns, one step each, ``repeats`` rounds: on a shared machine whose speed drifts, every
     config sees the same conditions, which the runs' own times (taken minutes apart) do not guarantee.
     """
-    states = {}
+    runs = {}  # name -> (model, optimizer, training streams)
     for name, cfg in configs.items():
         torch.manual_seed(0)
         model = TransformerXL(cfg.model).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-        rows = streams(corpus.train, cfg.train.batch_size)
-        states[name] = [model, optimizer, rows, None]
+        runs[name] = model, torch.optim.AdamW(model.parameters(), lr=cfg.train.lr), streams(corpus.train,
+                                                                                              cfg.train.batch_size)
+    memory = dict.fromkeys(configs)
     times: dict[str, list[float]] = {name: [] for name in configs}
     for index in range(repeats + 2):  # two untimed rounds: warm-up, and the memory filled to mem_len
-        for name, state in states.items():
-            model, optimizer, rows, memory = state
-            seg_len = configs[name].model.seg_len
-            inputs, targets = segment(rows, index % num_segments(rows.shape[1], seg_len), seg_len)
+        for name, (model, optimizer, rows) in runs.items():
+            cfg = configs[name]
+            inputs, targets = segment(rows, index % num_segments(rows.shape[1], cfg.model.seg_len), cfg.model.seg_len)
             tick = time.perf_counter()
-            out = model(inputs, memory, targets=targets)
-            optimizer_step(model, optimizer, out.loss, configs[name].train.grad_clip)
+            out = model(inputs, memory[name], targets=targets)
+            optimizer_step(model, optimizer, out.loss, cfg.train.grad_clip)
             if index >= 2:
                 times[name].append(time.perf_counter() - tick)
-            state[3] = out.memory
+            memory[name] = out.memory
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -125,13 +114,13 @@ def run_sweep(out: Path | str, *, patterns=DEFAULT_PATTERNS, preset_name: str = 
         cfg = configs[pattern] = preset(preset_name, model={"pattern": pattern}, train={"steps": steps},
                                         corpus=corpus)
         run = out / run_dir_name(pattern)
-        result = _finished(run, cfg.to_dict())
+        result = finished_result(run / RESULT, cfg.to_dict())
         if result is None:
             log(f"training {pattern} ({steps} steps of the {preset_name} preset) into {run}")
             result = train_lm(cfg, out_dir=run, corpus=data, progress=progress)
         key = {"weights": _weights_digest(run), "split": split, "max_bytes": max_bytes, "batch": batch,
                "seg_len": cfg.model.seg_len, "corpus": data.fingerprint}
-        evals = _evaluations(run, key, mem_lens, data, progress)
+        evals = _evaluations(run, key, mem_lens, test, progress)
         rows.append({"pattern": pattern, "params": result["params"], "seconds_per_step": result["seconds_per_step"],
                      "val_bpb": result["val_bpb"], "memory": {str(m): e for m, e in evals.items()}})
         log(f"{pattern:>10}: " + ", ".join(f"mem {m} {e['bits_per_byte']:.4f}" for m, e in evals.items())
@@ -172,10 +161,7 @@ def table(report: dict) -> str:
 
 def _plot(report: dict, path: Path) -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # headless
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:  # matplotlib is the optional `viz` extra
         return
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -188,6 +174,4 @@ def _plot(report: dict, path: Path) -> None:
     if min(mems) > 0:
         ax.set_xscale("log", base=2)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

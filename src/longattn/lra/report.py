@@ -16,6 +16,8 @@ import html
 import json
 from pathlib import Path
 
+from ..viz import pyplot, save_figure
+
 # LRA paper (Tay et al., 2021), Table 1: test accuracy (%) of the variants longattn implements.
 PAPER_ACCURACY = {
     "full": {"listops": 36.37, "text": 64.27, "retrieval": 57.46, "image": 42.44, "pathfinder32": 71.40},
@@ -127,11 +129,8 @@ def _html_table(rows: list[list[str]]) -> str:
 
 def _plots(results: list[dict], speed: list[dict], out: Path) -> list[str]:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = pyplot()
+    except ImportError:  # matplotlib is the optional `viz` extra
         return []
     written = []
     if results:
@@ -144,9 +143,7 @@ def _plots(results: list[dict], speed: list[dict], out: Path) -> list[str]:
             ax.axhline(100 * rs[0]["test_majority"], ls=":", lw=0.8, color=ax.collections[-1].get_facecolor()[0])
         ax.set(xlabel="training steps / s", ylabel="test accuracy (%)", title="accuracy vs speed (dotted: majority)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_speed.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / "accuracy_vs_speed.png", dpi=120)
         written.append("accuracy_vs_speed.png")
     if speed:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -159,9 +156,7 @@ def _plots(results: list[dict], speed: list[dict], out: Path) -> list[str]:
         axes[0].set(xlabel="sequence length", ylabel="ms per training step", title="training step time")
         axes[1].set(xlabel="sequence length", ylabel="peak MB of a training step", title="memory vs length")
         axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "memory_vs_length.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / "memory_vs_length.png", dpi=120)
         written.append("memory_vs_length.png")
     return written
 

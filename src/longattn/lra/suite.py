@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from ..training.run import finished_result
 from . import speed as speed_mod
 from .configs import LRAConfig, get_config, scaled
 from .report import ATTENTION_ORDER, write_report
@@ -79,12 +80,8 @@ def _bar(total: int, progress: bool):
 
 
 def _finished(out: Path, cfg: LRAConfig, attention: str) -> dict | None:
-    path = out / RESULT
-    if not path.exists():
-        return None
-    result = json.loads(path.read_text())
-    same = json.dumps(result.get("config"), sort_keys=True) == json.dumps(cfg.to_dict(), sort_keys=True)
-    return result if same and result.get("finished") and result.get("attention") == attention else None
+    result = finished_result(out / RESULT, cfg.to_dict())
+    return result if result is not None and result.get("attention") == attention else None
 
 
 def _run_in_worker(cfg_dict: dict, attention: str, data_dir: str, run_dir: str, threads: int) -> dict:

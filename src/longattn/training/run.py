@@ -54,13 +54,26 @@ def load_checkpoint(path: Path, identity: dict, net: nn.Module, optimizer, world
     identity differs: ``differs`` names what may) is refused rather than silently continued.
     """
     state = checkpoint.load(path)
-    if json.dumps(state["identity"], sort_keys=True) != json.dumps(identity, sort_keys=True):
+    if not same_json(state["identity"], identity):
         raise ValueError(f"{path} belongs to another run ({differs} differ); use another --out or --no-resume")
     load_model_state(net, optimizer, state["model"], state["optimizer"])
     mine = dict(state["per_process"][world.rank])
     running = mine.pop("running").double()
     set_rng_state(mine)
     return Progress(state["step"], state["history"], state["seconds"], running), state
+
+
+def same_json(a, b) -> bool:
+    """Equal as JSON (key order aside): how configs read back from files are compared."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def finished_result(path: Path, config: dict) -> dict | None:
+    """The ``result.json`` at ``path`` when its run finished with exactly ``config``, else None."""
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("finished") and same_json(result.get("config"), config) else None
 
 
 def optimizer_step(net: nn.Module, optimizer, loss: Tensor, grad_clip: float | None) -> None:
