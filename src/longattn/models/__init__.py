@@ -2,11 +2,12 @@
 
 from ._registry import create_model, default_config, list_models
 from .bigbird import BigBirdConfig, BigBirdModel
+from .botnet import BotNet, BotNetConfig, FeatureMaps
 from .encoder import EncoderConfig, SparseEncoderClassifier
 from .etc import EtcConfig, EtcModel, EtcStructure, etc_structure
 from .longformer import LongformerConfig, LongformerModel
 from .xl import TransformerXL, XLConfig, XLOutput
 
-__all__ = ["BigBirdConfig", "BigBirdModel", "EncoderConfig", "EtcConfig", "EtcModel", "EtcStructure",
+__all__ = ["BigBirdConfig", "BigBirdModel", "BotNet", "BotNetConfig", "FeatureMaps", "EncoderConfig", "EtcConfig", "EtcModel", "EtcStructure",
            "LongformerConfig", "LongformerModel", "SparseEncoderClassifier", "create_model", "default_config",
            "TransformerXL", "XLConfig", "XLOutput", "etc_structure", "list_models"]

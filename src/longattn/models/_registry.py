@@ -13,6 +13,7 @@ from typing import Callable
 from torch import nn
 
 from .bigbird import BigBirdConfig, BigBirdModel
+from .botnet import BotNet, BotNetConfig
 from .etc import EtcConfig, EtcModel
 from .longformer import LongformerConfig, LongformerModel
 from .xl import TransformerXL, XLConfig
@@ -37,6 +38,16 @@ _MODELS: dict[str, tuple[type[nn.Module], Callable[[], object]]] = {
     "transformer-xl-enwik8-base": (TransformerXL, lambda: XLConfig(dim=512, depth=12, heads=8, ffn_dim=2048,
                                                                    seg_len=512, mem_len=512)),
     "transformer-xl-small": (TransformerXL, lambda: XLConfig(dim=256, depth=4, heads=4, seg_len=256, mem_len=256)),
+    # BoTNet (Srinivas et al. 2021): ResNet-50 and BoT50 (MHSA in c5, 4 heads), 224 x 224 ImageNet sizes;
+    # the S1 models keep c5 at stride 1, with the paper's block counts for c2..c5 (T3 = S1-59, T4 = S1-110,
+    # T5 = S1-128, T6 = S1-77) but plain bottlenecks (its T-series adds SE and SiLU, not built here)
+    "resnet50": (BotNet, lambda: BotNetConfig(attention=False)),
+    "botnet50": (BotNet, lambda: BotNetConfig()),
+    "botnet50-s1": (BotNet, lambda: BotNetConfig(c5_stride=1)),
+    "botnet-s1-59": (BotNet, lambda: BotNetConfig(layers=(3, 4, 6, 6), c5_stride=1)),
+    "botnet-s1-77": (BotNet, lambda: BotNetConfig(layers=(3, 4, 6, 12), c5_stride=1)),
+    "botnet-s1-110": (BotNet, lambda: BotNetConfig(layers=(3, 4, 23, 6), c5_stride=1)),
+    "botnet-s1-128": (BotNet, lambda: BotNetConfig(layers=(3, 4, 23, 12), c5_stride=1)),
 }
 
 

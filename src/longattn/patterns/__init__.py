@@ -16,6 +16,7 @@ from .parse import parse_pattern
 from .random_blocks import random_blocks
 from .sparse_transformer import fixed, sparse_transformer, strided
 from .window import dilated, sliding_window
+from .window_2d import window_2d
 
 __all__ = [
     "BlockPlan",
@@ -36,4 +37,5 @@ __all__ = [
     "sliding_window",
     "sparse_transformer",
     "strided",
+    "window_2d",
 ]

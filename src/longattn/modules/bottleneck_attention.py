@@ -1,0 +1,171 @@
+"""``BottleneckAttention2d``: BoTNet's multi-head self-attention over a 2-D feature map (Srinivas et al. 2021).
+
+Notation: b batch, h heads, d head dim, (y, x) a query's row and column, (y', x') a key's. The map of
+``H x W`` positions is read row-major as ``N = H W`` tokens. The logit of query i and key j is
+
+    l_ij = s q_i . (k_j + R_h[y' - y] + R_w[x' - x]),        s = d ** -0.5
+
+the content-content term plus the content-position term of the paper's Figure 4, with *split* relative
+encodings: one learned table for height offsets and one for width offsets (Bello et al. 2019), each
+``(2 reach + 1, d)`` and shared by the heads. Softmax over all keys (the paper) or over a 2-D local window
+(``radius``: ``patterns.window_2d``), then the values; no output projection (the block's next 1x1
+convolution is one). With ``stride=2`` a 2x2 average pool follows the attention, as the paper's first c5 block.
+
+Any map size: the tables are sized from ``feat_size`` (the map the model is built for). A map whose offsets
+stay within the table reads the table's middle part: the same offsets, exact. Larger offsets need more
+entries: ``resize="interpolate"`` (default) stretches the table linearly to the new size, as vision models
+resize position tables when fine-tuned at a higher resolution (offset 2 of a twice as wide map reads the
+old offset 1); ``resize="clamp"`` keeps the offsets exact and gives every offset beyond the table the
+table's last entry (Transformer-XL's ``clamp_len``). With a local window, offsets never exceed ``radius``,
+so the table is ``2 radius + 1`` long and never resized.
+
+Two exact ways to compute the position term (``attention`` does the softmax either way):
+
+- global: the relative logits form an additive ``(B, h, N, N)`` bias, broadcast from a height part
+  ``(B, h, N, H)`` and a width part ``(B, h, N, W)``, as the paper does; SDPA applies it.
+- local: the bias would be quadratic, so the position term becomes extra features instead: query i gets
+  ``[s q_i, s q_i . R_h[y' - y] for every row y', s q_i . R_w[x' - x] for every column x']`` and key j
+  ``[k_j, onehot(y_j), onehot(x_j)]``, whose dot product is exactly l_ij. Plain attention of width
+  ``d + H + W`` on the window pattern then runs in linear memory on the blocked backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..functional import attention
+from ..patterns import window_2d
+
+RESIZE = ("interpolate", "clamp")
+
+
+def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a (height, width) pair, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def relative_table(table: Tensor, reach: int, *, resize: str = "interpolate") -> Tensor:
+    """The ``(2 reach + 1, d)`` rows of a relative table for offsets ``-reach..reach``.
+
+    ``table`` holds offsets ``-R..R`` (``2 R + 1`` rows, offset 0 in the middle). ``reach <= R`` reads the
+    middle rows (exact); a larger ``reach`` interpolates the table linearly or clamps the offsets.
+    """
+    big = (table.shape[0] - 1) // 2
+    if reach <= big:
+        return table[big - reach: big + reach + 1]
+    if resize == "clamp":
+        offsets = torch.arange(-reach, reach + 1, device=table.device).clamp(-big, big)
+        return table[offsets + big]
+    if table.shape[0] == 1:  # a single entry (a 1-wide map) stretches to a constant
+        return table.expand(2 * reach + 1, -1)
+    stretched = F.interpolate(table.t()[None], size=2 * reach + 1, mode="linear", align_corners=True)
+    return stretched[0].t()  # (2 reach + 1, d)
+
+
+def relative_logits(q: Tensor, table: Tensor, size: int, axis: int) -> Tensor:
+    """``q . R[y' - y]`` for every key row ``y'`` (``axis=0``) or column ``x'`` (``axis=1``).
+
+    q: ``(B, h, H, W, d)``, table: ``(2 reach + 1, d)`` (offsets clamped into it). Returns
+    ``(B, h, H, W, size)``.
+    """
+    reach = (table.shape[0] - 1) // 2
+    pos = torch.arange(size, device=q.device)
+    rows = table[(pos[None, :] - pos[:, None]).clamp(-reach, reach) + reach]  # (size query, size key, d)
+    if axis == 0:
+        return torch.einsum("bhyxd,ykd->bhyxk", q, rows)
+    return torch.einsum("bhyxd,xkd->bhyxk", q, rows)
+
+
+class BottleneckAttention2d(nn.Module):
+    """Multi-head self-attention on ``x: (B, C, H, W)`` with split relative position logits (BoTNet's MHSA).
+
+    Args:
+        dim: input channels C.
+        dim_out: output channels (= heads x head dim), default ``dim``.
+        num_heads: heads (BoTNet: 4).
+        feat_size: the ``(H, W)`` map (or one int) the relative tables are sized for; other sizes work
+            (see the module docstring).
+        stride: 1, or 2 for a 2x2 average pool after the attention (``ceil_mode``: odd maps keep their last
+            row, as a stride-2 convolution's ``ceil(H / 2)``).
+        radius: None = global attention (the paper); an int = each position attends its
+            ``(2 radius + 1)^2`` neighbourhood only (``patterns.window_2d``), linear memory for large maps.
+        qkv_bias: bias on the 1x1 query/key/value projection (the paper has none).
+        resize: how tables grow for larger maps, ``"interpolate"`` or ``"clamp"``.
+        backend: passed to ``longattn.attention``.
+
+    Returns ``(B, dim_out, ceil(H / stride), ceil(W / stride))``, channels-last strides.
+    """
+
+    def __init__(self, dim: int, dim_out: int | None = None, *, num_heads: int = 4,
+                 feat_size: int | tuple[int, int] = 14, stride: int = 1, radius: int | None = None,
+                 qkv_bias: bool = False, resize: str = "interpolate", backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        dim_out = dim if dim_out is None else dim_out
+        if dim_out % num_heads:
+            raise ValueError(f"dim_out ({dim_out}) must be divisible by num_heads ({num_heads})")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+        if radius is not None and (not isinstance(radius, int) or radius < 0):
+            raise ValueError(f"radius must be None (global attention) or an int >= 0, got {radius!r}")
+        if resize not in RESIZE:
+            raise ValueError(f"resize must be one of {RESIZE}, got {resize!r}")
+        self.dim, self.dim_out, self.num_heads, self.head_dim = dim, dim_out, num_heads, dim_out // num_heads
+        self.feat_size, self.stride, self.radius = _pair(feat_size, "feat_size"), stride, radius
+        self.resize, self.backend = resize, backend
+        reach = [s - 1 if radius is None else radius for s in self.feat_size]
+        factory = {"device": device, "dtype": dtype}
+        self.qkv = nn.Conv2d(dim, 3 * dim_out, 1, bias=qkv_bias, **factory)
+        self.rel_height = nn.Parameter(torch.empty(2 * reach[0] + 1, self.head_dim, **factory))
+        self.rel_width = nn.Parameter(torch.empty(2 * reach[1] + 1, self.head_dim, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.qkv.weight, mode="fan_in", nonlinearity="linear")
+        if self.qkv.bias is not None:
+            nn.init.zeros_(self.qkv.bias)
+        for table in (self.rel_height, self.rel_width):
+            nn.init.normal_(table, std=self.head_dim ** -0.5)  # the reference implementation's scale
+
+    def tables(self, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """The height and width tables this module uses on a ``height x width`` map."""
+        reach_h, reach_w = height - 1, width - 1
+        if self.radius is not None:
+            reach_h, reach_w = min(reach_h, self.radius), min(reach_w, self.radius)
+        return (relative_table(self.rel_height, reach_h, resize=self.resize),
+                relative_table(self.rel_width, reach_w, resize=self.resize))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (B, C={self.dim}, H, W), got {tuple(x.shape)}")
+        b, _, height, width = x.shape
+        n, heads, d = height * width, self.num_heads, self.head_dim
+        qkv = self.qkv(x).permute(0, 2, 3, 1).reshape(b, n, 3, heads, d)  # a view for channels-last x
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
+        q = q * d ** -0.5
+        table_h, table_w = self.tables(height, width)
+        q2d = q.view(b, heads, height, width, d)
+        rel_h = relative_logits(q2d, table_h, height, axis=0).reshape(b, heads, n, height)  # (B, h, N, H)
+        rel_w = relative_logits(q2d, table_w, width, axis=1).reshape(b, heads, n, width)  # (B, h, N, W)
+        if self.radius is None:
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, n, n)  # (B, h, N, H' W')
+            out = attention(q, k, v, attn_mask=bias, scale=1.0, backend=self.backend)
+        else:
+            pos = torch.arange(n, device=x.device)
+            onehot = torch.cat([F.one_hot(pos // width, height), F.one_hot(pos % width, width)], -1).to(k.dtype)
+            q_ext = torch.cat([q, rel_h, rel_w], -1)  # (B, h, N, d + H + W)
+            k_ext = torch.cat([k, onehot.expand(b, heads, n, height + width)], -1)
+            out = attention(q_ext, k_ext, v, pattern=window_2d(self.radius, height, width), scale=1.0,
+                            backend=self.backend)
+        out = out.transpose(1, 2).reshape(b, height, width, self.dim_out).permute(0, 3, 1, 2)  # (B, C', H, W)
+        if self.stride == 2:
+            out = F.avg_pool2d(out, 2, 2, ceil_mode=True)
+        return out
+
+    def extra_repr(self) -> str:
+        local = "global" if self.radius is None else f"radius={self.radius}"
+        return (f"{self.dim}, {self.dim_out}, num_heads={self.num_heads}, feat_size={self.feat_size}, "
+                f"stride={self.stride}, {local}, resize={self.resize!r}")
