@@ -1,5 +1,6 @@
 """The ``longattn`` command: ``show`` draws a pattern, ``bench`` times every path, ``convert`` extends a
-checkpoint to long inputs, ``lra`` runs Long Range Arena."""
+checkpoint to long inputs, ``lra`` runs Long Range Arena, ``lm`` the Transformer-XL language model, ``vision``
+BoTNet and ResNet-50."""
 
 from __future__ import annotations
 
@@ -112,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .lm.cli import add_parser as add_lm_parser
     from .lra.cli import add_parser as add_lra_parser
+    from .vision.cli import add_parser as add_vision_parser
 
     add_lra_parser(sub)
     add_lm_parser(sub)
+    add_vision_parser(sub)
     return parser
 
 

@@ -83,7 +83,10 @@ def dense_attention(inp: AttentionInputs) -> Tensor:
     if bias is not None:
         if keep is not None:
             bias = bias.masked_fill(~keep, float("-inf"))
-        row_live = (bias > float("-inf")).any(-1, keepdim=True)  # (B?, H?, Nq, 1)
+        # One reduction, no (Nq, Nk) bool temporary: a finite bias (relative positions) goes to SDPA as is.
+        row_live = bias.amax(-1, keepdim=True) > float("-inf")  # (B?, H?, Nq, 1)
+        if bool(row_live.all()):
+            return sdpa(bias)
         return _zero_dead(sdpa(torch.where(row_live, bias, 0.0)), row_live)
     row_live = keep.any(-1, keepdim=True)
     return _zero_dead(sdpa(keep | ~row_live), row_live)

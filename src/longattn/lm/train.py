@@ -9,7 +9,6 @@ its last checkpoint gives the losses of an uninterrupted run.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ from torch import Tensor
 from ..models.xl import TransformerXL, XLConfig
 from ..training import checkpoint
 from ..training.distributed import World, all_sum, barrier, init_world, wrap
-from ..training.run import Progress, load_checkpoint, machine, optimizer_step, save_checkpoint, write_result
+from ..training.run import (Progress, load_checkpoint, machine, optimizer_step, save_checkpoint, warmup_cosine,
+                            write_result)
 from ..training.state import progress_bar
 from .corpus import Corpus, load_corpus, num_segments, segment, streams, unigram_bits_per_byte
 from .evaluate import LN2, evaluate
@@ -80,9 +80,7 @@ def preset(name: str, *, model: dict | None = None, train: dict | None = None, c
 
 def learning_rate(t: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to zero at ``t.steps`` (the paper's schedule)."""
-    warm = min(1.0, (step + 1) / t.warmup) if t.warmup else 1.0
-    progress = max(0.0, (step - t.warmup) / max(1, t.steps - t.warmup))
-    return t.lr * warm * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return warmup_cosine(t.lr, step, t.warmup, t.steps)
 
 
 def _gather_memory(memory: list[Tensor] | None, world: World) -> list[Tensor] | None:

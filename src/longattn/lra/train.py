@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from ..models import EncoderConfig, SparseEncoderClassifier
 from ..training.distributed import World, all_sum, init_world, wrap
-from ..training.run import Progress, load_checkpoint, machine, optimizer_step, save_checkpoint, write_result
+from ..training.run import (Progress, batch_indices, load_checkpoint, machine, majority_rate, optimizer_step,
+                            save_checkpoint, warmup_cosine, write_result)
 from ..training.state import progress_bar
 from .attentions import ALIASES, build_attention
 from .configs import LRAConfig
@@ -37,19 +38,8 @@ def learning_rate(cfg: LRAConfig, step: int) -> float:
     if t.schedule == "rsqrt":  # constant * linear_warmup * rsqrt_decay
         return t.lr * warm / math.sqrt(max(step + 1, t.warmup, 1))
     if t.schedule == "cosine":  # constant * linear_warmup * cosine_decay over the run
-        progress = max(0.0, (step - t.warmup) / max(1, t.steps - t.warmup))
-        return t.lr * warm * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return warmup_cosine(t.lr, step, t.warmup, t.steps)
     raise ValueError(f"schedule must be 'rsqrt' or 'cosine', got {t.schedule!r}")
-
-
-def batch_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
-    """The examples of global batch ``step``: epochs are seeded permutations, the remainder is dropped."""
-    per_epoch = n // batch
-    if per_epoch == 0:
-        raise ValueError(f"batch_size ({batch}) is larger than the training split ({n} examples)")
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return perm[i * batch:(i + 1) * batch]
 
 
 def _inputs(data: Split, index: Tensor, device: torch.device) -> tuple:
@@ -91,11 +81,6 @@ def evaluate(model: nn.Module, data: Split, world: World, *, batch: int, limit: 
     model.train(was_training)
     total = all_sum(correct, world)
     return float(total[0] / total[1]) if total[1] else float("nan")
-
-
-def majority_rate(labels: Tensor) -> float:
-    """Accuracy of always predicting the most frequent class: the floor a model must beat."""
-    return float(torch.bincount(labels).max() / max(len(labels), 1)) if len(labels) else float("nan")
 
 
 def load_splits(cfg: LRAConfig, task: Task) -> dict[str, Split]:

@@ -22,7 +22,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from ..modules.bottleneck_attention import RESIZE, BottleneckAttention2d, _pair

@@ -143,7 +143,10 @@ class BottleneckAttention2d(nn.Module):
             raise ValueError(f"x must have shape (B, C={self.dim}, H, W), got {tuple(x.shape)}")
         b, _, height, width = x.shape
         n, heads, d = height * width, self.num_heads, self.head_dim
-        qkv = self.qkv(x).permute(0, 2, 3, 1).reshape(b, n, 3, heads, d)  # a view for channels-last x
+        # Channels-last makes the head dim contiguous (a view for channels-last x): SDPA's fused CPU kernel
+        # needs it and falls back to the quadratic-temporaries math kernel otherwise.
+        qkv = self.qkv(x).contiguous(memory_format=torch.channels_last)
+        qkv = qkv.permute(0, 2, 3, 1).reshape(b, n, 3, heads, d)  # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
         q = q * d ** -0.5
         table_h, table_w = self.tables(height, width)

@@ -9,6 +9,7 @@ makes the next step the one an uninterrupted run would take.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from dataclasses import dataclass, field
@@ -96,3 +97,27 @@ def write_result(path: Path, result: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)
+
+
+def warmup_cosine(peak: float, step: int, warmup: int, steps: int) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up over ``warmup`` steps, then cosine decay to zero at
+    ``steps``."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    progress = max(0.0, (step - warmup) / max(1, steps - warmup))
+    return peak * warm * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
+    """The examples of global batch ``step``: epochs are seeded permutations, the remainder is dropped. A
+    function of the step, so a resumed run draws the batches an uninterrupted one would."""
+    per_epoch = n // batch
+    if per_epoch == 0:
+        raise ValueError(f"batch_size ({batch}) is larger than the training split ({n} examples)")
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[i * batch:(i + 1) * batch]
+
+
+def majority_rate(labels: Tensor) -> float:
+    """Accuracy of always predicting the most frequent class: the floor a model must beat."""
+    return float(torch.bincount(labels).max() / max(len(labels), 1)) if len(labels) else float("nan")

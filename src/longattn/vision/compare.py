@@ -1,0 +1,66 @@
+"""Several backbones trained on one generated image set under one budget: the accuracy/speed table and plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..training.run import finished_result
+from ..viz import pyplot, save_figure
+from .data import pathfinder_images
+from .train import RESULT, VisionRunConfig, train_vision
+
+
+def compare(models: list[str], cfg: VisionRunConfig, *, data_dir: Path | str, out: Path | str,
+            progress: bool = True, resume: bool = True, log=print) -> list[dict]:
+    """Train each of ``models`` with ``cfg`` (only the model differs) into ``out/<model>``, then write
+    ``out/report.md``, ``out/report.json`` and ``out/accuracy.png``. Finished runs of the same config are
+    reused."""
+    out = Path(out)
+    data = None
+    results = []
+    for name in models:
+        run_cfg = dataclasses.replace(cfg, model=name)
+        done = finished_result(out / name / RESULT, run_cfg.to_dict())
+        if done is None:
+            if data is None:
+                data = pathfinder_images(data_dir, resolution=cfg.resolution, preset=cfg.preset,
+                                         examples=cfg.examples, seed=cfg.seed, log=log)
+            done = train_vision(run_cfg, data_dir=data_dir, out_dir=out / name, data=data, progress=progress,
+                                resume=resume)
+        results.append(done)
+        log(f"{name}: test accuracy {done['test_acc']:.3f}, {done['images_per_second']:.1f} images/s")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(results, indent=1))
+    (out / "report.md").write_text(table(results) + "\n")
+    _plot(results, out / "accuracy.png")
+    return results
+
+
+def table(results: list[dict]) -> str:
+    c = results[0]["config"]
+    lines = [f"Pathfinder ({c['preset']}, {c['resolution']}x{c['resolution']}, {c['examples']} images), width "
+             f"{c['width']}, {c['steps']} steps of {c['batch_size']}, {'bf16' if c['bf16'] else 'fp32'}"
+             f"{', channels-last' if c['channels_last'] else ''}; majority class {results[0]['test_majority']:.3f}",
+             "",
+             "| model | params | val acc | test acc | train images/s | train s |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['val_acc']:.3f} | {r['test_acc']:.3f} | "
+                     f"{r['images_per_second']:.1f} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    try:
+        plt = pyplot()
+    except ImportError:  # matplotlib is the optional `viz` extra
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        ax.plot([h["step"] for h in r["history"]], [h["val_acc"] for h in r["history"]], marker="o", label=r["model"])
+    ax.axhline(results[0]["test_majority"], ls=":", lw=0.8, color="grey")
+    ax.set(xlabel="training step", ylabel="validation accuracy", title="same budget, generated Pathfinder images")
+    ax.legend(fontsize=8)
+    save_figure(fig, path, dpi=120)

@@ -1,0 +1,169 @@
+"""Train a vision backbone of the model registry (BoTNet, ResNet-50) on generated images.
+
+One loop for every model: AdamW with warm-up and cosine decay, channels-last tensors, optional bf16
+autocast on CPU (``bf16``; see the README for when it pays), validation every ``eval_every`` steps, an
+atomic checkpoint that resumes after a kill (the batch order is a function of the step; RNG streams are
+saved), and ``result.json`` with the accuracy and the training images per second. Under ``torchrun`` it
+trains data-parallel (``training.distributed``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import create_model
+from ..training.distributed import World, all_sum, init_world, wrap
+from ..training.run import (Progress, batch_indices, load_checkpoint, machine, majority_rate, optimizer_step,
+                            save_checkpoint, warmup_cosine, write_result)
+from ..training.state import progress_bar
+from .data import ImageData, pathfinder_images
+
+CHECKPOINT = "checkpoint.safetensors"
+RESULT = "result.json"
+MODEL_DIR = "model"
+
+
+@dataclass
+class VisionRunConfig:
+    model: str = "botnet50"  # a registry name (create_model)
+    width: int = 16  # the backbone's base width (64 = the paper's; smaller trains faster on a CPU)
+    resolution: int = 128  # image side; BoT50's first MHSA then attends over an 8 x 8 map
+    preset: str = "simple"  # Pathfinder preset of the generated images
+    examples: int = 6000  # images generated in all (80/10/10 split)
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup: int = 30
+    grad_clip: float | None = 1.0
+    eval_every: int = 50
+    channels_last: bool = True
+    bf16: bool = False  # bf16 autocast (CPU and CUDA)
+    seed: int = 0
+    model_overrides: dict = field(default_factory=dict)  # more BotNetConfig fields (radius, heads, ...)
+
+    def __post_init__(self):
+        for name in ("width", "resolution", "examples", "steps", "batch_size", "eval_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_model(cfg: VisionRunConfig, *, device=None) -> nn.Module:
+    """The run's backbone: Pathfinder's two classes and one gray channel, tables sized for ``resolution``."""
+    return create_model(cfg.model, num_classes=2, in_chans=1, width=cfg.width, image_size=cfg.resolution,
+                        device=device, **cfg.model_overrides)
+
+
+def _autocast(cfg: VisionRunConfig, world: World):
+    if not cfg.bf16:
+        return nullcontext()
+    return torch.autocast(world.device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageData, cfg: VisionRunConfig, world: World, *, batch: int = 128) -> float:
+    """Accuracy on ``data``, shared out over processes."""
+    was_training = model.training
+    model.eval()
+    mine = torch.arange(world.rank, len(data), world.size)
+    correct = torch.zeros(2, dtype=torch.float64)
+    for start in range(0, len(mine), batch):
+        x, y = data.batch(mine[start:start + batch], world.device, channels_last=cfg.channels_last)
+        with _autocast(cfg, world):
+            logits = model(x)
+        correct += torch.tensor([float((logits.argmax(-1) == y).sum()), len(y)], dtype=torch.float64)
+    model.train(was_training)
+    total = all_sum(correct, world)
+    return float(total[0] / total[1]) if total[1] else float("nan")
+
+
+def train_vision(cfg: VisionRunConfig, *, data_dir: Path | str, out_dir: Path | str,
+                 data: dict[str, ImageData] | None = None, device: str = "cpu", strategy: str = "ddp",
+                 progress: bool = True, resume: bool = True, stop_after: int | None = None) -> dict:
+    """Train ``cfg`` and write ``checkpoint.safetensors``, ``model/`` and ``result.json`` into ``out_dir``.
+
+    Args:
+        data_dir: where the generated images are (generated there when missing).
+        data: preloaded splits (to train several models on one set).
+        resume: continue from ``out_dir``'s checkpoint when there is one (it must be of the same run).
+        stop_after: end this process after that many steps in total (the checkpoint stays for a later call).
+    """
+    world = init_world(device)
+    out = Path(out_dir)
+    if data is None:
+        data = pathfinder_images(data_dir, resolution=cfg.resolution, preset=cfg.preset, examples=cfg.examples,
+                                 seed=cfg.seed)
+    if cfg.batch_size % world.size:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({world.size})")
+    torch.manual_seed(cfg.seed)  # same initial weights on every process
+    model = build_model(cfg, device=world.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = sum(p.numel() for p in model.parameters())
+    net = wrap(model, world, strategy)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    identity = {"config": cfg.to_dict(), "world_size": world.size}
+
+    run = Progress()
+    torch.manual_seed(cfg.seed + 1 + world.rank)
+    path = out / CHECKPOINT
+    if resume and path.exists():
+        run, _ = load_checkpoint(path, identity, net, optimizer, world, differs="config or process count")
+
+    bar = progress_bar(progress and world.main, total=cfg.steps, initial=run.step, desc=cfg.model, unit="step",
+                       leave=False)
+    local = cfg.batch_size // world.size
+    train, last = data["train"], min(cfg.steps, stop_after if stop_after is not None else cfg.steps)
+    net.train()
+    while run.step < last:
+        tick = time.perf_counter()
+        index = batch_indices(len(train), cfg.batch_size, run.step, cfg.seed)[world.rank * local:(world.rank + 1) * local]
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(cfg.lr, run.step, cfg.warmup, cfg.steps)
+        x, y = train.batch(index, world.device, channels_last=cfg.channels_last)
+        with _autocast(cfg, world):
+            loss = F.cross_entropy(net(x).float(), y)
+        optimizer_step(net, optimizer, loss, cfg.grad_clip)
+        run.step += 1
+        run.running += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        run.seconds += time.perf_counter() - tick
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{run.step * cfg.batch_size / run.seconds:.0f}")
+        if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+            total = all_sum(run.running, world)
+            acc = evaluate(net, data["val"], cfg, world)
+            run.history.append({"step": run.step, "loss": float(total[0] / total[1]), "val_acc": acc,
+                                "seconds": run.seconds})
+            run.running.zero_()
+            if bar is not None:
+                bar.set_postfix(loss=f"{run.history[-1]['loss']:.3f}", val=f"{acc:.3f}")
+            save_checkpoint(path, identity, net, optimizer, run, world)
+    if bar is not None:
+        bar.close()
+    if run.step < cfg.steps:  # stopped early on request: the checkpoint holds everything
+        save_checkpoint(path, identity, net, optimizer, run, world)
+        return {"finished": False, "step": run.step}
+
+    result = {
+        "model": cfg.model, "finished": True, "steps": run.step, "params": params, "world_size": world.size,
+        "train_seconds": run.seconds, "images_per_second": run.step * cfg.batch_size / run.seconds,
+        "val_acc": run.history[-1]["val_acc"], "test_acc": evaluate(net, data["test"], cfg, world),
+        "test_majority": majority_rate(data["test"].labels), "history": run.history, "config": cfg.to_dict(),
+        "machine": machine(world),
+    }
+    if world.main:
+        model.save_pretrained(out / MODEL_DIR)
+        write_result(out / RESULT, result)
+    return result
