@@ -1,13 +1,14 @@
-"""One sweep over the model registry: every named model builds, runs forward and backward on a padded batch,
-and survives a save/load round trip (safetensors) with identical outputs."""
+"""One sweep over the model registry: every named model builds, runs forward and backward on a padded batch
+(vision models: an odd-sized image batch), and survives a save/load round trip (safetensors) with identical
+outputs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from longattn.models import (BigBirdConfig, EtcConfig, LongformerConfig, XLConfig, create_model, default_config,
-                             list_models)
+from longattn.models import (BigBirdConfig, BotNet, BotNetConfig, EtcConfig, LongformerConfig, XLConfig,
+                             create_model, default_config, list_models)
 
 # Small sizes of each family (fields differ between configs): the sweep checks wiring, not scale.
 TINY = {
@@ -18,10 +19,13 @@ TINY = {
     EtcConfig: dict(hidden=24, layers=2, heads=2, intermediate=32, vocab_size=40, local_radius=4,
                     max_relative_distance=3),
     XLConfig: dict(dim=24, depth=2, heads=2, seg_len=16, mem_len=16),
+    BotNetConfig: dict(width=8, num_classes=24, image_size=48),
 }
 
 
 def _run(model, ids, mask):
+    if isinstance(model, BotNet):  # images (2, 3, 45, 50) made from the ids: (2, 24) logits
+        return model(ids[:, :, None, None].float().expand(2, 45, 3, 50).permute(0, 2, 1, 3) / 40)[:, None, :]
     if isinstance(model.cfg if hasattr(model, "cfg") else None, XLConfig):  # a causal LM: no padding mask
         return model(ids).hidden
     if hasattr(model, "cfg"):  # ETC: three segments, padding marked by a negative segment id
@@ -38,7 +42,7 @@ def test_registry_sweep(name, tmp_path):
     mask = torch.ones_like(ids)
     mask[1, 30:] = 0
     out = _run(model.train(), ids, mask)
-    assert out.shape == (2, 45, 24) and torch.isfinite(out).all()
+    assert out.shape == ((2, 1, 24) if isinstance(model, BotNet) else (2, 45, 24)) and torch.isfinite(out).all()
     out.sum().backward()
     unused = ("pooler", "global", "out_bias")  # heads and global projections this input does not reach
     assert all(p.grad is not None for n, p in model.named_parameters() if not any(u in n for u in unused))

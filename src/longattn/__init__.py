@@ -1,8 +1,10 @@
 """longattn: sparse attention for long inputs, exact and fast on CPU and GPU."""
 
+import sys as _sys
+
 from .backends import Choice, clear_caches
 from .functional import attention, explain
-from .modules import RelativeAttention, SparseSelfAttention
+from .modules import BottleneckAttention2d, RelativeAttention, SparseSelfAttention
 from .patterns import (
     Pattern,
     bigbird,
@@ -18,11 +20,13 @@ from .patterns import (
     sliding_window,
     sparse_transformer,
     strided,
+    window_2d,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BottleneckAttention2d",
     "Choice",
     "Pattern",
     "RelativeAttention",
@@ -43,4 +47,10 @@ __all__ = [
     "sliding_window",
     "sparse_transformer",
     "strided",
+    "window_2d",
 ]
+
+if "timm" in _sys.modules:  # timm is in use: make longattn's backbones creatable there (timm is never imported here)
+    from .integrations.timm import register as _register_timm
+
+    _register_timm()
