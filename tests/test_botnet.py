@@ -21,13 +21,20 @@ from longattn.patterns import Geometry, get_plan
 # ---- the 2-D window pattern ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("tile", [None, 4])
 @pytest.mark.parametrize("radius,height,width", [(1, 3, 4), (2, 7, 7), (1, 9, 11), (0, 5, 3), (3, 1, 97)])
-def test_window_2d_definition(radius, height, width):
+def test_window_2d_definition(radius, height, width, tile):
     n = height * width
-    truth = torch.zeros(n, n, dtype=torch.bool)
+    truth = torch.zeros(n, n, dtype=torch.bool)  # row-major tokens
     for i, j in itertools.product(range(n), range(n)):
         truth[i, j] = abs(i // width - j // width) <= radius and abs(i % width - j % width) <= radius
-    pattern = la.window_2d(radius, height, width)
+    pattern = la.window_2d(radius, height, width, tile=tile)
+    order = pattern.order()
+    assert sorted(order.tolist()) == list(range(n))
+    if tile is not None and height > tile:  # tile-major: the first tile's rows come first, tile-wide
+        assert order[:min(tile, width)].tolist() == list(range(min(tile, width)))
+        assert order[min(tile, width)].item() == width
+    truth = truth[order][:, order]  # in the pattern's token order
     assert torch.equal(pattern.dense(n)[0], truth)
     for block in (16, 7):
         layout = pattern.block_layout(n, block=block)[0]
@@ -42,12 +49,23 @@ def test_window_2d_rejects_other_lengths_and_parses():
     with pytest.raises(ValueError, match=r"a 3x4 map needs q_len = kv_len = 12 tokens"):
         la.window_2d(1, 3, 4).dense(13)
     assert la.parse_pattern("window_2d(2, 5, 6)").name == "window_2d_2_5x6"
+    assert la.parse_pattern("window_2d(2, 50, 60, tile=8)").name == "window_2d_2_50x60_tile8"
 
 
-@pytest.mark.parametrize("grid,pad", [((9, 11), False), ((25, 41), True)])  # N = 99 and 1025, head dim 40
-def test_window_2d_blocked_matches_oracle(grid, pad):
+def test_window_2d_tiles_cut_the_blocks_a_query_block_needs():
+    # 64 x 64 map, 64-token blocks: a row-major block is one row and needs 2 radius + 1 rows of key blocks;
+    # an 8 x 8 tile needs its 3 x 3 neighbouring tiles (radius <= 8)
+    for radius, rows in ((3, 7), (7, 15)):
+        row_major = la.window_2d(radius, 64, 64).block_layout(4096, block=64)[0]
+        tiled = la.window_2d(radius, 64, 64, tile=8).block_layout(4096, block=64)[0]
+        assert row_major.sum(1).max() == rows and tiled.sum(1).max() == 9
+        assert la.window_2d(radius, 64, 64).density(4096) == la.window_2d(radius, 64, 64, tile=8).density(4096)
+
+
+@pytest.mark.parametrize("grid,pad,tile", [((9, 11), False, None), ((25, 41), True, None), ((25, 41), True, 8)])
+def test_window_2d_blocked_matches_oracle(grid, pad, tile):  # N = 99 and 1025, head dim 40
     n = grid[0] * grid[1]
-    pattern = la.window_2d(2, *grid)
+    pattern = la.window_2d(2, *grid, tile=tile)
     q, k, v = qkv(2, 2, n, n, 40, torch.float32, "cpu")
     kpm = None
     keep = pattern.dense(n)
@@ -256,6 +274,8 @@ def test_vision_cli(tmp_path, capsys):
     assert main(["vision", "latency", "--sizes", "64", "--repeats", "1", "--out", str(tmp_path / "l.json")]) == 0
     assert "| 64x64 |" in capsys.readouterr().out
     assert main(["vision", "count", "--sizes", "0"]) == 2
+    assert main(["vision", "attention", "--maps", "5", "--radius", "1", "--min-run-time", "0.01"]) == 0
+    assert "| 5x5 | 25 |" in capsys.readouterr().out
     args = ["vision", "train", "--models", "botnet50", "resnet50", "--out", str(tmp_path / "runs"), "--data-dir",
             str(tmp_path / "data"), "--width", "4", "--resolution", "32", "--examples", "200", "--steps", "3",
             "--batch-size", "8", "--eval-every", "3"]

@@ -90,3 +90,14 @@ def test_readme_language_model_example_runs_verbatim():
     exec(compile(block, "README.md", "exec"), scope)
     assert scope["text"].shape == (2, 30) and scope["out"].logits.shape == (2, 32, 256)
     assert [m.shape for m in scope["memory"]] == [(2, 96, 64)] * 2
+
+
+def test_readme_vision_example_runs_verbatim():
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "botnet50" in b)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["logits"].shape == (2, 10)
+    assert [tuple(c.shape[1:]) for c in (scope[n] for n in ("c2", "c3", "c4", "c5"))] == [
+        (256, 128, 128), (512, 64, 64), (1024, 32, 32), (2048, 16, 16)]
+    assert scope["local"].feature_info[-1]["reduction"] == 16

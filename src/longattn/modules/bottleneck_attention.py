@@ -24,21 +24,28 @@ Two exact ways to compute the position term (``attention`` does the softmax eith
 - global: the relative logits form an additive ``(B, h, N, N)`` bias, broadcast from a height part
   ``(B, h, N, H)`` and a width part ``(B, h, N, W)``, as the paper does; SDPA applies it.
 - local: the bias would be quadratic, so the position term becomes extra features instead: query i gets
-  ``[s q_i, s q_i . R_h[y' - y] for every row y', s q_i . R_w[x' - x] for every column x']`` and key j
-  ``[k_j, onehot(y_j), onehot(x_j)]``, whose dot product is exactly l_ij. Plain attention of width
-  ``d + H + W`` on the window pattern then runs in linear memory on the blocked backend.
+  ``[s q_i, s q_i . R_h[y' - y] for each row slot, s q_i . R_w[x' - x] for each column slot]`` and key j
+  ``[k_j, onehot(slot of y_j), onehot(slot of x_j)]``, whose dot product is exactly l_ij on every pair
+  the window allows. A window spans ``2 radius + 1`` rows, all different modulo ``2 radius + 1``, so that
+  many slots suffice (``slot_offsets``): attention of width ``d + 2 (2 radius + 1)`` (at most ``d + H + W``)
+  on the window pattern runs in linear memory on the blocked backend, the tokens read row by row or in
+  8 x 8 tiles, whichever needs fewer key blocks (``local_pattern``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional import attention
-from ..patterns import window_2d
+from ..patterns import Geometry, window_2d
+from ..patterns.window_2d import Window2d
 
 RESIZE = ("interpolate", "clamp")
+LOCAL_TILE = 8  # 8 x 8 tiles: one 64-token block of the blocked backend each
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -66,18 +73,43 @@ def relative_table(table: Tensor, reach: int, *, resize: str = "interpolate") ->
     return stretched[0].t()  # (2 reach + 1, d)
 
 
-def relative_logits(q: Tensor, table: Tensor, size: int, axis: int) -> Tensor:
-    """``q . R[y' - y]`` for every key row ``y'`` (``axis=0``) or column ``x'`` (``axis=1``).
+def relative_logits(q: Tensor, table: Tensor, offsets: Tensor, axis: int) -> Tensor:
+    """``q . R[offsets[y, m]]`` for every query row ``y`` and slot ``m`` (``axis=0``; columns for ``axis=1``).
 
-    q: ``(B, h, H, W, d)``, table: ``(2 reach + 1, d)`` (offsets clamped into it). Returns
-    ``(B, h, H, W, size)``.
+    q: ``(B, h, H, W, d)``; table: ``(2 reach + 1, d)`` for offsets ``-reach..reach`` (larger offsets are
+    clamped: only masked pairs have them); offsets: ``(size, K)`` key-minus-query offsets. Returns
+    ``(B, h, H, W, K)``.
     """
     reach = (table.shape[0] - 1) // 2
-    pos = torch.arange(size, device=q.device)
-    rows = table[(pos[None, :] - pos[:, None]).clamp(-reach, reach) + reach]  # (size query, size key, d)
+    rows = table[offsets.clamp(-reach, reach) + reach]  # (size, K, d)
     if axis == 0:
         return torch.einsum("bhyxd,ykd->bhyxk", q, rows)
     return torch.einsum("bhyxd,xkd->bhyxk", q, rows)
+
+
+def slot_offsets(size: int, radius: int | None, device=None) -> tuple[Tensor, int]:
+    """The key-minus-query offset of every (query coordinate, key slot) along one axis, and the slot count.
+
+    Global (or a window covering the axis): one slot per key coordinate, offset ``m - y``. A window of
+    ``2 radius + 1 < size`` coordinates: slot ``m`` holds the one key coordinate ``y'`` of the window with
+    ``y' = m (mod 2 radius + 1)``, so ``2 radius + 1`` slots serve every query (offset
+    ``((m - y + radius) mod (2 radius + 1)) - radius``).
+    """
+    pos = torch.arange(size, device=device)
+    if radius is None or 2 * radius + 1 >= size:
+        return pos[None, :] - pos[:, None], size
+    period = 2 * radius + 1
+    slots = torch.arange(period, device=device)
+    return torch.remainder(slots[None, :] - pos[:, None] + radius, period) - radius, period
+
+
+@functools.lru_cache(maxsize=64)
+def local_pattern(radius: int, height: int, width: int) -> Window2d:
+    """The window in the token order whose blocks need fewer key blocks: row-major (narrow maps, small radius:
+    a row of 64 tokens needs ``2 radius + 1`` rows) or 8 x 8 tiles (wide maps: a tile needs 3 x 3 tiles)."""
+    n = height * width
+    options = [window_2d(radius, height, width), window_2d(radius, height, width, tile=LOCAL_TILE)]
+    return min(options, key=lambda p: int(p.candidates(Geometry(n, n), LOCAL_TILE ** 2).sum()))
 
 
 class BottleneckAttention2d(nn.Module):
@@ -151,18 +183,22 @@ class BottleneckAttention2d(nn.Module):
         q = q * d ** -0.5
         table_h, table_w = self.tables(height, width)
         q2d = q.view(b, heads, height, width, d)
-        rel_h = relative_logits(q2d, table_h, height, axis=0).reshape(b, heads, n, height)  # (B, h, N, H)
-        rel_w = relative_logits(q2d, table_w, width, axis=1).reshape(b, heads, n, width)  # (B, h, N, W)
+        off_h, slots_h = slot_offsets(height, self.radius, x.device)
+        off_w, slots_w = slot_offsets(width, self.radius, x.device)
+        rel_h = relative_logits(q2d, table_h, off_h, axis=0).reshape(b, heads, n, slots_h)  # (B, h, N, P_h)
+        rel_w = relative_logits(q2d, table_w, off_w, axis=1).reshape(b, heads, n, slots_w)  # (B, h, N, P_w)
         if self.radius is None:
-            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, n, n)  # (B, h, N, H' W')
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, n, n)  # (B, h, N, H W)
             out = attention(q, k, v, attn_mask=bias, scale=1.0, backend=self.backend)
         else:
-            pos = torch.arange(n, device=x.device)
-            onehot = torch.cat([F.one_hot(pos // width, height), F.one_hot(pos % width, width)], -1).to(k.dtype)
-            q_ext = torch.cat([q, rel_h, rel_w], -1)  # (B, h, N, d + H + W)
-            k_ext = torch.cat([k, onehot.expand(b, heads, n, height + width)], -1)
-            out = attention(q_ext, k_ext, v, pattern=window_2d(self.radius, height, width), scale=1.0,
-                            backend=self.backend)
+            pattern = local_pattern(self.radius, height, width)
+            order = pattern.order(x.device)  # row-major, or tile-major (a block of tokens is a square patch)
+            rows, cols = order // width, order % width
+            slot = torch.cat([F.one_hot(rows % slots_h, slots_h), F.one_hot(cols % slots_w, slots_w)], -1)
+            q_ext = torch.cat([q, rel_h, rel_w], -1)[:, :, order]  # (B, h, N, d + P_h + P_w)
+            k_ext = torch.cat([k[:, :, order], slot.to(k.dtype).expand(b, heads, n, -1)], -1)
+            out = attention(q_ext, k_ext, v[:, :, order], pattern=pattern, scale=1.0, backend=self.backend)
+            out = out[:, :, torch.argsort(order)]  # back to row-major
         out = out.transpose(1, 2).reshape(b, height, width, self.dim_out).permute(0, 3, 1, 2)  # (B, C', H, W)
         if self.stride == 2:
             out = F.avg_pool2d(out, 2, 2, ceil_mode=True)

@@ -1,4 +1,4 @@
-"""``longattn vision ...``: train, count, latency for BoTNet and ResNet-50 (argparse wiring)."""
+"""``longattn vision ...``: train, count, latency, attention for BoTNet and ResNet-50 (argparse wiring)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-_RUN_FLAGS = ("width", "resolution", "preset", "examples", "steps", "batch_size", "lr", "warmup", "eval_every",
+_RUN_FLAGS = ("width", "resolution", "preset", "difficulty", "examples", "steps", "batch_size", "lr", "warmup", "eval_every",
               "seed")
 
 
@@ -75,6 +75,21 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_attention(args: argparse.Namespace) -> int:
+    from .measure import attention_cost
+
+    rows = attention_cost(args.maps, radius=args.radius, min_run_time=args.min_run_time)
+    print(f"one c5 MHSA (512 channels, 4 heads, batch 1, fp32): global vs a radius-{args.radius} window")
+    print("| map | tokens | global ms | global MB | local ms | local MB |\n|---|---|---|---|---|---|")
+    cell = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    for r in rows:
+        print(f"| {r['map']}x{r['map']} | {r['tokens']} | {cell(r['global_ms'])} | {cell(r['global_mb'])} | "
+              f"{cell(r['local_ms'])} | {cell(r['local_mb'])} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def add_parser(sub) -> None:
     vision = sub.add_parser("vision", help="BoTNet and ResNet-50: train on generated images, count, time")
     cmds = vision.add_subparsers(dest="vision_command", required=True)
@@ -86,6 +101,8 @@ def add_parser(sub) -> None:
     train.add_argument("--width", type=int, help="base width (64 = the paper's; default 16)")
     train.add_argument("--resolution", type=int, help="image side (default 128)")
     train.add_argument("--preset", choices=["simple", "official"], help="Pathfinder preset (default simple)")
+    train.add_argument("--difficulty", choices=["easy", "intermediate", "hard"],
+                       help="official preset: paths of 6, 9 or 14 dashes (default hard)")
     train.add_argument("--examples", type=int, help="images generated (default 6000)")
     train.add_argument("--steps", type=int)
     train.add_argument("--batch-size", type=int)
@@ -114,3 +131,10 @@ def add_parser(sub) -> None:
     lat.add_argument("--no-channels-last", action="store_true")
     lat.add_argument("--out", default=None, help="JSON file for the numbers")
     lat.set_defaults(func=_cmd_latency)
+
+    att = cmds.add_parser("attention", help="one MHSA layer: global vs 2-D local window, time and peak memory")
+    att.add_argument("--maps", nargs="+", type=int, default=[16, 32, 64, 96], help="square map sides")
+    att.add_argument("--radius", type=int, default=7)
+    att.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
+    att.add_argument("--out", default=None, help="JSON file for the numbers")
+    att.set_defaults(func=_cmd_attention)

@@ -26,7 +26,7 @@ def compare(models: list[str], cfg: VisionRunConfig, *, data_dir: Path | str, ou
         if done is None:
             if data is None:
                 data = pathfinder_images(data_dir, resolution=cfg.resolution, preset=cfg.preset,
-                                         examples=cfg.examples, seed=cfg.seed, log=log)
+                                         examples=cfg.examples, difficulty=cfg.difficulty, seed=cfg.seed, log=log)
             done = train_vision(run_cfg, data_dir=data_dir, out_dir=out / name, data=data, progress=progress,
                                 resume=resume)
         results.append(done)
@@ -40,7 +40,8 @@ def compare(models: list[str], cfg: VisionRunConfig, *, data_dir: Path | str, ou
 
 def table(results: list[dict]) -> str:
     c = results[0]["config"]
-    lines = [f"Pathfinder ({c['preset']}, {c['resolution']}x{c['resolution']}, {c['examples']} images), width "
+    preset = c["preset"] if c["preset"] == "simple" else f"{c['preset']}, {c.get('difficulty', 'hard')}"
+    lines = [f"Pathfinder ({preset}, {c['resolution']}x{c['resolution']}, {c['examples']} images), width "
              f"{c['width']}, {c['steps']} steps of {c['batch_size']}, {'bf16' if c['bf16'] else 'fp32'}"
              f"{', channels-last' if c['channels_last'] else ''}; majority class {results[0]['test_majority']:.3f}",
              "",

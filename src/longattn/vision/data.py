@@ -36,19 +36,21 @@ class ImageData:
 
 
 def pathfinder_images(data_dir: Path | str, *, resolution: int, preset: str = "simple", examples: int = 6000,
-                      seed: int = 0, log=print) -> dict[str, ImageData]:
+                      difficulty: str = "hard", seed: int = 0, log=print) -> dict[str, ImageData]:
     """Train/val/test splits (80/10/10) of generated Pathfinder images, generating them when missing.
 
     ``preset``: ``"simple"`` (markers on the two ends of one short path vs. anywhere: learnable in minutes)
-    or ``"official"`` (LRA's hard setting scaled to ``resolution``: needs long training).
+    or ``"official"`` (LRA's settings scaled to ``resolution``, paths of 6 / 9 / 14 dashes for ``difficulty``
+    easy / intermediate / hard: the hard set needs long training).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-    folder = Path(data_dir) / f"pathfinder{resolution}-{preset}-{examples}-seed{seed}"
-    task = Pathfinder(folder, resolution)
+    name = preset if preset == "simple" else f"{preset}-{difficulty}"
+    folder = Path(data_dir) / f"pathfinder{resolution}-{name}-{examples}-seed{seed}"
+    task = Pathfinder(folder, resolution, difficulty=difficulty)
     done = folder / "complete"  # written last: a generation killed half-way is redone
     if not done.exists():
-        log(f"generating {examples} Pathfinder images ({preset}, {resolution}x{resolution}) into {folder} ...")
+        log(f"generating {examples} Pathfinder images ({name}, {resolution}x{resolution}) into {folder} ...")
         task.generate(seed=seed, preset=preset, examples=examples, workers=2)
         done.write_text("")
     out = {}

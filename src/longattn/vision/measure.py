@@ -82,3 +82,29 @@ def cost_table(names: list[str], sizes: list[tuple[int, int]], *, num_classes: i
         row["paper_madds_1024"] = PAPER.get(name, {}).get("madds_1024")
         rows.append(row)
     return rows
+
+
+def attention_cost(map_sizes: list[int], *, radius: int, dim: int = 512, heads: int = 4,
+                   min_run_time: float = 1.0) -> list[dict]:
+    """Forward time and peak extra memory of one BoT50 c5 MHSA (512 channels, 4 heads, batch 1) on square
+    ``s x s`` maps: global attention against a ``radius`` window. Global needs the ``(h, N, N)`` logit bias,
+    so it stops (None) past 2**31 bias elements."""
+    from .._measure import median_ms, peak_mb
+    from ..modules import BottleneckAttention2d
+
+    cpu = torch.device("cpu")
+    rows = []
+    for s in map_sizes:
+        x = torch.randn(1, dim, s, s).contiguous(memory_format=torch.channels_last)
+        row = {"map": s, "tokens": s * s}
+        for name, r in (("global", None), ("local", radius)):
+            if r is None and heads * (s * s) ** 2 > 2 ** 31:
+                row[f"{name}_ms"] = row[f"{name}_mb"] = None
+                continue
+            m = BottleneckAttention2d(dim, num_heads=heads, feat_size=s, radius=r).eval()
+            with torch.no_grad():
+                fn = lambda: m(x)  # noqa: E731
+                row[f"{name}_ms"] = median_ms(fn, cpu, min_run_time)
+                row[f"{name}_mb"] = peak_mb(fn, cpu, compiled=False)
+        rows.append(row)
+    return rows

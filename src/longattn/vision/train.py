@@ -37,6 +37,7 @@ class VisionRunConfig:
     width: int = 16  # the backbone's base width (64 = the paper's; smaller trains faster on a CPU)
     resolution: int = 128  # image side; BoT50's first MHSA then attends over an 8 x 8 map
     preset: str = "simple"  # Pathfinder preset of the generated images
+    difficulty: str = "hard"  # the official preset's path length: easy, intermediate or hard
     examples: int = 6000  # images generated in all (80/10/10 split)
     steps: int = 300
     batch_size: int = 32
@@ -103,7 +104,7 @@ def train_vision(cfg: VisionRunConfig, *, data_dir: Path | str, out_dir: Path | 
     out = Path(out_dir)
     if data is None:
         data = pathfinder_images(data_dir, resolution=cfg.resolution, preset=cfg.preset, examples=cfg.examples,
-                                 seed=cfg.seed)
+                                 difficulty=cfg.difficulty, seed=cfg.seed)
     if cfg.batch_size % world.size:
         raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({world.size})")
     torch.manual_seed(cfg.seed)  # same initial weights on every process
