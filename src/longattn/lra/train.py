@@ -10,7 +10,6 @@ writes ``result.json``. Under ``torchrun`` it trains data-parallel (see ``distri
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 from ..models import EncoderConfig, SparseEncoderClassifier
 from ..training.distributed import World, all_sum, init_world, wrap
 from ..training.run import (Progress, batch_indices, load_checkpoint, machine, majority_rate, optimizer_step,
-                            save_checkpoint, warmup_cosine, write_result)
+                            save_checkpoint, train_steps, warmup_cosine, write_result)
 from ..training.state import progress_bar
 from .attentions import ALIASES, build_attention
 from .configs import LRAConfig
@@ -138,35 +137,23 @@ def train_run(cfg: LRAConfig, attention: str, *, data_dir: Path | str, out_dir: 
     bar = progress_bar(progress and world.main, total=t.steps, initial=run.step, desc=f"{cfg.task}/{attention}",
                        unit="step", leave=False)
     local = t.batch_size // world.size
-    train, last = data["train"], min(t.steps, stop_after if stop_after is not None else t.steps)
-    eval_batch = max(local, 64)
-    net.train()
-    while run.step < last:
-        tick = time.perf_counter()
-        index = batch_indices(len(train), t.batch_size, run.step, cfg.seed)[world.rank * local:(world.rank + 1) * local]
+    train, eval_batch = data["train"], max(local, 64)
+
+    def step(i: int) -> Tensor:
+        index = batch_indices(len(train), t.batch_size, i, cfg.seed)[world.rank * local:(world.rank + 1) * local]
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, run.step)
+            group["lr"] = learning_rate(cfg, i)
         loss = F.cross_entropy(net(*_inputs(train, index, world.device)), train.labels[index].to(world.device))
         optimizer_step(net, optimizer, loss, t.grad_clip)
-        run.step += 1
-        run.running += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-        run.seconds += time.perf_counter() - tick
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if run.step % t.eval_every == 0 or run.step == t.steps:
-            total = all_sum(run.running, world)
-            acc = evaluate(net, data["val"], world, batch=eval_batch, limit=t.eval_examples)
-            run.history.append({"step": run.step, "loss": float(total[0] / total[1]), "val_acc": acc,
-                                "lr": learning_rate(cfg, run.step - 1), "seconds": run.seconds})
-            run.running.zero_()
-            if bar is not None:
-                bar.set_postfix(loss=f"{run.history[-1]['loss']:.3f}", val=f"{acc:.3f}")
-            save_checkpoint(path, identity, net, optimizer, run, world)
-    if bar is not None:
-        bar.close()
-    if run.step < t.steps:  # stopped early on request: the checkpoint holds everything
-        save_checkpoint(path, identity, net, optimizer, run, world)
+        return loss.detach()
+
+    net.train()
+    finished = train_steps(
+        run, world, steps=t.steps, stop_after=stop_after, eval_every=t.eval_every, step=step,
+        evaluate=lambda: {"val_acc": evaluate(net, data["val"], world, batch=eval_batch, limit=t.eval_examples),
+                          "lr": learning_rate(cfg, run.step - 1)},
+        checkpoint=lambda: save_checkpoint(path, identity, net, optimizer, run, world), bar=bar)
+    if not finished:
         return {"finished": False, "step": run.step}
 
     result = {

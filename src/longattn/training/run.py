@@ -12,14 +12,16 @@ import json
 import math
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .distributed import World, barrier, gather_objects
+from .distributed import World, all_sum, barrier, gather_objects
 from .state import load_model_state, model_state, rng_state, set_rng_state
 
 
@@ -121,3 +123,36 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
 def majority_rate(labels: Tensor) -> float:
     """Accuracy of always predicting the most frequent class: the floor a model must beat."""
     return float(torch.bincount(labels).max() / max(len(labels), 1)) if len(labels) else float("nan")
+
+
+def train_steps(run: Progress, world: World, *, steps: int, stop_after: int | None, eval_every: int,
+                step: Callable[[int], Tensor], evaluate: Callable[[], dict], checkpoint: Callable[[], None],
+                bar=None, postfix: Callable[[], dict] | None = None) -> bool:
+    """The loop a classifier trainer shares: ``step(i)`` trains batch ``i`` and returns its loss; every
+    ``eval_every`` steps (and at the end) the history gains the mean loss since the last evaluation, what
+    ``evaluate()`` returns and the training seconds, and ``checkpoint()`` saves. Stops after ``stop_after``
+    steps in total when given (saving first). Returns True when the run reached ``steps``."""
+    last = min(steps, stop_after if stop_after is not None else steps)
+    while run.step < last:
+        tick = time.perf_counter()
+        loss = step(run.step).item()
+        run.step += 1
+        run.running += torch.tensor([loss, 1.0], dtype=torch.float64)
+        run.seconds += time.perf_counter() - tick
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", **(postfix() if postfix else {}))
+        if run.step % eval_every == 0 or run.step == steps:
+            total = all_sum(run.running, world)
+            run.history.append({"step": run.step, "loss": float(total[0] / total[1]), **evaluate(),
+                                "seconds": run.seconds})
+            run.running.zero_()
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in run.history[-1].items() if k in ("loss", "val_acc")})
+            checkpoint()
+    if bar is not None:
+        bar.close()
+    if run.step < steps:  # stopped early on request: the checkpoint holds everything
+        checkpoint()
+        return False
+    return True

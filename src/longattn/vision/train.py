@@ -10,19 +10,18 @@ trains data-parallel (``training.distributed``).
 from __future__ import annotations
 
 import dataclasses
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..models import create_model
 from ..training.distributed import World, all_sum, init_world, wrap
 from ..training.run import (Progress, batch_indices, load_checkpoint, machine, majority_rate, optimizer_step,
-                            save_checkpoint, warmup_cosine, write_result)
+                            save_checkpoint, train_steps, warmup_cosine, write_result)
 from ..training.state import progress_bar
 from .data import ImageData, pathfinder_images
 
@@ -125,36 +124,25 @@ def train_vision(cfg: VisionRunConfig, *, data_dir: Path | str, out_dir: Path | 
     bar = progress_bar(progress and world.main, total=cfg.steps, initial=run.step, desc=cfg.model, unit="step",
                        leave=False)
     local = cfg.batch_size // world.size
-    train, last = data["train"], min(cfg.steps, stop_after if stop_after is not None else cfg.steps)
-    net.train()
-    while run.step < last:
-        tick = time.perf_counter()
-        index = batch_indices(len(train), cfg.batch_size, run.step, cfg.seed)[world.rank * local:(world.rank + 1) * local]
+    train = data["train"]
+
+    def step(i: int) -> Tensor:
+        index = batch_indices(len(train), cfg.batch_size, i, cfg.seed)[world.rank * local:(world.rank + 1) * local]
         for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(cfg.lr, run.step, cfg.warmup, cfg.steps)
+            group["lr"] = warmup_cosine(cfg.lr, i, cfg.warmup, cfg.steps)
         x, y = train.batch(index, world.device, channels_last=cfg.channels_last)
         with _autocast(cfg, world):
             loss = F.cross_entropy(net(x).float(), y)
         optimizer_step(net, optimizer, loss, cfg.grad_clip)
-        run.step += 1
-        run.running += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-        run.seconds += time.perf_counter() - tick
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{run.step * cfg.batch_size / run.seconds:.0f}")
-        if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
-            total = all_sum(run.running, world)
-            acc = evaluate(net, data["val"], cfg, world)
-            run.history.append({"step": run.step, "loss": float(total[0] / total[1]), "val_acc": acc,
-                                "seconds": run.seconds})
-            run.running.zero_()
-            if bar is not None:
-                bar.set_postfix(loss=f"{run.history[-1]['loss']:.3f}", val=f"{acc:.3f}")
-            save_checkpoint(path, identity, net, optimizer, run, world)
-    if bar is not None:
-        bar.close()
-    if run.step < cfg.steps:  # stopped early on request: the checkpoint holds everything
-        save_checkpoint(path, identity, net, optimizer, run, world)
+        return loss.detach()
+
+    net.train()
+    finished = train_steps(
+        run, world, steps=cfg.steps, stop_after=stop_after, eval_every=cfg.eval_every, step=step,
+        evaluate=lambda: {"val_acc": evaluate(net, data["val"], cfg, world)},
+        checkpoint=lambda: save_checkpoint(path, identity, net, optimizer, run, world), bar=bar,
+        postfix=lambda: {"img_s": f"{run.step * cfg.batch_size / run.seconds:.0f}"})
+    if not finished:
         return {"finished": False, "step": run.step}
 
     result = {
