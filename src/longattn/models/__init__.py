@@ -8,6 +8,6 @@ from .etc import EtcConfig, EtcModel, EtcStructure, etc_structure
 from .longformer import LongformerConfig, LongformerModel
 from .xl import TransformerXL, XLConfig, XLOutput
 
-__all__ = ["BigBirdConfig", "BigBirdModel", "BotNet", "BotNetConfig", "FeatureMaps", "EncoderConfig", "EtcConfig", "EtcModel", "EtcStructure",
-           "LongformerConfig", "LongformerModel", "SparseEncoderClassifier", "create_model", "default_config",
-           "TransformerXL", "XLConfig", "XLOutput", "etc_structure", "list_models"]
+__all__ = ["BigBirdConfig", "BigBirdModel", "BotNet", "BotNetConfig", "EncoderConfig", "EtcConfig", "EtcModel",
+           "EtcStructure", "FeatureMaps", "LongformerConfig", "LongformerModel", "SparseEncoderClassifier",
+           "TransformerXL", "XLConfig", "XLOutput", "create_model", "default_config", "etc_structure", "list_models"]

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-_RUN_FLAGS = ("width", "resolution", "preset", "difficulty", "examples", "steps", "batch_size", "lr", "warmup", "eval_every",
-              "seed")
+_RUN_FLAGS = ("width", "resolution", "preset", "difficulty", "examples", "steps", "batch_size", "lr", "warmup",
+              "eval_every", "seed")
 
 
 def _sizes(values: list[str]) -> list[tuple[int, int]]:
