@@ -108,6 +108,10 @@ def train_vision(cfg: VisionRunConfig, *, data_dir: Path | str, out_dir: Path | 
         raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({world.size})")
     torch.manual_seed(cfg.seed)  # same initial weights on every process
     model = build_model(cfg, device=world.device)
+    if world.size > 1 and world.device.type == "cuda":
+        # batch statistics over the global batch, as one process would compute them (PyTorch's SyncBatchNorm
+        # is GPU-only: on CPU each process normalises its own share)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = sum(p.numel() for p in model.parameters())
