@@ -273,6 +273,8 @@ def test_vision_cli(tmp_path, capsys):
     assert "| resnet50 | 25.56M | 25.50M |" in out and "| botnet50 | 20.85M | 20.80M |" in out
     assert main(["vision", "latency", "--sizes", "64", "--repeats", "1", "--out", str(tmp_path / "l.json")]) == 0
     assert "| 64x64 |" in capsys.readouterr().out
+    assert main(["vision", "latency", "--sizes", "96x64", "--repeats", "1", "--radius", "1"]) == 0
+    assert "botnet50 (radius 1) vs resnet50" in capsys.readouterr().out
     assert main(["vision", "count", "--sizes", "0"]) == 2
     assert main(["vision", "attention", "--maps", "5", "--radius", "1", "--min-run-time", "0.01"]) == 0
     assert "| 5x5 | 25 |" in capsys.readouterr().out

@@ -60,8 +60,10 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     from .measure import paired_latency
 
     torch.manual_seed(0)
-    baseline, model = create_model(args.baseline), create_model(args.model)
-    print(f"{args.model} vs {args.baseline}: forward, batch 1, fp32, {torch.get_num_threads()} threads, median of "
+    baseline = create_model(args.baseline)
+    model = create_model(args.model, **({} if args.radius is None else {"radius": args.radius}))
+    name = args.model if args.radius is None else f"{args.model} (radius {args.radius})"
+    print(f"{name} vs {args.baseline}: forward, batch 1, fp32, {torch.get_num_threads()} threads, median of "
           f"{args.repeats} (taking turns), {'NCHW' if args.no_channels_last else 'channels-last'}")
     print(f"| size | {args.baseline} ms | {args.model} ms | ratio |\n|---|---|---|---|")
     rows = []
@@ -70,8 +72,8 @@ def _cmd_latency(args: argparse.Namespace) -> int:
         rows.append({"size": list(size), "baseline_ms": r.baseline_ms, "model_ms": r.model_ms, "ratio": r.ratio})
         print(f"| {size[0]}x{size[1]} | {r.baseline_ms:.1f} | {r.model_ms:.1f} | {r.ratio:.3f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": args.model, "baseline": args.baseline, "rows": rows},
-                                             indent=1))
+        Path(args.out).write_text(json.dumps({"model": args.model, "radius": args.radius, "baseline": args.baseline,
+                                              "rows": rows}, indent=1))
     return 0
 
 
@@ -128,6 +130,7 @@ def add_parser(sub) -> None:
     lat.add_argument("--baseline", default="resnet50")
     lat.add_argument("--sizes", nargs="+", default=["224", "1024"], help="input sizes: N or HxW")
     lat.add_argument("--repeats", type=int, default=7)
+    lat.add_argument("--radius", type=int, default=None, help="the model with 2-D local attention of this radius")
     lat.add_argument("--no-channels-last", action="store_true")
     lat.add_argument("--out", default=None, help="JSON file for the numbers")
     lat.set_defaults(func=_cmd_latency)
