@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import EncoderConfig, SparseEncoderClassifier
-from ..training.distributed import World, all_sum, init_world, wrap
+from ..training.distributed import World, init_world, wrap
 from ..training.run import (Progress, batch_indices, load_checkpoint, machine, majority_rate, optimizer_step,
-                            save_checkpoint, train_steps, warmup_cosine, write_result)
+                            save_checkpoint, sharded_accuracy, train_steps, warmup_cosine, write_result)
 from ..training.state import progress_bar
 from .attentions import ALIASES, build_attention
 from .configs import LRAConfig
@@ -64,22 +64,11 @@ def build_model(cfg: LRAConfig, attention: str, task: Task, max_len: int, *, dev
     return SparseEncoderClassifier(enc, pattern, device=device)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: Split, world: World, *, batch: int, limit: int | None = None) -> float:
     """Accuracy on the first ``limit`` examples of ``data`` (all when None), shared out over processes."""
-    was_training = model.training
-    model.eval()
     n = len(data) if limit is None else min(limit, len(data))
-    mine = torch.arange(world.rank, n, world.size)
-    correct = torch.zeros(2, dtype=torch.float64)
-    for start in range(0, len(mine), batch):
-        index = mine[start:start + batch]
-        logits = model(*_inputs(data, index, world.device))
-        correct[0] += (logits.argmax(-1).cpu() == data.labels[index]).sum()
-        correct[1] += len(index)
-    model.train(was_training)
-    total = all_sum(correct, world)
-    return float(total[0] / total[1]) if total[1] else float("nan")
+    return sharded_accuracy(model, n, world, batch=batch,
+                            predict=lambda index: (model(*_inputs(data, index, world.device)), data.labels[index]))
 
 
 def load_splits(cfg: LRAConfig, task: Task) -> dict[str, Split]:

@@ -156,3 +156,21 @@ def train_steps(run: Progress, world: World, *, steps: int, stop_after: int | No
         checkpoint()
         return False
     return True
+
+
+@torch.no_grad()
+def sharded_accuracy(model: nn.Module, n: int, world: World, *, batch: int,
+                     predict: Callable[[Tensor], tuple[Tensor, Tensor]]) -> float:
+    """Accuracy on examples ``0..n-1``, shared out over processes: ``predict(index)`` returns the logits and the
+    labels of those examples. The model is in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    mine = torch.arange(world.rank, n, world.size)
+    correct = torch.zeros(2, dtype=torch.float64)
+    for start in range(0, len(mine), batch):
+        logits, labels = predict(mine[start:start + batch])
+        correct += torch.tensor([float((logits.argmax(-1).cpu() == labels.cpu()).sum()), len(labels)],
+                                dtype=torch.float64)
+    model.train(was_training)
+    total = all_sum(correct, world)
+    return float(total[0] / total[1]) if total[1] else float("nan")

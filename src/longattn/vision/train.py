@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import create_model
-from ..training.distributed import World, all_sum, init_world, wrap
+from ..training.distributed import World, init_world, wrap
 from ..training.run import (Progress, batch_indices, load_checkpoint, machine, majority_rate, optimizer_step,
-                            save_checkpoint, train_steps, warmup_cosine, write_result)
+                            save_checkpoint, sharded_accuracy, train_steps, warmup_cosine, write_result)
 from ..training.state import progress_bar
 from .data import ImageData, pathfinder_images
+from .measure import parameters
 
 CHECKPOINT = "checkpoint.safetensors"
 RESULT = "result.json"
@@ -71,21 +72,14 @@ def _autocast(cfg: VisionRunConfig, world: World):
     return torch.autocast(world.device.type, dtype=torch.bfloat16)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: ImageData, cfg: VisionRunConfig, world: World, *, batch: int = 128) -> float:
     """Accuracy on ``data``, shared out over processes."""
-    was_training = model.training
-    model.eval()
-    mine = torch.arange(world.rank, len(data), world.size)
-    correct = torch.zeros(2, dtype=torch.float64)
-    for start in range(0, len(mine), batch):
-        x, y = data.batch(mine[start:start + batch], world.device, channels_last=cfg.channels_last)
+    def predict(index: Tensor) -> tuple[Tensor, Tensor]:
+        x, y = data.batch(index, world.device, channels_last=cfg.channels_last)
         with _autocast(cfg, world):
-            logits = model(x)
-        correct += torch.tensor([float((logits.argmax(-1) == y).sum()), len(y)], dtype=torch.float64)
-    model.train(was_training)
-    total = all_sum(correct, world)
-    return float(total[0] / total[1]) if total[1] else float("nan")
+            return model(x), y
+
+    return sharded_accuracy(model, len(data), world, batch=batch, predict=predict)
 
 
 def train_vision(cfg: VisionRunConfig, *, data_dir: Path | str, out_dir: Path | str,
@@ -114,7 +108,7 @@ def train_vision(cfg: VisionRunConfig, *, data_dir: Path | str, out_dir: Path | 
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    params = sum(p.numel() for p in model.parameters())
+    params = parameters(model)
     net = wrap(model, world, strategy)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     identity = {"config": cfg.to_dict(), "world_size": world.size}
