@@ -112,6 +112,16 @@ def local_pattern(radius: int, height: int, width: int) -> Window2d:
     return min(options, key=lambda p: int(p.candidates(Geometry(n, n), LOCAL_TILE ** 2).sum()))
 
 
+@functools.lru_cache(maxsize=64)
+def _local_tokens(radius: int, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per map, built once: the window's token order, its inverse and each key's slot one-hots in that order."""
+    order = local_pattern(radius, height, width).order(device)
+    slots_h, slots_w = slot_offsets(height, radius)[1], slot_offsets(width, radius)[1]
+    rows, cols = order // width, order % width
+    slot = torch.cat([F.one_hot(rows % slots_h, slots_h), F.one_hot(cols % slots_w, slots_w)], -1)
+    return order, torch.argsort(order), slot  # (N,), (N,), (N, P_h + P_w)
+
+
 class BottleneckAttention2d(nn.Module):
     """Multi-head self-attention on ``x: (B, C, H, W)`` with split relative position logits (BoTNet's MHSA).
 
@@ -191,14 +201,13 @@ class BottleneckAttention2d(nn.Module):
             bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, n, n)  # (B, h, N, H W)
             out = attention(q, k, v, attn_mask=bias, scale=1.0, backend=self.backend)
         else:
-            pattern = local_pattern(self.radius, height, width)
-            order = pattern.order(x.device)  # row-major, or tile-major (a block of tokens is a square patch)
-            rows, cols = order // width, order % width
-            slot = torch.cat([F.one_hot(rows % slots_h, slots_h), F.one_hot(cols % slots_w, slots_w)], -1)
+            # row-major, or tile-major (a block of tokens is a square patch)
+            order, inverse, slot = _local_tokens(self.radius, height, width, x.device)
             q_ext = torch.cat([q, rel_h, rel_w], -1)[:, :, order]  # (B, h, N, d + P_h + P_w)
             k_ext = torch.cat([k[:, :, order], slot.to(k.dtype).expand(b, heads, n, -1)], -1)
-            out = attention(q_ext, k_ext, v[:, :, order], pattern=pattern, scale=1.0, backend=self.backend)
-            out = out[:, :, torch.argsort(order)]  # back to row-major
+            out = attention(q_ext, k_ext, v[:, :, order], pattern=local_pattern(self.radius, height, width),
+                            scale=1.0, backend=self.backend)
+            out = out[:, :, inverse]  # back to row-major
         out = out.transpose(1, 2).reshape(b, height, width, self.dim_out).permute(0, 3, 1, 2)  # (B, C', H, W)
         if self.stride == 2:
             out = F.avg_pool2d(out, 2, 2, ceil_mode=True)
