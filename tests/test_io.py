@@ -1,0 +1,90 @@
+"""longattn.io: atomic writes that honour the umask, JSON, the one Markdown table format."""
+
+import json
+import os
+import stat
+import sys
+
+import pytest
+
+from longattn.io import atomic_path, markdown_table, write_json, write_text
+
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and restore it afterwards."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda value: os.umask(value)
+    os.umask(old)
+
+
+@posix_only
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_new_file_gets_mode_of_a_plain_open(tmp_path, umask, mask, mode):
+    umask(mask)
+    path = write_text(tmp_path / "report.md", "x\n")
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    with open(tmp_path / "plain.txt", "w") as f:  # the reference: what open() gives under the same umask
+        f.write("x")
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == mode
+
+
+@posix_only
+def test_writers_taking_a_file_name_keep_the_mode(tmp_path, umask):
+    umask(0o022)
+    with atomic_path(tmp_path / "sub" / "model.bin") as tmp:
+        with open(tmp, "wb") as f:  # what save_file or savefig do: truncate and write
+            f.write(b"\0" * 10)
+    assert stat.S_IMODE((tmp_path / "sub" / "model.bin").stat().st_mode) == 0o644
+
+
+def test_error_leaves_old_file_and_no_temp(tmp_path):
+    path = write_text(tmp_path / "result.json", "old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(path) as tmp:
+            tmp.write_text("half of the new")
+            raise RuntimeError("boom")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_replace_and_json(tmp_path):
+    path = tmp_path / "a" / "b.json"
+    write_json(path, {"x": [1, 2]})
+    write_json(path, {"y": 3.5})
+    assert json.loads(path.read_text()) == {"y": 3.5}
+    assert path.read_text().endswith("\n")
+    assert [p.name for p in path.parent.iterdir()] == ["b.json"]
+
+
+def test_text_is_written_byte_for_byte(tmp_path):
+    path = write_text(tmp_path / "t.tsv", "a\tb\r\nc\r\n")
+    assert path.read_bytes() == b"a\tb\r\nc\r\n"
+
+
+def test_markdown_table_plain():
+    table = markdown_table(["model", "acc", "note"], [["full", 0.5, None], ["local", 0.25, ""]], formats=".2f")
+    assert table == ("| model | acc | note |\n|---|---|---|\n| full | 0.50 | - |\n| local | 0.25 |  |")
+
+
+def test_markdown_table_padded_and_aligned():
+    table = markdown_table(["name", "ms", "x"], [["a", 12.345, 1], ["long name", 3.0, 22]], pad=True,
+                           align=["left", "right", "center"], formats=["", ".1f", "d"])
+    assert table.splitlines() == [
+        "| name      |   ms | x  |",
+        "|-----------|-----:|:--:|",
+        "| a         | 12.3 | 1  |",
+        "| long name |  3.0 | 22 |",
+    ]
+
+
+def test_markdown_table_errors():
+    with pytest.raises(ValueError, match="row 0 has 1 cells for 2 columns"):
+        markdown_table(["a", "b"], [["x"]])
+    with pytest.raises(ValueError, match="align"):
+        markdown_table(["a"], [], align="middle")
+    with pytest.raises(ValueError, match="formats has 2 entries for 1 columns"):
+        markdown_table(["a"], [], formats=["", ""])
