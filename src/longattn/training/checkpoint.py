@@ -4,18 +4,18 @@ Everything needed to resume lives in the file: model and optimizer state (tensor
 the history so far and the config (JSON in the safetensors metadata). Nested state dicts are flattened: each
 tensor is stored under its path (``optimizer/state/3/exp_avg``) and the JSON skeleton keeps a placeholder
 where it was, so no pickle is ever written or read. The file is written to a temporary name in the same
-folder and renamed over the old one (``os.replace``): a kill at any moment leaves the previous checkpoint or
-the new one, never half of one.
+folder and renamed over the old one (``longattn.io.atomic_path``, which keeps the user's umask): a kill at any
+moment leaves the previous checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from torch import Tensor
+
+from ..io import atomic_path
 
 _TENSOR = "__tensor__"
 
@@ -54,17 +54,10 @@ def save(path: Path | str, state: dict) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     skeleton = flatten(state, "", tensors)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"longattn": json.dumps(skeleton)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"longattn": json.dumps(skeleton)})
     return path
 
 
