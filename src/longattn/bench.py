@@ -12,8 +12,6 @@ CPU the peak of live tensor bytes, counted exactly by a ``TorchDispatchMode``.
 from __future__ import annotations
 
 import csv
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 from ._measure import median_ms as _median_ms, peak_mb as _peak_mb, sync as _sync
 from .backends import flex as flex_backend
 from .functional import attention
+from .io import atomic_path, markdown_table, write_json, write_text
 from .backends import clear_caches
 from .patterns import Geometry, Pattern, bigbird, fixed, get_plan, longformer, sparse_transformer, strided
 from .backends.blocked import choose_block
@@ -241,27 +240,19 @@ def format_table(results: list[Result], header: str = "", machine: dict | None =
         rows.append([e.pattern, e.dtype, e.mode, str(e.seq_len), e.path, fmt(r.time_ms, ".1f"), ratio(speed, e),
                      ratio(vs_flex, e), fmt(r.useful_gflops, ".1f"), fmt(_of_matmul(r, machine or {}), ".0%"),
                      fmt(r.peak_mb, ".0f"), fmt(r.first_call_ms, ".0f"), r.note])
-    widths = [max(len(c), *(len(row[n]) for row in rows)) if rows else len(c) for n, c in enumerate(COLUMNS)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    out = [header] if header else []
-    out += [line(COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line(row) for row in rows]
-    return "\n".join(out)
+    table = markdown_table(COLUMNS, rows, pad=True)  # padded: this table is read in a terminal
+    return f"{header}\n{table}" if header else table
 
 
 def save(results: list[Result], out_dir: Path, machine: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     speed, vs_flex = _speedups(results), _speedups(results, "flex_plain")
     rows = [{**r.row(), "vs_sdpa": speed.get(r.experiment), "vs_flex": vs_flex.get(r.experiment),
              "of_matmul": _of_matmul(r, machine)} for r in results]
-    tmp = out_dir / "bench.json.tmp"
-    tmp.write_text(json.dumps({"machine": machine, "results": rows}, indent=1))
-    os.replace(tmp, out_dir / "bench.json")
-    with open(out_dir / "bench.csv.tmp", "w", newline="") as f:
+    write_json(out_dir / "bench.json", {"machine": machine, "results": rows})
+    with atomic_path(out_dir / "bench.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["pattern"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(out_dir / "bench.csv.tmp", out_dir / "bench.csv")
 
 
 @dataclass
@@ -327,7 +318,7 @@ def run(cfg: BenchConfig, out_dir: Path | None = None, progress: bool = True) ->
     if lines:
         print("\n".join(lines), flush=True)
         if out_dir is not None:
-            (out_dir / "summary.txt").write_text("\n".join(lines) + "\n")
+            write_text(out_dir / "summary.txt", "\n".join(lines) + "\n")
     return results
 
 
