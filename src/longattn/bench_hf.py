@@ -12,7 +12,6 @@ live tensor bytes of one forward (counted exactly, after the timed runs).
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from ._measure import peak_mb
+from .io import markdown_table, write_json, write_text
 
 HF_MODELS = ("longformer", "bigbird")
 
@@ -153,17 +153,16 @@ def run_experiment(exp: HFExperiment, *, repeats: int = 3, log: Callable[[str], 
 
 
 def format_table(results: list[HFResult]) -> str:
-    lines = ["| model | N | transformers ms | longattn ms | speedup | attention ms (transformers / longattn) | "
-             "attention speedup | rest ms (transformers / longattn) | peak MB (transformers / longattn) | "
-             "max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    headers = ["model", "N", "transformers ms", "longattn ms", "speedup", "attention ms (transformers / longattn)",
+               "attention speedup", "rest ms (transformers / longattn)", "peak MB (transformers / longattn)",
+               "max abs diff"]
+    rows = []
     for r in results:
         rest_hf, rest_ours = r.hf_ms - r.hf_attention_ms, r.ours_ms - r.ours_attention_ms
-        lines.append(f"| {r.exp.model} | {r.exp.length} | {r.hf_ms:.0f} | {r.ours_ms:.0f} | {r.speedup:.2f}x | "
-                     f"{r.hf_attention_ms:.0f} / {r.ours_attention_ms:.0f} | {r.attention_speedup:.2f}x | "
-                     f"{rest_hf:.0f} / {rest_ours:.0f} | {r.hf_peak_mb:.1f} / {r.ours_peak_mb:.1f} | "
-                     f"{r.max_abs_diff:.1e} |")
-    return "\n".join(lines)
+        rows.append([r.exp.model, r.exp.length, r.hf_ms, r.ours_ms, f"{r.speedup:.2f}x",
+                     f"{r.hf_attention_ms:.0f} / {r.ours_attention_ms:.0f}", f"{r.attention_speedup:.2f}x",
+                     f"{rest_hf:.0f} / {rest_ours:.0f}", f"{r.hf_peak_mb:.1f} / {r.ours_peak_mb:.1f}", r.max_abs_diff])
+    return markdown_table(headers, rows, formats=["", "d", ".0f", ".0f", "", "", "", "", "", ".1e"])
 
 
 def run(models: list[str], lengths: list[int], *, layers: int = 12, hidden: int = 768, heads: int = 12,
@@ -177,8 +176,7 @@ def run(models: list[str], lengths: list[int], *, layers: int = 12, hidden: int 
     table = format_table(results)
     print(table)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "bench_hf.json").write_text(json.dumps([r.row() for r in results], indent=2) + "\n")
-        (out_dir / "bench_hf.md").write_text(table + "\n")
+        write_json(out_dir / "bench_hf.json", [r.row() for r in results], indent=2)
+        write_text(out_dir / "bench_hf.md", table + "\n")
         print(f"wrote {out_dir / 'bench_hf.json'}, {out_dir / 'bench_hf.md'}")
     return results
