@@ -16,6 +16,7 @@ import html
 import json
 from pathlib import Path
 
+from ..io import markdown_table, write_text
 from ..viz import pyplot, save_figure
 
 # LRA paper (Tay et al., 2021), Table 1: test accuracy (%) of the variants longattn implements.
@@ -115,12 +116,6 @@ def speed_tables(speed: list[dict]) -> list[tuple[str, list[list[str]]]]:
             ("Memory: extra peak of one step (ratio to full / to vanilla full attention)", memory_rows)]
 
 
-def _markdown(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    return "\n".join(lines)
-
-
 def _html_table(rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
@@ -180,7 +175,7 @@ def write_report(out: Path | str) -> Path:
     md = [f"# Long Range Arena — longattn\n\n{intro}\n"]
     page = [f"<h1>Long Range Arena — longattn</h1><p>{html.escape(intro)}</p>"]
     for title, rows in sections:
-        md.append(f"## {title}\n\n{_markdown(rows)}\n")
+        md.append(f"## {title}\n\n{markdown_table(rows[0], rows[1:])}\n")
         page.append(f"<h2>{html.escape(title)}</h2>{_html_table(rows)}")
     if speed:
         note = ("full = full attention through PyTorch's fused SDPA kernel (linear memory); vanilla = full "
@@ -191,8 +186,8 @@ def write_report(out: Path | str) -> Path:
     for p in plots:
         md.append(f"![{p}]({p})\n")
         page.append(f'<img src="{p}" alt="{p}">')
-    (out / "report.md").write_text("\n".join(md))
+    write_text(out / "report.md", "\n".join(md))
     style = "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;padding:3px 6px}table{border-collapse:collapse}</style>"
-    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>"
-                                     + "".join(page) + "</body></html>")
+    write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>"
+               + "".join(page) + "</body></html>")
     return out / "report.md"
