@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..io import markdown_table, write_text
 from ..models.xl import TransformerXL
 from ..training.run import finished_result, optimizer_step, write_result
 from ..viz import pyplot, save_figure
@@ -133,7 +134,7 @@ def run_sweep(out: Path | str, *, patterns=DEFAULT_PATTERNS, preset_name: str = 
               "corpus": data.name, "train_mem_len": base.model.mem_len, "seg_len": base.model.seg_len,
               "mem_lens": mem_lens, "unigram_bpb": unigram_bits_per_byte(data.train, test), "rows": rows}
     write_result(out / "sweep.json", report)
-    (out / "sweep.md").write_text(table(report) + "\n")
+    write_text(out / "sweep.md", table(report) + "\n")
     _plot(report, out / "sweep.png")
     return report
 
@@ -144,13 +145,12 @@ def table(report: dict) -> str:
     paired = all("paired_seconds_per_step" in r for r in report["rows"])
     head = (["pattern", "params", "s/step (run)"] + ["s/step (paired)"] * paired + [f"bpb, mem {m}" for m in mems]
             + [f"ms/byte, mem {m}" for m in mems])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in report["rows"]:
-        cells = [r["pattern"], f"{r['params'] / 1e6:.2f}M", f"{r['seconds_per_step']:.2f}"]
-        cells += [f"{r['paired_seconds_per_step']:.2f}"] * paired
-        cells += [f"{r['memory'][str(m)]['bits_per_byte']:.4f}" for m in mems]
-        cells += [f"{r['memory'][str(m)]['ms_per_byte']:.3f}" for m in mems]
-        lines.append("| " + " | ".join(cells) + " |")
+    formats = ["", "", ".2f"] + [".2f"] * paired + [".4f"] * len(mems) + [".3f"] * len(mems)
+    rows = [[r["pattern"], f"{r['params'] / 1e6:.2f}M", r["seconds_per_step"]]
+            + [r["paired_seconds_per_step"]] * paired
+            + [r["memory"][str(m)]["bits_per_byte"] for m in mems]
+            + [r["memory"][str(m)]["ms_per_byte"] for m in mems] for r in report["rows"]]
+    lines = [markdown_table(head, rows, formats=formats)]
     lines.append(f"\n{report['split']} split, first {report['bytes']:,} bytes of {report['corpus']}; "
                  f"{report['steps']} steps of the {report['preset']} preset (segments of {report['seg_len']}, "
                  f"memory {report['train_mem_len']} in training); unigram baseline "
