@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
+from ..io import markdown_table, write_json, write_text
 from ..training.run import finished_result
 from ..viz import pyplot, save_figure
 from .data import pathfinder_images
@@ -31,9 +31,8 @@ def compare(models: list[str], cfg: VisionRunConfig, *, data_dir: Path | str, ou
                                 resume=resume)
         results.append(done)
         log(f"{name}: test accuracy {done['test_acc']:.3f}, {done['images_per_second']:.1f} images/s")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(results, indent=1))
-    (out / "report.md").write_text(table(results) + "\n")
+    write_json(out / "report.json", results)
+    write_text(out / "report.md", table(results) + "\n")
     _plot(results, out / "accuracy.png")
     return results
 
@@ -44,12 +43,11 @@ def table(results: list[dict]) -> str:
     lines = [f"Pathfinder ({preset}, {c['resolution']}x{c['resolution']}, {c['examples']} images), width "
              f"{c['width']}, {c['steps']} steps of {c['batch_size']}, {'bf16' if c['bf16'] else 'fp32'}"
              f"{', channels-last' if c['channels_last'] else ''}; majority class {results[0]['test_majority']:.3f}",
-             "",
-             "| model | params | val acc | test acc | train images/s | train s |",
-             "|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['val_acc']:.3f} | {r['test_acc']:.3f} | "
-                     f"{r['images_per_second']:.1f} | {r['train_seconds']:.0f} |")
+             ""]
+    rows = [[r["model"], f"{r['params'] / 1e6:.2f}M", r["val_acc"], r["test_acc"], r["images_per_second"],
+             r["train_seconds"]] for r in results]
+    lines.append(markdown_table(["model", "params", "val acc", "test acc", "train images/s", "train s"], rows,
+                                formats=["", "", ".3f", ".3f", ".1f", ".0f"]))
     return "\n".join(lines)
 
 
