@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..io import write_json
 from . import checkpoint
 from .distributed import World, all_sum, barrier, gather_objects
 from .state import load_model_state, model_state, rng_state, set_rng_state
@@ -95,10 +95,7 @@ def machine(world: World) -> dict:
 
 def write_result(path: Path, result: dict) -> None:
     """``result.json``, atomically: a reader never sees half of one (its presence marks a finished run)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    write_json(path, result)
 
 
 def warmup_cosine(peak: float, step: int, warmup: int, steps: int) -> float:
