@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import _hf_checkpoint as ckpt
+from ..models import hf_checkpoint as ckpt
 from ..models.longformer import LongformerConfig, LongformerModel
 
 #: model_type of the sources this recipe applies to, and whether their positions start after the padding id

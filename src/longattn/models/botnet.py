@@ -24,8 +24,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from ..modules.bottleneck_attention import RESIZE, BottleneckAttention2d, _pair
-from . import _hf_checkpoint as ckpt
+from ..modules.bottleneck_attention import RESIZE, BottleneckAttention2d, as_pair
+from . import hf_checkpoint as ckpt
 
 MODEL_TYPE = "longattn-botnet"
 EXPANSION = 4  # a bottleneck's output channels over its inner width
@@ -63,7 +63,7 @@ class BotNetConfig:
             raise ValueError(f"resize must be one of {RESIZE}, got {self.resize!r}")
         if isinstance(self.image_size, list):
             self.image_size = tuple(self.image_size)
-        _pair(self.image_size, "image_size")
+        as_pair(self.image_size, "image_size")
 
     @property
     def reductions(self) -> tuple[int, int, int, int]:
@@ -141,7 +141,7 @@ class BotNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(w, **factory)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        image = _pair(cfg.image_size, "image_size")
+        image = as_pair(cfg.image_size, "image_size")
         in_ch = w
         for stage, (blocks, stride) in enumerate(zip(cfg.layers, (1, 2, 2, cfg.c5_stride))):
             width = w * 2 ** stage

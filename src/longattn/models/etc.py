@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..functional import attention
 from ..patterns import global_tokens, sliding_window
-from . import _hf_checkpoint as ckpt
+from . import hf_checkpoint as ckpt
 from ._bert_blocks import Padding
 
 MODEL_TYPE = "longattn_etc"  # config.json's model_type of saved ETC models

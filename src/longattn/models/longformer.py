@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..functional import attention
 from ..patterns import Pattern, dilated, global_tokens, sliding_window
-from . import _hf_checkpoint as ckpt
+from . import hf_checkpoint as ckpt
 from ._bert_blocks import (BertShape, Embeddings, EncoderOutput, Layer, LayerStack, Padding, check_ids, check_mask,
                            init_bert_weights, merge_heads, split_heads)
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..modules.relative import METHODS, RelativeAttention, RelativePositions
 from ..patterns import Pattern, causal, parse_pattern, sliding_window
-from . import _hf_checkpoint as ckpt
+from . import hf_checkpoint as ckpt
 
 MODEL_TYPE = "longattn-transformer-xl"
 

@@ -48,7 +48,8 @@ RESIZE = ("interpolate", "clamp")
 LOCAL_TILE = 8  # 8 x 8 tiles: one 64-token block of the blocked backend each
 
 
-def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+def as_pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    """``(height, width)`` from one positive int or a pair; ``ValueError`` naming ``name`` otherwise."""
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
         raise ValueError(f"{name} must be a positive int or a (height, width) pair, got {value!r}")
@@ -156,7 +157,7 @@ class BottleneckAttention2d(nn.Module):
         if resize not in RESIZE:
             raise ValueError(f"resize must be one of {RESIZE}, got {resize!r}")
         self.dim, self.dim_out, self.num_heads, self.head_dim = dim, dim_out, num_heads, dim_out // num_heads
-        self.feat_size, self.stride, self.radius = _pair(feat_size, "feat_size"), stride, radius
+        self.feat_size, self.stride, self.radius = as_pair(feat_size, "feat_size"), stride, radius
         self.resize, self.backend = resize, backend
         reach = [s - 1 if radius is None else radius for s in self.feat_size]
         factory = {"device": device, "dtype": dtype}
