@@ -8,9 +8,10 @@ import statistics
 import pytest
 import torch
 
+from longattn.datasets import listops as lo
+from longattn.datasets.listops import ListOpsSettings, evaluate, generate_examples
 from longattn.lra.tasks import DataFormatError, MissingDataError, get_task
-from longattn.lra.tasks import listops as lo
-from longattn.lra.tasks.listops import ListOps, ListOpsSettings, decode, encode, evaluate, generate_examples
+from longattn.lra.tasks.listops import VOCAB, ListOps, decode, encode
 
 SMALL = dict(max_depth=5, max_args=4, min_length=12, max_length=60, num_train=40, num_val=6, num_test=5)
 HEADER = "Source\tTarget\r\n"
@@ -80,7 +81,7 @@ def test_evaluate_rejects_malformed(text, problem):
 
 
 def test_vocabulary_and_tree_depth():
-    assert ListOps.vocab_size == len(lo.VOCAB) == 16 and lo.VOCAB[0] == "<pad>"
+    assert ListOps.vocab_size == len(VOCAB) == 16 and VOCAB[0] == "<pad>"
     assert encode("( ( ( [MAX 2 ) 9 ) ] )") == [12, 3, 10, 15]
     assert decode(torch.tensor([12, 3, 10, 15, 0, 0])) == ["[MAX", "2", "9", "]"]
     assert [lo.tree_depth(t) for t in ("5", "[MAX 2 9 ]", "[MAX 2 [MIN 4 [SM 1 1 ] ] ]")] == [1, 2, 4]

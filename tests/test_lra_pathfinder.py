@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from longattn.lra.tasks import SPLITS, DataFormatError, MissingDataError, get_task
-from longattn.lra.tasks.pathfinder import Pathfinder, PathfinderSettings, split_bounds
+from longattn.datasets.pathfinder import PathfinderSettings, split_bounds
+from longattn.lra.tasks.pathfinder import Pathfinder
 
 HARD = "curv_contour_length_14"
 

@@ -1,4 +1,4 @@
-"""Image classification data the project generates: Pathfinder images (``lra.tasks.pathfinder``) as pictures.
+"""Image classification data the project generates: Pathfinder images (``datasets.pathfinder``) as pictures.
 
 LRA reads Pathfinder as a pixel sequence; a vision backbone reads the same images as ``(1, R, R)`` maps.
 The set is generated once into ``data_dir`` (deterministic for the seed) and reused while its settings match.
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..lra.tasks.pathfinder import Pathfinder
+from ..datasets.pathfinder import PathfinderData
 
 PRESETS = ("simple", "official")
 
@@ -47,15 +47,14 @@ def pathfinder_images(data_dir: Path | str, *, resolution: int, preset: str = "s
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     name = preset if preset == "simple" else f"{preset}-{difficulty}"
     folder = Path(data_dir) / f"pathfinder{resolution}-{name}-{examples}-seed{seed}"
-    task = Pathfinder(folder, resolution, difficulty=difficulty)
+    pathfinder = PathfinderData(folder, resolution, difficulty=difficulty)
     done = folder / "complete"  # written last: a generation killed half-way is redone
     if not done.exists():
         log(f"generating {examples} Pathfinder images ({name}, {resolution}x{resolution}) into {folder} ...")
-        task.generate(seed=seed, preset=preset, examples=examples, workers=2)
+        pathfinder.generate(seed=seed, preset=preset, examples=examples, workers=2)
         done.write_text("")
     out = {}
     for split in ("train", "val", "test"):
-        data = task.load(split)
-        images = data.tokens.to(torch.uint8).view(-1, 1, resolution, resolution)  # row-major pixels
-        out[split] = ImageData(images, data.labels)
+        data = pathfinder.load(split)
+        out[split] = ImageData(data.images[:, None], data.labels)  # (n, 1, R, R)
     return out

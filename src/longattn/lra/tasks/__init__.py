@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from ._base import PAD, SPLITS, DataFormatError, MissingDataError, Split, Task, pad_rows
+from ...datasets.files import SPLITS, DataFormatError, MissingDataError
+from ._base import PAD, Split, Task, pad_rows
 
 # name -> (module, class, constructor keywords); modules are imported on first use.
 _REGISTRY: dict[str, tuple[str, str, dict]] = {

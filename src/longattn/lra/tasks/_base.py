@@ -1,7 +1,8 @@
 """What every Long Range Arena task provides: its shape (length, classes, vocabulary, pooling) and splits.
 
 A task reads the official release files from its data folder; ListOps and Pathfinder can also write
-those files themselves (``generate``), so the whole benchmark runs without a download. Examples are held
+those files themselves (``generate``, with the generators of ``longattn.datasets``), so the whole benchmark
+runs without a download. Examples are held
 in memory as one padded token matrix per split (``Split``), which the runner slices into batches.
 """
 
@@ -14,21 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SPLITS = ("train", "val", "test")
+from ...datasets.files import SPLITS, MissingDataError
+
 PAD = 0  # token id of padding; which positions are real is given by ``Split.lengths``, never by the id
-
-
-class MissingDataError(FileNotFoundError):
-    """The task's files are not in its data folder; the message says which files and where to put them."""
-
-
-class DataFormatError(ValueError):
-    """A data file does not follow the official format; the message names the file and the line."""
-
-    def __init__(self, path: Path | str, line: int | None, problem: str):
-        where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(f"{where}: {problem}")
-        self.path, self.line = Path(path), line
 
 
 @dataclass
@@ -136,7 +125,21 @@ class Task(ABC):
         return stats
 
 
-def check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return split
+def check_length(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class CappedTask(Task):
+    """A task whose rows are cut to ``max_length`` tokens (ListOps, Text, Retrieval); ``seq_len`` is that cap."""
+
+    default_length: int
+
+    def __init__(self, data_dir: Path | str, *, max_length: int | None = None):
+        super().__init__(data_dir)
+        self.max_length = check_length(self.default_length if max_length is None else max_length, "max_length")
+
+    @property
+    def seq_len(self) -> int:
+        return self.max_length

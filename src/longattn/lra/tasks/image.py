@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._base import DataFormatError, Split, Task, check_split
-from ._files import locate, missing
+from ...datasets.files import DataFormatError, check_split, locate, missing
+from ._base import Split, Task
 
 SUBDIRS = ("cifar-10-batches-bin",)
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))

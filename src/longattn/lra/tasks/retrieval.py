@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ._base import Split, Task, check_split
-from ._files import CappedTask, BYTE_VOCAB, ByteRows, count_lines, iter_tsv, locate, missing, parse_label
+from ...datasets.files import check_split, count_lines, iter_tsv, locate, missing, parse_label
+from ._base import CappedTask, Split
+from ._bytes import BYTE_VOCAB, ByteRows
 
 # The release unpacks to lra_release/lra_release/tsv_data (LRA's dataset_setup.sh) or lra_release/tsv_data.
 SUBDIRS = ("tsv_data", "lra_release/tsv_data", "lra_release/lra_release/tsv_data")

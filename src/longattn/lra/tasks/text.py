@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from ._base import Split, Task, check_split
-from ._files import CappedTask, BYTE_VOCAB, byte_tokens, locate, missing
+from ...datasets.files import check_split, locate, missing
+from ._base import CappedTask, Split
+from ._bytes import BYTE_VOCAB, byte_tokens
 
 SUBDIRS = ("aclImdb",)  # the release's top folder, when data_dir is the folder that holds it
 LABELS = ("neg", "pos")  # class id = index

@@ -1,7 +1,7 @@
 """Pathfinder's drawing: contour paths grown dash by dash for many images at once, then rendered.
 
-Split from ``pathfinder.py`` (the task, its settings and the release layout) to keep each file to one
-concept; ``_draw`` is the entry point.
+Split from ``pathfinder.py`` (the settings and the release layout) to keep each file to one concept;
+``draw`` is the entry point.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def _grower(s: PathfinderSettings, paddles: int, gap: float, discs: bool) -> _Gr
     return _Grower(s, paddles, gap, discs) if discs else _Grower(s, paddles, gap, discs, chains=64, turns=6)
 
 
-def _draw(s: PathfinderSettings, labels: np.ndarray, gap: float, rng, attempts: int = 200):
+def draw(s: PathfinderSettings, labels: np.ndarray, gap: float, rng, attempts: int = 200):
     """Images for ``labels`` (B,) with dashes ``gap`` apart: ``(pixels (B, res, res) uint8, markers (B, 2, 2),
     distractors drawn (B,))``. The first marker sits on the origin of target 0, the second on the far end of
     target 0 (label 1) or of target 1 (label 0)."""
@@ -280,3 +280,6 @@ def _render(s: PathfinderSettings, scene: _Scene, markers: np.ndarray) -> np.nda
         canvas[flat] = np.maximum(canvas[flat], value)
     pixels = canvas.reshape(batch, res, aa, res, aa).mean(axis=(2, 4))
     return np.rint(pixels).astype(np.uint8)
+
+
+__all__ = ["draw"]
