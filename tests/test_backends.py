@@ -230,9 +230,9 @@ def test_empty_sequences(nq, nk):
 @pytest.mark.parametrize("pattern_name", ["longformer", "global_per_example", "per_head", "causal_bigbird", "bigbird"])
 def test_blocked_evaluates_large_masks_chunk_by_chunk(pattern_name, monkeypatch):
     """Schedules too large to cache (block-dense patterns at large N) evaluate their masks per chunk."""
-    from longattn.backends import blocked
+    from longattn.backends.blocked import schedule
 
-    monkeypatch.setattr(blocked, "SCHEDULE_MASK_BYTES", 0)
+    monkeypatch.setattr(schedule, "SCHEDULE_MASK_BYTES", 0)
     la.clear_caches()
     pattern, q, k, v, kpm, keep = _case(pattern_name, "padded1025", torch.float32, "cpu")
     assert_close_to_reference("blocked", q, k, v, keep, pattern=pattern, key_padding_mask=kpm)
@@ -242,9 +242,9 @@ def test_blocked_evaluates_large_masks_chunk_by_chunk(pattern_name, monkeypatch)
 @pytest.mark.parametrize("pattern_name", ["longformer", "global_per_example", "bigbird", "per_head", "random"])
 def test_blocked_head_groups_match_oracle(pattern_name, monkeypatch):
     """Tiles too wide for the cache run a few heads at a time: same result, gradients included."""
-    from longattn.backends import blocked
+    from longattn.backends.blocked import kernel
 
-    monkeypatch.setattr(blocked, "TILE_BYTES", 1)  # every tile split into single (example, head) groups
+    monkeypatch.setattr(kernel, "TILE_BYTES", 1)  # every tile split into single (example, head) groups
     la.clear_caches()
     pattern, q, k, v, kpm, keep = _case(pattern_name, "padded1025", torch.float32, "cpu")
     assert_close_to_reference("blocked", q, k, v, keep, pattern=pattern, key_padding_mask=kpm)
@@ -294,9 +294,9 @@ def test_dense_runs_plain_sdpa_when_the_pattern_allows_everything():
                          ids=["gathered", "views_and_shared"])
 def test_blocked_gradcheck_head_groups_with_dropout_and_bias(pattern, monkeypatch):
     """Single (example, head) groups: dropout seeds, bias gradients and scatters stay exact."""
-    from longattn.backends import blocked
+    from longattn.backends.blocked import kernel
 
-    monkeypatch.setattr(blocked, "TILE_BYTES", 1)
+    monkeypatch.setattr(kernel, "TILE_BYTES", 1)
     monkeypatch.setattr(blocked, "TILE_OVERHEAD_SCORES", 0)  # one query block per tile: every segment kind
     la.clear_caches()
     q, k, v = (t.requires_grad_() for t in qkv(2, 2, 14, 14, 3, torch.float64))

@@ -56,12 +56,12 @@ def test_auto_rule_and_explain(caplog):
 
 
 def test_auto_never_materialises_a_huge_mask(monkeypatch):
-    from longattn.backends import _dispatch
+    from longattn.backends import dispatch
 
     q, k, v = qkv(1, 4, 300, 300, 8)
     pattern = la.bigbird(16)  # per-head random blocks: a (1, 4, N, N) mask
     assert la.explain(q, k, v, pattern=pattern).backend == "dense"
-    monkeypatch.setattr(_dispatch, "DENSE_MASK_ELEMENTS", 4 * 300 * 300 - 1)
+    monkeypatch.setattr(dispatch, "DENSE_MASK_ELEMENTS", 4 * 300 * 300 - 1)
     assert la.explain(q, k, v, pattern=pattern).backend == "blocked"
 
 

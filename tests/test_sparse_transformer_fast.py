@@ -1,4 +1,4 @@
-"""Sparse Transformer patterns on the blocked path's reordered head groups (``backends/permuted.py``).
+"""Sparse Transformer patterns on the blocked path's reordered head groups (``backends/blocked/factored.py``).
 
 Strided and fixed, split and merged heads, causal or not, against the float64 oracle (outputs and
 gradients of q, k, v): odd lengths that are no multiple of the stride or block, head dim 40, key padding
@@ -15,7 +15,8 @@ import torch
 
 import longattn as la
 from conftest import assert_close_to_reference, qkv
-from longattn.backends import _dispatch, permuted
+from longattn.backends.blocked import factored_plan
+from longattn.backends.cost import blocked_work
 from longattn.patterns import Geometry
 from longattn.patterns.sparse_transformer import StrideColumns, SummaryColumns
 
@@ -67,15 +68,15 @@ def test_matches_oracle(kind, heads, causal, scenario):
 
 def test_which_patterns_are_reordered():
     geo = Geometry(97, 97, 4, 2)
-    kinds = lambda p: [c.kind for c in permuted.get_plan(p, geo, CPU).calls]  # noqa: E731
+    kinds = lambda p: [c.kind for c in factored_plan(p, geo, CPU).calls]  # noqa: E731
     assert kinds(la.strided(8)) == ["natural", "stride"]
     assert kinds(la.sparse_transformer("fixed", block=16, c=4)) == ["natural", "summary"]
     assert kinds(la.sparse_transformer("fixed", block=16, c=4, heads="merged")) == ["summary"]
     # The window (natural order) and the stride columns (residue order) in one softmax: not reordered.
-    assert permuted.get_plan(la.sparse_transformer("strided", stride=8, heads="merged"), geo, CPU) is None
-    assert permuted.get_plan(la.longformer(32, global_idx=[1]), geo, CPU) is None
+    assert factored_plan(la.sparse_transformer("strided", stride=8, heads="merged"), geo, CPU) is None
+    assert factored_plan(la.longformer(32, global_idx=[1]), geo, CPU) is None
     # Heads renumbered inside a group would draw other random blocks: not reordered.
-    assert permuted.get_plan(la.per_head([la.bigbird(16), StrideColumns(8)]), geo, CPU) is None
+    assert factored_plan(la.per_head([la.bigbird(16), StrideColumns(8)]), geo, CPU) is None
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
@@ -147,7 +148,7 @@ def test_mixed_head_groups_with_per_example_globals():
     flags[0, 3] = flags[1, 50] = True
     groups = [la.sliding_window(4), StrideColumns(8), SummaryColumns(16, 3) | la.global_tokens(flags)]
     pattern = la.causal(la.per_head(groups))
-    calls = permuted.get_plan(pattern, Geometry(n, n, h, b), CPU).calls
+    calls = factored_plan(pattern, Geometry(n, n, h, b), CPU).calls
     assert [c.kind for c in calls] == ["natural", "stride", "summary"]
     q, k, v = qkv(b, h, n, n, 40)
     assert_close_to_reference("blocked", q, k, v, _keep(pattern, b, h, n, n), pattern=pattern)
@@ -164,15 +165,15 @@ def test_strided_sqrt_n_computes_n_sqrt_n_scores():
     per_query = {}
     for n in (1024, 4096, 16384):
         s = math.isqrt(n)
-        w = _dispatch.blocked_work(la.strided(s), Geometry(n, n, 2, 1), CPU)
+        w = blocked_work(la.strided(s), Geometry(n, n, 2, 1), CPU)
         assert w.how == f"head groups: blocks | stride columns by residue mod {s}"
         per_query[n] = w.scores_per_head / n  # averaged over the window heads and the stride heads
         # Stride heads read their s columns; window heads a band of tiles whose width the tile cost
         # model sets (wide tiles on few heads): a bounded multiple of s, never the N of the block layout.
         assert per_query[n] <= 10 * s
     assert per_query[16384] / per_query[1024] < 4  # at most sqrt N's growth (4x), far from N's (16x)
-    causal = _dispatch.blocked_work(la.sparse_transformer("strided", stride=64), Geometry(4096, 4096, 2, 1), CPU)
-    fixed = _dispatch.blocked_work(la.fixed(64, 4), Geometry(4096, 4096, 2, 1), CPU)
+    causal = blocked_work(la.sparse_transformer("strided", stride=64), Geometry(4096, 4096, 2, 1), CPU)
+    fixed = blocked_work(la.fixed(64, 4), Geometry(4096, 4096, 2, 1), CPU)
     assert causal.scores_per_head < 0.1 * 4096**2 and fixed.scores_per_head < 0.1 * 4096**2
 
 

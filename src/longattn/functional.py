@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .backends import _dispatch
-from .backends._dispatch import Choice
-from .backends._inputs import prepare
+from .backends import dispatch
+from .backends.dispatch import Choice
+from .backends.inputs import prepare
 from .patterns import Pattern
 
 
@@ -52,7 +52,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: Pattern | None = None
         # multiple keeps the result in the autograd graph so that backward gives zero gradients.
         empty = q.new_zeros(*q.shape[:3], v.shape[-1])
         return empty + 0 * (q.sum() + k.sum() + v.sum())
-    return _dispatch.run(inp, backend)
+    return dispatch.run(inp, backend)
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, *, pattern: Pattern | None = None, attn_mask: Tensor | None = None,
@@ -60,4 +60,4 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, pattern: Pattern | None = None, 
     """The backend ``attention`` would use for these arguments, and why (nothing is computed)."""
     inp = prepare(q, k, v, pattern=pattern, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                   dropout_p=dropout_p)
-    return _dispatch.choose(inp, backend)
+    return dispatch.choose(inp, backend)

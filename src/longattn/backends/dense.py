@@ -19,8 +19,8 @@ from torch import Tensor
 from ..patterns import Geometry, Pattern
 from ..patterns._base import dense_mask
 from ..patterns.causal import CausalMask
-from ..patterns.layout import LRUCache
-from ._inputs import AttentionInputs, float_bias, keep_mask
+from ..caches import named_cache
+from .inputs import AttentionInputs, float_bias, keep_mask
 
 MASK_CACHE_BYTES = 256 * 2**20  # largest cached mask
 
@@ -45,12 +45,12 @@ def _build(pattern: Pattern, geo: Geometry, device: torch.device, dtype: torch.d
     return _PatternMask(keep, additive, row_live, bool(keep.all()))
 
 
-_MASKS = LRUCache(8)
+DENSE_MASKS = named_cache("dense_masks", 8)
 
 
 def pattern_mask(pattern: Pattern, geo: Geometry, device: torch.device, dtype: torch.dtype) -> _PatternMask:
     key = None if pattern.key is None else (pattern.key, geo, str(device), dtype)
-    return _MASKS.get_or_build(key, lambda: _build(pattern, geo, device, dtype))
+    return DENSE_MASKS.get_or_build(key, lambda: _build(pattern, geo, device, dtype))
 
 
 def _zero_dead(out: Tensor, row_live: Tensor | None) -> Tensor:

@@ -12,8 +12,9 @@ from torch import Tensor
 
 from ..patterns import Geometry, Pattern
 from ..patterns.full import Full
-from ..patterns.layout import LRUCache, compact, get_plan
-from ._inputs import AttentionInputs
+from ..caches import named_cache
+from ..patterns.layout import compact, get_plan
+from .inputs import AttentionInputs
 
 FLEX_BLOCK = 128
 
@@ -31,7 +32,7 @@ except ImportError:  # pragma: no cover
     BlockMask = flex_attention = None
 
 _compiled = None
-_BLOCK_MASKS = LRUCache(32)
+BLOCK_MASKS = named_cache("flex_block_masks", 32)
 
 
 def available() -> bool:
@@ -105,7 +106,7 @@ def build_block_mask(pattern: Pattern, geo: Geometry, device: torch.device, *, k
 
 def get_block_mask(pattern: Pattern, geo: Geometry, device: torch.device) -> "BlockMask":
     key = None if pattern.key is None else (pattern.key, geo, str(device))
-    return _BLOCK_MASKS.get_or_build(key, lambda: build_block_mask(pattern, geo, device))
+    return BLOCK_MASKS.get_or_build(key, lambda: build_block_mask(pattern, geo, device))
 
 
 def flex_backend_attention(inp: AttentionInputs) -> Tensor:

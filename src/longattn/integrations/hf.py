@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..backends._inputs import BACKENDS
+from ..backends import BACKENDS
 from ..functional import attention
 from ..patterns import Pattern, causal, parse_pattern
 from ..patterns import sliding_window as window_pattern  # the name `sliding_window` is a kwarg below

@@ -11,14 +11,12 @@ Shapes: B' and H' are 1 when the pattern does not vary with the example or the h
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, replace
-from threading import Lock
-from typing import Callable
 
 import torch
 from torch import Tensor
 
+from ..caches import named_cache
 from ._base import Geometry, Pattern, _cdiv
 
 # Elements of the (query, gathered key) grid evaluated at once while building a plan.
@@ -181,47 +179,10 @@ def build_plan(pattern: Pattern, geo: Geometry, block: int, device: torch.device
     return BlockPlan(geo, block, idx.contiguous(), count.contiguous(), full.contiguous(), pairs, exact)
 
 
-class LRUCache:
-    """A small thread-safe LRU cache keyed by hashable tuples, bounded by entry count and, when
-    ``size_of`` is given, by total bytes (the newest entry always stays)."""
-
-    def __init__(self, capacity: int, max_bytes: int | None = None, size_of: Callable[[object], int] | None = None):
-        self.capacity, self.max_bytes, self.size_of = capacity, max_bytes, size_of
-        self._data: OrderedDict = OrderedDict()
-        self._sizes: dict = {}
-        self._lock = Lock()
-
-    def get_or_build(self, key, build):
-        if key is None:
-            return build()
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
-        value = build()
-        with self._lock:
-            self._data[key] = value
-            self._sizes[key] = self.size_of(value) if self.size_of else 0
-            while len(self._data) > 1 and (len(self._data) > self.capacity or (
-                    self.max_bytes is not None and sum(self._sizes.values()) > self.max_bytes)):
-                old, _ = self._data.popitem(last=False)
-                self._sizes.pop(old, None)
-        return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-            self._sizes.clear()
-
-
-_PLANS = LRUCache(64)
+PLANS = named_cache("block_plans", 64)
 
 
 def get_plan(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> BlockPlan:
     """The plan for ``pattern`` at ``geo`` and ``block``, cached when the pattern has a key."""
     key = None if pattern.key is None else (pattern.key, geo, block, str(device))
-    return _PLANS.get_or_build(key, lambda: build_plan(pattern, geo, block, device))
-
-
-def clear_caches() -> None:
-    _PLANS.clear()
+    return PLANS.get_or_build(key, lambda: build_plan(pattern, geo, block, device))

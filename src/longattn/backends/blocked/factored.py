@@ -36,28 +36,20 @@ calls each group makes (dense SDPA or the blocked tiles), on masks reordered the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ..patterns import Geometry, Pattern
-from ..patterns._base import AllowedFn, _cdiv, block_ranges
-from ..patterns.causal import CausalMask
-from ..patterns.compose import Intersection, PerHead, Union
-from ..patterns.layout import LRUCache
-from ..patterns.sparse_transformer import StrideColumns, SummaryColumns
-from ._inputs import AttentionInputs
-from .dense import dense_attention
-
-Runner = Callable[[AttentionInputs], Tensor]
-DEFAULT_BLOCK = 64
-# A reordered plan's score costs about this many tile scores in ``auto``'s rule (copies into and out of
-# the new order, a call per head group, shared summary keys on every tile). Measured against masked SDPA
-# (4 heads of 64, 2 CPU cores, N = 1024 and 2048): 1.5-2.1x faster at cost 0.16-0.375, even at 0.44-0.5
-# (merged fixed, 1.0-1.1x; split fixed with every key a summary key, 0.9x), slower from 0.56 (0.8-0.9x);
-# the tiles' rule sends cost above 0.8 to SDPA, so 0.8 / 1.8 = 0.45 is where reordering stops.
-COST_PER_SCORE = 1.8
+from ...caches import named_cache
+from ...patterns import Geometry, Pattern
+from ...patterns._base import AllowedFn, block_ranges
+from ...patterns.causal import CausalMask
+from ...patterns.compose import Intersection, PerHead, Union
+from ...patterns.sparse_transformer import StrideColumns, SummaryColumns
+from ..dense import dense_attention
+from ..inputs import AttentionInputs
+from .kernel import tiled_attention
+from .schedule import DEFAULT_BLOCK
 
 
 # ---- which factors a pattern is made of ---------------------------------------------------------------------
@@ -227,7 +219,7 @@ def _stride_regroup(am: Tensor, qidx: Tensor, kidx: Tensor, s: int) -> Tensor:
 
 
 @dataclass(frozen=True, eq=False)
-class _GroupCall:
+class GroupCall:
     """How one head group is computed: inputs reordered, one attention call, output put back."""
 
     kind: str  # "natural", "stride" or "summary"
@@ -287,13 +279,13 @@ class _GroupCall:
         return out.reshape(b, hg, -1, dv).index_select(2, self.inverse)  # (b, hg, Nq, dv)
 
 
-def _stride_call(s: int, causal: bool, geo: Geometry, device: torch.device) -> _GroupCall:
+def _stride_call(s: int, causal: bool, geo: Geometry, device: torch.device) -> GroupCall:
     """Slots (r, a) of residue r = position mod s and a = position div s. Keys: j = a * s + r, a < Gk.
     Queries are bottom-aligned with the keys of their residue: slot a' holds i = (a' + Gk - Gq) * s + r,
     so the call's own bottom-right alignment is causality inside a residue class."""
     nq, nk = geo.q_len, geo.kv_len
     o = nk - nq
-    gk = _cdiv(nk, s)
+    gk = -(-nk // s)
     gq = gk - o // s  # query slots from the first query's a = o div s up to the last key's
     r = torch.arange(s, device=device).view(s, 1)
     j = torch.arange(gk, device=device) * s + r  # (s, Gk)
@@ -303,12 +295,12 @@ def _stride_call(s: int, causal: bool, geo: Geometry, device: torch.device) -> _
     key_pad = None if causal or bool(real_k.all()) else real_k
     rows = torch.arange(nq, device=device) + o
     inverse = (rows % s) * gq + rows // s - (gk - gq)
-    return _GroupCall("stride", Geometry(gq, gk, geo.num_heads * s, geo.batch), CausalMask() if causal else None,
+    return GroupCall("stride", Geometry(gq, gk, geo.num_heads * s, geo.batch), CausalMask() if causal else None,
                       True, s, (i - o).clamp(0, nq - 1).flatten(), j.clamp(max=nk - 1).flatten(), key_pad, inverse)
 
 
 def _summary_call(summary: SummaryColumns, causal: bool, natural: Pattern | None, geo: Geometry,
-                  device: torch.device) -> _GroupCall | None:
+                  device: torch.device) -> GroupCall | None:
     l, c = summary.block, summary.c
     positions = torch.arange(geo.kv_len, device=device)
     positions = positions[positions % l >= l - c]
@@ -316,15 +308,15 @@ def _summary_call(summary: SummaryColumns, causal: bool, natural: Pattern | None
     if m == 0:
         return None
     if natural is None and not causal:  # every query reads every summary key: full attention over them
-        return _GroupCall("summary", Geometry(geo.q_len, m, geo.num_heads, geo.batch), None, True, kidx=positions)
+        return GroupCall("summary", Geometry(geo.q_len, m, geo.num_heads, geo.batch), None, True, kidx=positions)
     block = (natural.preferred_block if natural is not None else None) or DEFAULT_BLOCK
-    m_pad = _cdiv(m, block) * block if natural is not None else m
+    m_pad = -(-m // block) * block if natural is not None else m
     pattern = _SummaryKeys(summary, causal, natural, geo, positions, m_pad, block)
     kidx = [positions, positions.new_zeros(m_pad - m)]
     if natural is not None:
         kidx.append(torch.arange(geo.kv_len, device=device))
     kidx = torch.cat(kidx)
-    return _GroupCall("summary", Geometry(geo.q_len, kidx.numel(), geo.num_heads, geo.batch), pattern, False,
+    return GroupCall("summary", Geometry(geo.q_len, kidx.numel(), geo.num_heads, geo.batch), pattern, False,
                       kidx=kidx)
 
 
@@ -333,7 +325,7 @@ def _natural(factors: tuple[Factor, ...]) -> Pattern | None:
     return None if not nat else nat[0] if len(nat) == 1 else Union(nat)
 
 
-def _group_call(factors: tuple[Factor, ...], geo: Geometry, device: torch.device) -> _GroupCall | None:
+def _group_call(factors: tuple[Factor, ...], geo: Geometry, device: torch.device) -> GroupCall | None:
     by_kind = {f.kind: f for f in factors}
     if "stride" in by_kind:
         f = by_kind["stride"]
@@ -341,7 +333,7 @@ def _group_call(factors: tuple[Factor, ...], geo: Geometry, device: torch.device
     if "summary" in by_kind:
         f = by_kind["summary"]
         return _summary_call(f.pattern, f.causal, _natural(factors), geo, device)
-    return _GroupCall("natural", geo, _natural(factors), False)
+    return GroupCall("natural", geo, _natural(factors), False)
 
 
 # ---- the plan and the call ----------------------------------------------------------------------------------
@@ -351,7 +343,8 @@ class FactoredPlan:
     """Head groups (head h runs ``calls[h % P]``) and the work they do, for one geometry."""
 
     geometry: Geometry
-    calls: tuple[_GroupCall, ...]
+    device: torch.device
+    calls: tuple[GroupCall, ...]
     mask_batch: int  # B' of the dense mask the pattern would need (auto's memory guard)
 
     @property
@@ -371,29 +364,8 @@ class FactoredPlan:
                 words.append("blocks")
         return ("head groups: " if len(words) > 1 else "") + " | ".join(words)
 
-    def _per_head(self, blocked_count: Callable[[_GroupCall], int]) -> float:
-        total = 0
-        for call in self.calls:
-            g = call.sub_geo
-            heads_per_head = g.num_heads / (self.geometry.num_heads / self.period)  # s for a stride call
-            if call.dense:
-                causal = isinstance(call.pattern, CausalMask)
-                total += g.q_len * g.kv_len * heads_per_head * (0.5 if causal else 1.0)
-            else:
-                total += blocked_count(call)
-        return total / self.period
 
-    def scores_per_head(self, schedule_of: Callable[[Pattern, Geometry], object]) -> float:
-        """Scores computed per (example, head), averaged over heads (causal dense calls count half)."""
-        return self._per_head(lambda c: schedule_of(c.pattern, c.sub_geo).scores_per_head)
-
-    def cost_per_head(self, schedule_of: Callable[[Pattern, Geometry], object]) -> float:
-        """As ``scores_per_head``, with the blocked calls' gathered columns counted twice
-        (``Schedule.cost_per_head``), in tile scores (``COST_PER_SCORE``): what ``auto`` compares."""
-        return COST_PER_SCORE * self._per_head(lambda c: schedule_of(c.pattern, c.sub_geo).cost_per_head)
-
-
-def build_plan(pattern: Pattern, geo: Geometry, device: torch.device) -> FactoredPlan | None:
+def build_factored_plan(pattern: Pattern, geo: Geometry, device: torch.device) -> FactoredPlan | None:
     groups = decompose(pattern)
     if groups is None:
         return None
@@ -409,22 +381,22 @@ def build_plan(pattern: Pattern, geo: Geometry, device: torch.device) -> Factore
         calls.append(call)
     mask_batch = max((c.pattern.candidates(c.sub_geo, DEFAULT_BLOCK, device).shape[0] for c in calls
                       if c.kind == "natural"), default=1)
-    return FactoredPlan(geo, tuple(calls), mask_batch)
+    return FactoredPlan(geo, device, tuple(calls), mask_batch)
 
 
-_PLANS = LRUCache(32)
-_NONE = object()
+FACTORED_PLANS = named_cache("factored_plans", 32)
+_NONE = object()  # cached answer "no factored plan": a pattern the tiles run as it is
 
 
-def get_plan(pattern: Pattern, geo: Geometry, device: torch.device) -> FactoredPlan | None:
+def factored_plan(pattern: Pattern, geo: Geometry, device: torch.device) -> FactoredPlan | None:
     """The factored plan of ``pattern`` at ``geo``, or None (cached when the pattern has a key)."""
     key = None if pattern.key is None else (pattern.key, geo, str(device))
-    plan = _PLANS.get_or_build(key, lambda: build_plan(pattern, geo, device) or _NONE)
+    plan = FACTORED_PLANS.get_or_build(key, lambda: build_factored_plan(pattern, geo, device) or _NONE)
     return None if plan is _NONE else plan
 
 
-def factored_attention(plan: FactoredPlan, inp: AttentionInputs, blocked: Runner) -> Tensor:
-    """Run every head group (dense SDPA or ``blocked``) and put heads and rows back in order."""
+def factored_attention(plan: FactoredPlan, inp: AttentionInputs) -> Tensor:
+    """Run every head group (dense SDPA or the tiles) and put heads and rows back in order."""
     compute = torch.float32 if inp.q.dtype in (torch.float16, torch.bfloat16) else inp.q.dtype
     q, k, v = (t.to(compute) for t in (inp.q, inp.k, inp.v))
     am = inp.attn_mask
@@ -437,7 +409,7 @@ def factored_attention(plan: FactoredPlan, inp: AttentionInputs, blocked: Runner
         heads = slice(g, None, p)
         amg = am[:, heads] if am is not None and am.shape[1] > 1 else am
         sub = call.inputs(inp, q[:, heads], k[:, heads], v[:, heads], amg)
-        out = dense_attention(sub) if call.dense else blocked(sub)
+        out = dense_attention(sub) if call.dense else tiled_attention(sub)
         outs.append(call.output(out, q.shape[1] // p))
     out = outs[0] if p == 1 else torch.stack(outs, dim=2).flatten(1, 2)  # (b, H, Nq, dv): head m * P + g
     return out.to(inp.q.dtype)

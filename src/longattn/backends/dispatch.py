@@ -8,8 +8,8 @@
 4. The blocked path's cost (scores computed, gathered columns counted twice) exceeds ``DENSE_FRACTION``
    of the Nq x Nk scores (a dense pattern, or blocks too coarse for it): dense SDPA, whose fused kernel
    does each score cheaper. Sparse Transformer patterns are costed as the blocked path runs them,
-   reordered by head group (``permuted``: O(N^2 / stride) for stride columns), each score weighted by
-   ``permuted.COST_PER_SCORE``.
+   reordered by head group (``blocked/factored.py``: O(N^2 / stride) for stride columns), each score
+   weighted by ``cost.FACTORED_COST_PER_SCORE``.
 5. CUDA and FlexAttention can serve the call: flex.
 6. Otherwise: blocked (trains everywhere, no compilation).
 
@@ -26,18 +26,18 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..patterns import Geometry, Pattern
+from ..patterns import Geometry
 from ..patterns.causal import CausalMask
 from . import flex
-from ._inputs import BACKENDS, AttentionInputs
-from . import permuted
-from .blocked import blocked_attention, choose_block, get_schedule
+from .blocked import blocked_attention
+from .cost import blocked_work
 from .dense import dense_attention
+from .inputs import BACKENDS, AttentionInputs
 
 logger = logging.getLogger("longattn")
 
 CROSSOVER = 512  # keys; up to this dense SDPA wins (see `longattn bench --lengths 256 512 1024`)
-# The blocked path's cost (scores it computes, gathered ones counted twice: Schedule.cost_per_head) as
+# The blocked path's cost (scores it computes, gathered ones counted twice: ``cost.schedule_cost``) as
 # a share of all Nq x Nk scores, above which masked SDPA wins (2 CPU cores, `longattn bench --lengths
 # 1024 2048`): Longformer-512 at N=1024 reads a 640-key band in place, cost 0.55, and is 1.5x faster
 # than SDPA; BigBird-64 gathers 8 blocks per tile, cost 1.1 at N=1024 (0.75x SDPA), 0.59 at N=2048
@@ -66,27 +66,6 @@ class Choice:
 
     def __str__(self) -> str:
         return f"{self.backend}: {self.reason}"
-
-
-@dataclass(frozen=True)
-class Work:
-    """What the blocked path computes for a pattern at a geometry: the cost model of rule 4, and tests."""
-
-    scores_per_head: float  # scores per (example, head), padding included, averaged over heads
-    cost_per_head: float  # the same with gathered columns counted GATHER_COST times
-    mask_elements: int  # B' x H' x Nq x Nk: the dense mask this pattern would need
-    how: str  # "block tiles", or the reordered head groups (``permuted``)
-
-
-def blocked_work(pattern: Pattern, geo: Geometry, device: torch.device) -> Work:
-    plan = permuted.get_plan(pattern, geo, device)
-    if plan is None:
-        sched = get_schedule(pattern, geo, choose_block(pattern), device)
-        return Work(sched.scores_per_head, sched.cost_per_head,
-                    sched.mask_batch * sched.mask_heads * geo.q_len * geo.kv_len, "block tiles")
-    schedule_of = lambda p, g: get_schedule(p, g, choose_block(p), device)  # noqa: E731
-    return Work(plan.scores_per_head(schedule_of), plan.cost_per_head(schedule_of),
-                plan.mask_batch * plan.period * geo.q_len * geo.kv_len, plan.describe())
 
 
 def _plan_shape(inp: AttentionInputs) -> tuple[float, int, str]:
