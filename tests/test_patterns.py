@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import pickle
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from torch.nn.attention.flex_attention import create_mask
 
 import longattn as la
 from longattn.patterns import Geometry, get_plan
+from longattn.patterns._base import Snapshot
+from longattn.patterns.sparse_transformer import SameBlock, StrideColumns, SummaryColumns
 
 
 def brute(rule, nq, nk, heads=1):
@@ -25,7 +29,7 @@ DEFINITIONS = [
     (la.sliding_window(3), lambda h, i, j: i - 3 <= j <= i + 3),
     (la.sliding_window(2, 0), lambda h, i, j: i - 2 <= j <= i),
     (la.dilated(4, 3), lambda h, i, j: any(j == i + k * 3 for k in range(-2, 3))),
-    (la.dilated(5, 2), lambda h, i, j: any(j == i + k * 2 for k in range(-2, 3))),
+    (la.dilated(6, 2), lambda h, i, j: any(j == i + k * 2 for k in range(-3, 4))),
     (la.global_tokens([0, 7]), lambda h, i, j: i in (0, 7) or j in (0, 7)),
     (la.strided(4), lambda h, i, j: (i - 4 < j <= i) if h % 2 == 0 else (i - j) % 4 == 0),
     (la.fixed(4, 1), lambda h, i, j: (j // 4 == i // 4) if h % 2 == 0 else j % 4 >= 3),
@@ -155,22 +159,6 @@ def test_parse_pattern_round_trip():
         la.parse_pattern("evil(3)")
 
 
-def test_lru_cache_bounds_entries_and_bytes():
-    from longattn.patterns.layout import LRUCache
-
-    cache = LRUCache(3, max_bytes=10, size_of=len)
-    for key in "abc":
-        cache.get_or_build(key, lambda key=key: key * 4)  # 4 bytes each
-    assert list(cache._data) == ["b", "c"]  # "a" evicted: 12 bytes > 10
-    assert cache.get_or_build("b", lambda: "new") == "bbbb"  # hit, and now the newest
-    cache.get_or_build("big", lambda: "x" * 50)  # larger than the budget: kept alone
-    assert list(cache._data) == ["big"]
-    calls = []
-    cache.get_or_build(None, lambda: calls.append(1))
-    cache.get_or_build(None, lambda: calls.append(1))
-    assert len(calls) == 2  # None keys are never cached
-
-
 def test_mixed_head_periods_use_their_lcm():
     two = la.per_head([la.causal(), la.sliding_window(1)])
     three = la.per_head([la.global_tokens([0]), la.sliding_window(0), la.full()])
@@ -182,3 +170,120 @@ def test_mixed_head_periods_use_their_lcm():
     assert torch.equal(union.dense(13, num_heads=12), truth)
     layout = union.block_layout(13, block=4, num_heads=12)
     assert torch.equal(layout, _block_truth(union, 13, 13, 4, 12, 1)[0])
+
+
+# ---- identity: key, equality, hash and name derived from the dataclass fields -----------------------------
+
+def _mask(*true):
+    flags = torch.zeros(2, 8, dtype=torch.bool)
+    for b, n in true:
+        flags[b, n] = True
+    return flags
+
+
+#: one instance of every pattern class (test_every_pattern_class_is_sampled keeps it complete)
+IDENTITY_SAMPLES = [
+    la.full(), la.causal(), la.sliding_window(3, 1), la.dilated(4, 2), la.global_tokens([0, 7]),
+    la.global_tokens(_mask((0, 1), (1, 5))), la.random_blocks(2, 8, seed=1), la.bigbird(8, random_blocks=1),
+    StrideColumns(4), SameBlock(8), SummaryColumns(16, 3), la.window_2d(1, 2, 4),
+    la.sliding_window(1) | la.global_tokens([0]), la.sliding_window(2) & la.dilated(8, 2),
+    la.per_head([la.causal(), la.sliding_window(1)], name="two_heads"),
+]
+
+
+def _changed(value):
+    """Another valid value of a field (ints move by 2 so that even windows stay even, odd blocks odd)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 2
+    if value is None:
+        return 2
+    if isinstance(value, Snapshot):
+        flipped = value.tensor.clone()
+        flipped[0, 0] = ~flipped[0, 0]
+        return flipped
+    if isinstance(value, tuple) and all(isinstance(v, la.Pattern) for v in value):
+        return value[:-1] + (la.sliding_window(99),)
+    if isinstance(value, tuple):
+        return value + (max(value, default=0) + 1,)
+    raise AssertionError(f"no other value known for {value!r}: extend _changed for this field type")
+
+
+def _pattern_classes(cls=la.Pattern):
+    for sub in cls.__subclasses__():
+        if sub.__module__.startswith("longattn.patterns"):
+            yield sub
+        yield from _pattern_classes(sub)
+
+
+def test_every_pattern_class_is_sampled():
+    sampled = {type(p) for p in IDENTITY_SAMPLES}
+    missing = {c.__name__ for c in _pattern_classes() if dataclasses.is_dataclass(c) and not c.__name__.startswith("_")
+               and c not in sampled}
+    assert not missing, f"add an instance of {sorted(missing)} to IDENTITY_SAMPLES"
+    plain = {c.__name__ for c in _pattern_classes() if not dataclasses.is_dataclass(c) and not c.__subclasses__()}
+    assert not plain, f"{sorted(plain)}: a pattern class is a @pattern_dataclass (only abstract bases are plain)"
+
+
+@pytest.mark.parametrize("pattern", IDENTITY_SAMPLES, ids=[p.name for p in IDENTITY_SAMPLES])
+def test_key_changes_with_every_field(pattern):
+    fields = [f for f in dataclasses.fields(pattern) if f.compare]
+    assert fields or type(pattern) in (type(la.full()), type(la.causal()))
+    for f in fields:
+        other = dataclasses.replace(pattern, **{f.name: _changed(getattr(pattern, f.name))})
+        assert other.key != pattern.key and other != pattern, f"{type(pattern).__name__}.{f.name} is not in its key"
+        # A per-example mask has one name; a given name (label) stays as given.
+        if not isinstance(getattr(pattern, f.name), Snapshot) and getattr(pattern, "label", None) is None:
+            assert other.name != pattern.name, f"{type(pattern).__name__}.{f.name} is not in its name"
+
+
+@pytest.mark.parametrize("pattern", IDENTITY_SAMPLES, ids=[p.name for p in IDENTITY_SAMPLES])
+def test_equal_parameters_give_equal_identity(pattern):
+    twin = dataclasses.replace(pattern)  # built again from the same parameters
+    again = pickle.loads(pickle.dumps(pattern))
+    for p in (twin, again):
+        assert p is not pattern and p == pattern and p.key == pattern.key and hash(p) == hash(pattern)
+        assert p.name == pattern.name and repr(p) == pattern.name
+        assert torch.equal(p.dense(8, num_heads=2, batch_size=2), pattern.dense(8, num_heads=2, batch_size=2))
+    hash(pattern.key)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(pattern, dataclasses.fields(pattern)[0].name if dataclasses.fields(pattern) else "x", 1)
+
+
+def test_given_names_are_kept_and_take_no_part_in_the_key():
+    parts = [la.sliding_window(2, 0), StrideColumns(4)]
+    named, plain = la.per_head(parts, name="strided_4"), la.per_head(parts)
+    assert (named.name, plain.name) == ("strided_4", "per_head[sliding_window_2_0, stride_columns_4]")
+    assert named.key == plain.key and named == plain
+    assert la.sparse_transformer("fixed", block=4, c=2, heads="merged").name == "causal(fixed_4_2_merged)"
+    # A named union stays one part of an outer union (its name survives); unnamed ones flatten.
+    outer = la.sparse_transformer("fixed", block=4, c=2, heads="merged", causal=False) | la.full()
+    assert outer.name == "(fixed_4_2_merged | full)" and len(outer.parts) == 2
+
+
+def test_a_plain_subclass_keeps_working():
+    """Patterns that hold data without a content key (the factored backend's summary keys) stay plain
+    classes: they name themselves in __init__, are never cached (key None) and are equal only to themselves."""
+
+    class Band(la.Pattern):
+        def __init__(self, reach):
+            self.reach, self.name = reach, f"band_{reach}"
+
+        def _allowed_fn(self, geo, device):
+            return lambda b, h, i, j: (i - j).abs() <= self.reach
+
+    band = Band(2)
+    assert band.name == repr(band) == "band_2" and band.key is None and band != Band(2) and band == band
+    assert (band | la.causal()).key is None and la.per_head([band, la.full()]).key is None
+    assert torch.equal(band.dense(9), la.sliding_window(2).dense(9))
+
+
+def test_windows_are_longformers_and_never_rounded():
+    assert la.longformer(512) == la.sliding_window(256)
+    assert torch.equal(la.dilated(512, 1).dense(600), la.sliding_window(256).dense(600))
+    for make in (lambda: la.longformer(511), lambda: la.dilated(511, 2), lambda: la.longformer(7, dilation=2)):
+        with pytest.raises(ValueError, match="window must be even"):
+            make()
+    with pytest.raises(ValueError, match="window_blocks must be odd"):
+        la.bigbird(16, window_blocks=4)

@@ -12,13 +12,19 @@ layout (a superset of the blocks holding an allowed pair) that ``layout.build_pl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Hashable
+from dataclasses import Field, dataclass, field, fields, is_dataclass
+from typing import Callable, ClassVar, Hashable, TypeVar
+
+try:
+    from typing import dataclass_transform
+except ImportError:  # Python 3.10: torch depends on typing_extensions
+    from typing_extensions import dataclass_transform
 
 import torch
 from torch import Tensor
 
 AllowedFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+P = TypeVar("P", bound="Pattern")
 
 
 @dataclass(frozen=True)
@@ -49,9 +55,17 @@ class Pattern:
 
     Compose with ``a | b`` (union), ``a & b`` (intersection) and ``per_head([...])``.
     Subclasses implement ``_allowed_fn`` and, where a cheap bound exists, ``_candidates``.
+
+    Identity is derived, never written by hand: a pattern class is a frozen ``@dataclass`` whose fields are
+    its parameters (``@pattern_dataclass``). Equality and hash are the dataclass's; ``key`` (what the plan,
+    schedule and mask caches are keyed by) and ``name`` are built here from the same fields, so a new field
+    can never be forgotten in a cache key. Fields declared with ``compare=False`` are presentation only
+    (a composition's given name) and take no part in either.
+
+    A plain (non-dataclass) subclass still works: it sets ``name`` in ``__init__`` (or overrides it) and
+    overrides ``key`` with its own hashable, or leaves it None (never cached); its equality is identity.
     """
 
-    name: str = "pattern"
     #: number of distinct per-head patterns (``per_head``); None when every head is the same
     head_period: int | None = None
     #: the block size a block-structured pattern is defined on (BigBird), or None
@@ -59,6 +73,9 @@ class Pattern:
     #: False when the mask of a head depends on the number of heads (tables drawn for H heads);
     #: otherwise head h behaves as head h % head_period, which lets plans evaluate one period only
     head_count_free: bool = True
+    #: ``name`` of a dataclass pattern: a format over its fields, e.g. ``"dilated_{window}_{dilation}"``;
+    #: None joins the class name and every field value with ``_``
+    _name_format: ClassVar[str | None] = None
 
     # ---- what subclasses implement -------------------------------------------------------------
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
@@ -76,10 +93,40 @@ class Pattern:
     def validate(self, geo: Geometry) -> None:
         """Raise ValueError when the pattern cannot apply to ``geo`` (index out of range, ...)."""
 
+    def _label(self) -> str:
+        """The readable name of a dataclass pattern, from its fields (override for a special layout)."""
+        values = {f.name: getattr(self, f.name) for f in _identity_fields(self)}
+        if self._name_format is not None:
+            return self._name_format.format(**values)
+        return "_".join([type(self).__name__.lower(), *map(str, values.values())])
+
+    # ---- identity ------------------------------------------------------------------------------
     @property
     def key(self) -> Hashable | None:
-        """Hashable identity for caches; None when the pattern holds data (then nothing is cached)."""
-        return None
+        """Hashable identity for caches, derived from the dataclass fields: ``(class, *field keys)``, where
+        a pattern field contributes its own key and a tensor its content. None (nothing is cached) when the
+        pattern is not a dataclass, or holds a part whose key is None."""
+        if not is_dataclass(self):
+            return None
+        cached = self.__dict__.get("_key", _MISSING)
+        if cached is _MISSING:
+            cached = _key_of(tuple(getattr(self, f.name) for f in _identity_fields(self)))
+            cached = None if cached is None else (type(self), *cached)
+            object.__setattr__(self, "_key", cached)  # fields are frozen, so the key never goes stale
+        return cached
+
+    @property
+    def name(self) -> str:
+        """A readable label (plots, benchmark tables, ``mask_mod.__name__``), e.g. ``sliding_window_256``."""
+        given = self.__dict__.get("_given_name")
+        if given is not None:
+            return given
+        return self._label() if is_dataclass(self) else type(self).__name__.lower()
+
+    @name.setter
+    def name(self, value: str) -> None:
+        # Plain subclasses name themselves in __init__; dataclass patterns are frozen and never get here.
+        self.__dict__["_given_name"] = value
 
     # ---- public API ----------------------------------------------------------------------------
     def allowed_fn(self, geo: Geometry, device: torch.device | str = "cpu") -> AllowedFn:
@@ -141,6 +188,61 @@ class Pattern:
 
     def __repr__(self) -> str:
         return self.name
+
+
+_MISSING = object()
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def pattern_dataclass(cls: type[P]) -> type[P]:
+    """Make a ``Pattern`` subclass a frozen dataclass of its parameters (its identity, see ``Pattern``).
+
+    ``repr`` stays the readable ``name``. Validation and normalisation (a list of parts to a tuple, a
+    tensor to a ``Snapshot``) go in ``__post_init__``, with ``object.__setattr__`` for normalised values.
+    """
+    if not issubclass(cls, Pattern):
+        raise TypeError(f"pattern_dataclass applies to Pattern subclasses, got {cls.__name__}")
+    return dataclass(frozen=True, repr=False)(cls)
+
+
+def _identity_fields(pattern: Pattern) -> tuple[Field, ...]:
+    return tuple(f for f in fields(pattern) if f.compare)
+
+
+def _key_of(value: object) -> Hashable | None:
+    """The cache key of one field value; None when it (or a part of it) cannot be keyed."""
+    if isinstance(value, Pattern):
+        return value.key
+    if isinstance(value, (tuple, list)):
+        keys = tuple(_key_of(v) for v in value)
+        return None if any(k is None and v is not None for k, v in zip(keys, value)) else keys
+    if isinstance(value, Tensor):
+        raise TypeError("a pattern field holding a tensor must wrap it in Snapshot (keyed by content)")
+    return value
+
+
+class Snapshot:
+    """A tensor parameter held by content: a private copy, compared and hashed by its values.
+
+    Two patterns built from equal tensors are equal and share cached plans (batches with the same global
+    positions reuse them); editing the caller's tensor afterwards changes nothing here.
+    """
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor.detach().clone()
+        t = self.tensor.cpu()
+        # Bool masks are keyed by their True positions: short for the sparse masks patterns hold.
+        content = tuple(map(tuple, t.nonzero().tolist())) if t.dtype == torch.bool else tuple(t.flatten().tolist())
+        self.content_key = (str(t.dtype), tuple(t.shape), content)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Snapshot) and self.content_key == other.content_key
+
+    def __hash__(self) -> int:
+        return hash(self.content_key)
+
+    def __repr__(self) -> str:
+        return f"Snapshot({self.tensor.dtype}, shape={tuple(self.tensor.shape)})"
 
 
 # ---- helpers shared by the pattern files ---------------------------------------------------------

@@ -5,15 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import AllowedFn, Geometry, Pattern, _check_pattern, block_ranges
+from ._base import AllowedFn, Geometry, Pattern, _check_pattern, block_ranges, pattern_dataclass
 
 
+@pattern_dataclass
 class CausalMask(Pattern):
-    name = "causal"
-
-    @property
-    def key(self):
-        return ("causal",)
+    _name_format = "causal"
 
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
         return lambda b, h, i, j: j <= i
@@ -36,4 +33,4 @@ def causal(pattern: Pattern | None = None) -> Pattern:
         return CausalMask()
     from .compose import Intersection
 
-    return Intersection([_check_pattern(pattern, "pattern"), CausalMask()], name=f"causal({pattern.name})")
+    return Intersection([_check_pattern(pattern, "pattern"), CausalMask()], label=f"causal({pattern.name})")

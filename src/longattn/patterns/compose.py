@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from functools import reduce
-from typing import Sequence
+from dataclasses import field
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor
 
-from ._base import AllowedFn, Geometry, Pattern, _as4d, _check_pattern
+from ._base import AllowedFn, Geometry, Pattern, _as4d, _check_pattern, pattern_dataclass
 
 
 def _largest_block(parts: Sequence[Pattern]) -> int | None:
@@ -23,36 +24,58 @@ def _head_period(parts: Sequence[Pattern]) -> int | None:
     return math.lcm(*values) if values else None
 
 
-class _Combination(Pattern):
-    symbol = "?"
+def _check_parts(parts: Sequence[Pattern], arg: str) -> tuple[Pattern, ...]:
+    if isinstance(parts, Pattern):
+        raise TypeError(f"{arg} must be a sequence of patterns, got a single {type(parts).__name__}")
+    out = tuple(_check_pattern(p, f"{arg}[{n}]") for n, p in enumerate(parts))
+    if not out:
+        raise ValueError(f"{arg}: a composition needs at least one pattern")
+    return out
 
-    def __init__(self, parts: Sequence[Pattern], name: str | None = None):
-        parts = [_check_pattern(p, f"parts[{n}]") for n, p in enumerate(parts)]
-        if not parts:
-            raise ValueError("a composition needs at least one pattern")
-        # Flatten nested combinations of the same kind so names and evaluation stay shallow.
-        flat: list[Pattern] = []
-        for p in parts:
-            flat.extend(p.parts if type(p) is type(self) and p._auto_name else [p])
-        self.parts = flat
-        self._auto_name = name is None
-        self.name = name or "(" + f" {self.symbol} ".join(p.name for p in flat) + ")"
-        self.preferred_block = _largest_block(flat)
-        self.head_period = _head_period(flat)
-        self.head_count_free = all(p.head_count_free for p in flat)
+
+class _Parts:
+    """What a composition derives from its parts (mixed into the dataclasses below)."""
+
+    parts: tuple[Pattern, ...]
 
     @property
-    def key(self):
-        keys = [p.key for p in self.parts]
-        return None if any(k is None for k in keys) else (self.symbol, *keys)
+    def preferred_block(self) -> int | None:
+        return _largest_block(self.parts)
+
+    @property
+    def head_count_free(self) -> bool:
+        return all(p.head_count_free for p in self.parts)
+
+    def block_exact(self, geo: Geometry, block: int) -> bool:
+        # Unions and intersections of entirely-allowed blocks are entirely allowed; per-head parts too.
+        return all(p.block_exact(geo, block) for p in self.parts)
+
+
+@pattern_dataclass
+class _Combination(_Parts, Pattern):
+    parts: tuple[Pattern, ...]
+    #: a given name (``sparse_transformer``'s presets, ``causal(p)``); None names it by its parts
+    label: str | None = field(default=None, compare=False)
+    symbol: ClassVar[str] = "?"
+
+    def __post_init__(self):
+        parts = _check_parts(self.parts, "parts")
+        # Flatten nested unnamed combinations of the same kind so names and evaluation stay shallow.
+        flat: list[Pattern] = []
+        for p in parts:
+            flat.extend(p.parts if type(p) is type(self) and p.label is None else [p])
+        object.__setattr__(self, "parts", tuple(flat))
+
+    def _label(self) -> str:
+        return self.label or "(" + f" {self.symbol} ".join(p.name for p in self.parts) + ")"
+
+    @property
+    def head_period(self) -> int | None:
+        return _head_period(self.parts)
 
     def validate(self, geo: Geometry) -> None:
         for p in self.parts:
             p.validate(geo)
-
-    def block_exact(self, geo: Geometry, block: int) -> bool:
-        # Unions and intersections of entirely-allowed blocks are entirely allowed.
-        return all(p.block_exact(geo, block) for p in self.parts)
 
     @staticmethod
     def _combine(a: Tensor, b: Tensor) -> Tensor:
@@ -75,30 +98,32 @@ class _Combination(Pattern):
         return reduce(self._combine, (_as4d(p._candidates(geo, block, device)) for p in self.parts))
 
 
+@pattern_dataclass
 class Union(_Combination):
-    symbol = "|"
+    symbol: ClassVar[str] = "|"
     _combine = staticmethod(torch.logical_or)
 
 
+@pattern_dataclass
 class Intersection(_Combination):
-    symbol = "&"
+    symbol: ClassVar[str] = "&"
     _combine = staticmethod(torch.logical_and)
 
 
-class PerHead(Pattern):
-    def __init__(self, patterns: Sequence[Pattern], name: str | None = None):
-        self.parts = [_check_pattern(p, f"patterns[{n}]") for n, p in enumerate(patterns)]
-        if not self.parts:
-            raise ValueError("per_head needs at least one pattern")
-        self.head_period = math.lcm(len(self.parts), _head_period(self.parts) or 1)
-        self.preferred_block = _largest_block(self.parts)
-        self.head_count_free = all(p.head_count_free for p in self.parts)
-        self.name = name or "per_head[" + ", ".join(p.name for p in self.parts) + "]"
+@pattern_dataclass
+class PerHead(_Parts, Pattern):
+    parts: tuple[Pattern, ...]  # head h uses parts[h % len(parts)]
+    label: str | None = field(default=None, compare=False)  # a given name; None names it by its parts
+
+    def __post_init__(self):
+        object.__setattr__(self, "parts", _check_parts(self.parts, "patterns"))
+
+    def _label(self) -> str:
+        return self.label or "per_head[" + ", ".join(p.name for p in self.parts) + "]"
 
     @property
-    def key(self):
-        keys = [p.key for p in self.parts]
-        return None if any(k is None for k in keys) else ("per_head", *keys)
+    def head_period(self) -> int:
+        return math.lcm(len(self.parts), _head_period(self.parts) or 1)
 
     def validate(self, geo: Geometry) -> None:
         if geo.num_heads % self.head_period:
@@ -106,9 +131,6 @@ class PerHead(Pattern):
                              f"head patterns ({self.head_period})")
         for p in self.parts:
             p.validate(geo)
-
-    def block_exact(self, geo: Geometry, block: int) -> bool:
-        return all(p.block_exact(geo, block) for p in self.parts)
 
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
         fns = [p._allowed_fn(geo, device) for p in self.parts]

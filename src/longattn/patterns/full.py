@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ._base import AllowedFn, Geometry, Pattern
+from ._base import AllowedFn, Geometry, Pattern, pattern_dataclass
 
 
+@pattern_dataclass
 class Full(Pattern):
-    name = "full"
-
-    @property
-    def key(self):
-        return ("full",)
+    _name_format = "full"
 
     def block_exact(self, geo: Geometry, block: int) -> bool:
         return True

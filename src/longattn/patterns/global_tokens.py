@@ -7,32 +7,43 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._base import AllowedFn, Geometry, Pattern, any_in_range, block_ranges
+from ._base import AllowedFn, Geometry, Pattern, Snapshot, any_in_range, block_ranges, pattern_dataclass
 
 
+@pattern_dataclass
 class GlobalTokens(Pattern):
-    def __init__(self, idx: Sequence[int] | Tensor):
-        self.indices: tuple[int, ...] | None = None
-        self.flags: Tensor | None = None
+    #: sorted distinct absolute positions, or a Snapshot of a (B, N) bool mask (True = global) per example
+    idx: tuple[int, ...] | Snapshot
+
+    def __post_init__(self):
+        idx = self.idx
         if isinstance(idx, Tensor) and idx.dtype == torch.bool:
             if idx.dim() != 2:
                 raise ValueError(f"idx as a bool mask must have shape (B, N), got {tuple(idx.shape)}")
-            self.flags = idx.detach().clone()  # a snapshot: the cache key below describes this content
-            self.name = "global_tokens_per_example"
-            # Keyed by content, so batches with the same global positions (a CLS token, the same
-            # question length) reuse cached plans instead of rebuilding them on every call.
-            self._key = ("global_tokens_mask", tuple(idx.shape), tuple(map(tuple, idx.nonzero().tolist())))
-        else:
+            # Keyed by content, so batches with the same global positions (a CLS token, the same question
+            # length) reuse cached plans instead of rebuilding them on every call.
+            object.__setattr__(self, "idx", Snapshot(idx))
+        elif not isinstance(idx, Snapshot):
             values = idx.tolist() if isinstance(idx, Tensor) else list(idx)
             if any(not isinstance(v, int) or isinstance(v, bool) for v in values):
                 raise TypeError("idx must be a sequence of ints or a (B, N) bool tensor")
-            self.indices = tuple(sorted(set(values)))
-            shown = ",".join(map(str, self.indices[:4])) + (",..." if len(self.indices) > 4 else "")
-            self.name = f"global_tokens_{shown}"
+            object.__setattr__(self, "idx", tuple(sorted(set(values))))
 
     @property
-    def key(self):
-        return self._key if self.indices is None else ("global_tokens", self.indices)
+    def indices(self) -> tuple[int, ...] | None:
+        """The global positions shared by every example; None for a per-example mask."""
+        return None if isinstance(self.idx, Snapshot) else self.idx
+
+    @property
+    def flags(self) -> Tensor | None:
+        """The (B, N) bool mask of a per-example pattern; None for shared positions."""
+        return self.idx.tensor if isinstance(self.idx, Snapshot) else None
+
+    def _label(self) -> str:
+        if self.indices is None:
+            return "global_tokens_per_example"
+        shown = ",".join(map(str, self.indices[:4])) + (",..." if len(self.indices) > 4 else "")
+        return f"global_tokens_{shown}"
 
     def validate(self, geo: Geometry) -> None:
         if self.indices is not None:

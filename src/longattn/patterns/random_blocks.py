@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import AllowedFn, Geometry, Pattern, _cdiv, _check_int, any_in_rect, block_ranges
+from ._base import AllowedFn, Geometry, Pattern, _cdiv, _check_int, any_in_rect, block_ranges, pattern_dataclass
 
 
 def draw_random_table(num_heads: int, num_blocks: int, num_random: int, seed: int,
@@ -30,9 +30,19 @@ def draw_random_table(num_heads: int, num_blocks: int, num_random: int, seed: in
 
 
 class BlockTablePattern(Pattern):
-    """A pattern defined by a (H', nb, nb) table over absolute blocks of ``self.block`` tokens."""
+    """A pattern defined by a (H', nb, nb) table over absolute blocks of ``self.block`` tokens, drawn per
+    head when ``num_random`` is not 0 (subclasses are dataclasses with these two fields)."""
 
     block: int
+    num_random: int
+
+    @property
+    def preferred_block(self) -> int:
+        return self.block
+
+    @property
+    def head_count_free(self) -> bool:
+        return self.num_random == 0  # random tables are drawn for H heads
 
     def table(self, geo: Geometry) -> Tensor:
         raise NotImplementedError
@@ -58,18 +68,17 @@ class BlockTablePattern(Pattern):
         return any_in_rect(table, r_lo, r_hi, k_lo // pb, k_hi // pb).unsqueeze(0)
 
 
+@pattern_dataclass
 class RandomBlocks(BlockTablePattern):
-    def __init__(self, num_random: int, block: int, seed: int = 0):
-        self.num_random = _check_int(num_random, "num_random")
-        self.block = _check_int(block, "block", minimum=1)
-        self.seed = _check_int(seed, "seed")
-        self.preferred_block = block
-        self.head_count_free = num_random == 0  # random tables are drawn for H heads
-        self.name = f"random_blocks_{num_random}x{block}_seed{seed}"
+    num_random: int  # key blocks drawn per query block
+    block: int
+    seed: int = 0
+    _name_format = "random_blocks_{num_random}x{block}_seed{seed}"
 
-    @property
-    def key(self):
-        return ("random_blocks", self.num_random, self.block, self.seed)
+    def __post_init__(self):
+        _check_int(self.num_random, "num_random")
+        _check_int(self.block, "block", minimum=1)
+        _check_int(self.seed, "seed")
 
     def table(self, geo: Geometry) -> Tensor:
         nb = _cdiv(geo.kv_len, self.block)

@@ -5,22 +5,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import AllowedFn, Geometry, Pattern, _check_int, block_ranges
+from ._base import AllowedFn, Geometry, Pattern, _check_int, block_ranges, pattern_dataclass
 from .causal import causal as _causal
 from .compose import Union, per_head
 from .window import sliding_window
 
 
+@pattern_dataclass
 class StrideColumns(Pattern):
     """``(i - j) % stride == 0``: the strided factor that reaches back across the sequence."""
 
-    def __init__(self, stride: int):
-        self.stride = _check_int(stride, "stride", minimum=1)
-        self.name = f"stride_columns_{stride}"
+    stride: int
+    _name_format = "stride_columns_{stride}"
 
-    @property
-    def key(self):
-        return ("stride_columns", self.stride)
+    def __post_init__(self):
+        _check_int(self.stride, "stride", minimum=1)
 
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
         s = self.stride
@@ -32,16 +31,15 @@ class StrideColumns(Pattern):
         return torch.div(hi, self.stride, rounding_mode="floor") * self.stride >= lo
 
 
+@pattern_dataclass
 class SameBlock(Pattern):
     """``i // block == j // block``: the fixed pattern's local factor."""
 
-    def __init__(self, block: int):
-        self.block = _check_int(block, "block", minimum=1)
-        self.name = f"same_block_{block}"
+    block: int
+    _name_format = "same_block_{block}"
 
-    @property
-    def key(self):
-        return ("same_block", self.block)
+    def __post_init__(self):
+        _check_int(self.block, "block", minimum=1)
 
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
         l = self.block
@@ -53,19 +51,19 @@ class SameBlock(Pattern):
         return (fl(k_hi) >= fl(q_lo)) & (fl(k_lo) <= fl(q_hi))
 
 
+@pattern_dataclass
 class SummaryColumns(Pattern):
     """``j % block >= block - c``: the fixed pattern's summary factor (last c keys of every block)."""
 
-    def __init__(self, block: int, c: int):
-        self.block = _check_int(block, "block", minimum=1)
-        self.c = _check_int(c, "c", minimum=1)
-        if c > block:
-            raise ValueError(f"c must be <= block ({block}), got {c}")
-        self.name = f"summary_columns_{block}_{c}"
+    block: int
+    c: int  # summary keys at the end of every block
+    _name_format = "summary_columns_{block}_{c}"
 
-    @property
-    def key(self):
-        return ("summary_columns", self.block, self.c)
+    def __post_init__(self):
+        _check_int(self.block, "block", minimum=1)
+        _check_int(self.c, "c", minimum=1)
+        if self.c > self.block:
+            raise ValueError(f"c must be <= block ({self.block}), got {self.c}")
 
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
         l, c = self.block, self.c
@@ -110,7 +108,7 @@ def sparse_transformer(kind: str = "strided", *, stride: int = 128, block: int =
     if heads == "split":
         pattern = per_head(factors, name=name)
     elif heads == "merged":
-        pattern = Union(factors, name=f"{name}_merged")
+        pattern = Union(factors, label=f"{name}_merged")
     else:
         raise ValueError(f"heads must be 'split' or 'merged', got {heads!r}")
     return _causal(pattern) if causal else pattern

@@ -17,21 +17,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import AllowedFn, Geometry, Pattern, _check_int, _cdiv
+from ._base import AllowedFn, Geometry, Pattern, _cdiv, _check_int, pattern_dataclass
 
 
+@pattern_dataclass
 class Window2d(Pattern):
-    def __init__(self, radius: int, height: int, width: int, tile: int | None = None):
-        self.radius = _check_int(radius, "radius")
-        self.height = _check_int(height, "height", minimum=1)
-        self.width = _check_int(width, "width", minimum=1)
-        self.tile = None if tile is None else _check_int(tile, "tile", minimum=1)
-        self.preferred_block = None if tile is None else tile * tile  # one block = one tile
-        self.name = f"window_2d_{radius}_{height}x{width}" + ("" if tile is None else f"_tile{tile}")
+    radius: int  # row and column reach on each side
+    height: int
+    width: int
+    tile: int | None = None  # read the map in tile x tile tiles (see the module docstring)
+
+    def __post_init__(self):
+        _check_int(self.radius, "radius")
+        _check_int(self.height, "height", minimum=1)
+        _check_int(self.width, "width", minimum=1)
+        if self.tile is not None:
+            _check_int(self.tile, "tile", minimum=1)
+
+    def _label(self) -> str:
+        tile = "" if self.tile is None else f"_tile{self.tile}"
+        return f"window_2d_{self.radius}_{self.height}x{self.width}{tile}"
 
     @property
-    def key(self):
-        return ("window_2d", self.radius, self.height, self.width, self.tile)
+    def preferred_block(self) -> int | None:
+        return None if self.tile is None else self.tile * self.tile  # one block = one tile
 
     def order(self, device: torch.device | str = "cpu") -> Tensor:
         """``(N,)``: the row-major index of the token at each position of this pattern's order."""
