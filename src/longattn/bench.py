@@ -27,6 +27,7 @@ from .io import atomic_path, markdown_table, write_json, write_text
 from .backends import clear_caches
 from .patterns import Geometry, Pattern, bigbird, fixed, get_plan, longformer, sparse_transformer, strided
 from .backends.blocked import choose_block
+from .training.progress import progress_bar
 
 PATHS = ("sdpa", "dense", "blocked", "flex", "flex_plain", "auto")
 MODES = ("fwd", "fwd+bwd")
@@ -287,19 +288,11 @@ def run(cfg: BenchConfig, out_dir: Path | None = None, progress: bool = True) ->
               f"matmul GFLOP/s {rates}")
     print(header, flush=True)
     todo = experiments(cfg.patterns, cfg.paths, cfg.modes, cfg.lengths, cfg.dtypes, cfg.heads, cfg.head_dim, cfg.batch)
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(todo), desc="bench", unit="run")
-        except ImportError:
-            pass
+    bar = progress_bar(progress, total=len(todo), desc="bench", unit="run")
     results = []
     sdpa_done: dict[tuple, Result] = {}  # full SDPA does not depend on the pattern: time it once
     for exp in todo:
-        if bar is not None:
-            bar.set_postfix_str(f"{exp.pattern} {exp.mode} N={exp.seq_len} {exp.path}")
+        bar.set_postfix_str(f"{exp.pattern} {exp.mode} N={exp.seq_len} {exp.path}")
         same = (exp.dtype, exp.mode, exp.seq_len, exp.batch, exp.heads, exp.head_dim)
         if exp.path == "sdpa" and same in sdpa_done:
             results.append(_reuse_for_pattern(sdpa_done[same], exp, device))
@@ -307,12 +300,10 @@ def run(cfg: BenchConfig, out_dir: Path | None = None, progress: bool = True) ->
             results.append(run_experiment(exp, device, min_run_time=cfg.min_run_time))
             if exp.path == "sdpa":
                 sdpa_done[same] = results[-1]
-        if bar is not None:
-            bar.update()
+        bar.update()
         if out_dir is not None:  # partial results survive an interrupted run
             save(results, out_dir, machine)
-    if bar is not None:
-        bar.close()
+    bar.close()
     print(format_table(results, machine=machine), flush=True)
     lines = summary(results, machine)
     if lines:

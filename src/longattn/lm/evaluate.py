@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..training.distributed import World, all_sum
-from ..training.state import progress_bar
+from ..training.progress import progress_bar
 from .corpus import num_segments, segment, streams
 
 LN2 = math.log(2.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..training.state import progress_bar
+from ..training.progress import progress_bar
 
 
 def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,

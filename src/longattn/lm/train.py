@@ -9,7 +9,6 @@ its last checkpoint gives the losses of an uninterrupted run.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,16 +18,11 @@ from torch import Tensor
 
 from ..models.xl import TransformerXL, XLConfig
 from ..training import checkpoint
-from ..training.distributed import World, all_sum, barrier, init_world, wrap
-from ..training.run import (Progress, load_checkpoint, machine, optimizer_step, save_checkpoint, warmup_cosine,
-                            write_result)
-from ..training.state import progress_bar
+from ..training.distributed import World, init_world
+from ..training.run import machine, optimizer_step, warmup_cosine
+from ..training.setup import CHECKPOINT, MODEL_DIR, RESULT, RunSpec, per_process, start  # noqa: F401  (RESULT: callers)
 from .corpus import Corpus, load_corpus, num_segments, segment, streams, unigram_bits_per_byte
 from .evaluate import LN2, evaluate
-
-CHECKPOINT = "checkpoint.safetensors"
-RESULT = "result.json"
-MODEL_DIR = "model"
 
 
 @dataclass
@@ -107,74 +101,50 @@ def train_lm(cfg: LMRunConfig, *, out_dir: Path | str, corpus: Corpus | None = N
         stop_after: end this process after that many steps in total (the checkpoint stays for a later call).
     """
     world = init_world(device)
-    out = Path(out_dir)
     t, mcfg = cfg.train, cfg.model
-    if t.batch_size % world.size:
-        raise ValueError(f"batch_size ({t.batch_size}) must be divisible by the number of processes ({world.size})")
+    local = per_process(t.batch_size, world)
     corpus = corpus or load_corpus(cfg.corpus)
-    local = t.batch_size // world.size
     rows = streams(corpus.train, t.batch_size)[world.rank * local:(world.rank + 1) * local]  # (B/P, L)
     per_epoch = num_segments(rows.shape[1], mcfg.seg_len)
     if per_epoch < 1:
         raise ValueError(f"the training split ({corpus.train.numel()} bytes) is too short for {t.batch_size} "
                          f"streams of segments of {mcfg.seg_len}")
-    torch.manual_seed(t.seed)  # same initial weights on every process
-    model = TransformerXL(mcfg, device=world.device)
-    net = wrap(model, world, strategy)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    identity = {"config": cfg.to_dict(), "corpus": corpus.fingerprint, "world_size": world.size}
+    spec = RunSpec(out_dir, {"config": cfg.to_dict(), "corpus": corpus.fingerprint},
+                   differs="config, corpus or process count", seed=t.seed, batch_size=t.batch_size, steps=t.steps,
+                   optimizer=dict(lr=t.lr, weight_decay=t.weight_decay), label="lm train", strategy=strategy,
+                   progress=progress, resume=resume)
+    trainer = start(spec, world, lambda dev: TransformerXL(mcfg, device=dev))
+    model, net, run = trainer.model, trainer.net, trainer.run
+    memory = None  # this process's streams' memory, carried from step to step
+    if trainer.state is not None and trainer.state["memory"] is not None:
+        memory = [m[world.rank * local:(world.rank + 1) * local].to(world.device) for m in trainer.state["memory"]]
 
-    run, memory = Progress(), None
-    torch.manual_seed(t.seed + 1 + world.rank)  # dropout streams differ per process
-    path = out / CHECKPOINT
-    if resume and path.exists():
-        run, state = load_checkpoint(path, identity, net, optimizer, world, differs="config, corpus or process count")
-        if state["memory"] is not None:
-            memory = [m[world.rank * local:(world.rank + 1) * local].to(world.device) for m in state["memory"]]
-
-    def save() -> None:
-        save_checkpoint(path, identity, net, optimizer, run, world, memory=_gather_memory(memory, world))
-
-    last = min(t.steps, stop_after if stop_after is not None else t.steps)
-    bar = progress_bar(progress and world.main, total=t.steps, initial=run.step, desc="lm train", unit="step",
-                       leave=False)
-    net.train()
-    while run.step < last:
-        tick = time.perf_counter()
-        index = run.step % per_epoch
+    def step(i: int) -> Tensor:
+        nonlocal memory
+        index = i % per_epoch
         if index == 0:
             memory = None  # a new epoch starts each stream over: nothing before it to remember
         inputs, targets = (x.to(world.device) for x in segment(rows, index, mcfg.seg_len))
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(t, run.step)
+        trainer.set_lr(learning_rate(t, i))
         result = net(inputs, memory, targets=targets)
-        optimizer_step(net, optimizer, result.loss, t.grad_clip)
+        optimizer_step(net, trainer.optimizer, result.loss, t.grad_clip)
         memory = result.memory
-        run.step += 1
-        run.running += torch.tensor([result.loss.item() * targets.numel(), targets.numel()], dtype=torch.float64)
-        run.seconds += time.perf_counter() - tick
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(bpb=f"{result.loss.item() / LN2:.3f}")
-        if run.step % t.eval_every == 0 or run.step == t.steps:
-            total = all_sum(run.running, world)
-            val = evaluate(model, corpus.valid, seg_len=mcfg.seg_len, mem_len=mcfg.mem_len, batch=t.eval_batch,
-                           max_bytes=t.eval_bytes, world=world)
-            run.history.append({"step": run.step, "train_bpb": float(total[0] / total[1] / LN2),
-                                "val_bpb": val.bits_per_byte, "lr": learning_rate(t, run.step - 1),
-                                "seconds": run.seconds})
-            run.running.zero_()
-            if bar is not None:
-                bar.set_postfix(bpb=f"{run.history[-1]['train_bpb']:.3f}", val=f"{val.bits_per_byte:.3f}")
-            save()
-    if bar is not None:
-        bar.close()
-    if run.step < t.steps:  # stopped early on request: the checkpoint holds everything
-        save()
+        return result.loss.detach()
+
+    def evaluation(loss: float) -> dict:
+        val = evaluate(model, corpus.valid, seg_len=mcfg.seg_len, mem_len=mcfg.mem_len, batch=t.eval_batch,
+                       max_bytes=t.eval_bytes, world=world)
+        return {"train_bpb": loss / LN2, "val_bpb": val.bits_per_byte, "lr": learning_rate(t, run.step - 1)}
+
+    # every step has local * seg_len targets: its mean loss counts that often in the bits per byte
+    finished = trainer.train(step, evaluation, eval_every=t.eval_every, stop_after=stop_after,
+                             weight=local * mcfg.seg_len, postfix=lambda loss: {"bpb": f"{loss / LN2:.3f}"},
+                             extra=lambda: {"memory": _gather_memory(memory, world)})
+    if not finished:
         return {"finished": False, "step": run.step}
 
-    result = {
-        "finished": True, "steps": run.step, "params": sum(p.numel() for p in model.parameters()),
+    return trainer.finish({
+        "finished": True, "steps": run.step, "params": trainer.params,
         "pattern": mcfg.pattern or "full", "world_size": world.size, "train_seconds": run.seconds,
         "seconds_per_step": run.seconds / run.step if run.step else None, "history": run.history,
         "val_bpb": run.history[-1]["val_bpb"] if run.history else None,
@@ -182,12 +152,7 @@ def train_lm(cfg: LMRunConfig, *, out_dir: Path | str, corpus: Corpus | None = N
         "corpus": {"name": corpus.name, "fingerprint": corpus.fingerprint, "sizes": list(corpus.sizes)},
         "config": cfg.to_dict(),
         "machine": machine(world),
-    }
-    if world.main:
-        model.save_pretrained(out / MODEL_DIR)
-        write_result(out / RESULT, result)
-    barrier(world)
-    return result
+    }, save_model=True)
 
 
 def load_lm(path: Path | str, *, device: str = "cpu") -> TransformerXL:

@@ -25,6 +25,7 @@ from ..functional import explain
 from .attentions import build_attention
 from .configs import ModelShape
 from ..models import EncoderConfig, SparseEncoderClassifier
+from ..training.progress import progress_bar
 
 LENGTHS = (1024, 2048, 3072, 4096)
 MODES = ("train", "infer")
@@ -60,14 +61,7 @@ def measure(attentions: list[str], lengths=LENGTHS, *, shape: ModelShape = TEXT_
     """Time and measure every (attention, length, mode)."""
     dev = torch.device(device)
     jobs = [(a, n, m) for n in lengths for a in attentions for m in modes]
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(jobs), desc="speed/memory", unit="run", leave=False)
-        except ImportError:
-            pass
+    bar = progress_bar(progress, total=len(jobs), desc="speed/memory", unit="run", leave=False)
     rows = []
     for attention, n, mode in jobs:
         torch.manual_seed(0)
@@ -100,11 +94,9 @@ def measure(attentions: list[str], lengths=LENGTHS, *, shape: ModelShape = TEXT_
             peak = peak_mb(step, dev, compiled=False)
         label = "math (scores stored)" if vanilla else _backend(model, batch, dev)
         rows.append(SpeedRow(attention, n, mode, ms, 1e3 / ms, peak, label))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(last=f"{attention}@{n} {mode} {ms:.0f} ms")
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+        bar.set_postfix(last=f"{attention}@{n} {mode} {ms:.0f} ms")
+    bar.close()
     return rows
 
 

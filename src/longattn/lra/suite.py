@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from ..io import write_json
+from ..training.progress import progress_bar
 from ..training.run import finished_result
 from . import speed as speed_mod
 from .configs import LRAConfig, get_config, scaled
@@ -55,28 +56,16 @@ def _missing_message(task) -> str:
 
 def _run_parallel(todo: list, jobs: int, progress: bool, log) -> None:
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds OpenMP threads
-    bar = _bar(len(todo), progress)
+    bar = progress_bar(progress, total=len(todo), desc="training runs", unit="run")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         futures = {pool.submit(_run_in_worker, cfg.to_dict(), attention, str(task.data_dir), str(run_dir), 1):
                    (cfg.task, attention) for cfg, attention, task, run_dir in todo}
         for future in as_completed(futures):
             name, attention = futures[future]
             result = future.result()
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             _log_result(log, name, attention, result)
-    if bar is not None:
-        bar.close()
-
-
-def _bar(total: int, progress: bool):
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="training runs", unit="run")
+    bar.close()
 
 
 def _finished(out: Path, cfg: LRAConfig, attention: str) -> dict | None:

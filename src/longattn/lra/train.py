@@ -18,16 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import EncoderConfig, SparseEncoderClassifier
-from ..training.distributed import World, init_world, wrap
-from ..training.run import (Progress, batch_indices, load_checkpoint, machine, majority_rate, optimizer_step,
-                            save_checkpoint, sharded_accuracy, train_steps, warmup_cosine, write_result)
-from ..training.state import progress_bar
+from ..training.distributed import World, init_world
+from ..training.run import machine, majority_rate, optimizer_step, sharded_accuracy, warmup_cosine
+from ..training.setup import CHECKPOINT, RESULT, RunSpec, start  # noqa: F401  (the run folder's files, for callers)
 from .attentions import ALIASES, build_attention
 from .configs import LRAConfig
 from .tasks import Split, Task, get_task
-
-CHECKPOINT = "checkpoint.safetensors"
-RESULT = "result.json"
 
 
 def learning_rate(cfg: LRAConfig, step: int) -> float:
@@ -103,58 +99,41 @@ def train_run(cfg: LRAConfig, attention: str, *, data_dir: Path | str, out_dir: 
             resumes). For training in chunks, and for the resume test.
     """
     world = init_world(device)
-    out = Path(out_dir)
     task = make_task(cfg, data_dir)
     data = data or load_splits(cfg, task)
     max_len = data["train"].tokens.shape[1]
     t = cfg.train
-    if t.batch_size % world.size:
-        raise ValueError(f"batch_size ({t.batch_size}) must be divisible by the number of processes ({world.size})")
-    torch.manual_seed(cfg.seed)  # same initial weights on every process
-    model = build_model(cfg, attention, task, max_len, device=world.device)
-    params = sum(p.numel() for p in model.parameters())
-    net = wrap(model, world, strategy)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
-    identity = {"config": cfg.to_dict(), "attention": attention, "world_size": world.size}
-
-    run = Progress()  # its running sums: loss and steps since the last evaluation
-    torch.manual_seed(cfg.seed + 1 + world.rank)  # dropout streams differ per process
-    path = out / CHECKPOINT
-    if resume and path.exists():
-        run, _ = load_checkpoint(path, identity, net, optimizer, world, differs="config, attention or process count")
-
-    bar = progress_bar(progress and world.main, total=t.steps, initial=run.step, desc=f"{cfg.task}/{attention}",
-                       unit="step", leave=False)
-    local = t.batch_size // world.size
-    train, eval_batch = data["train"], max(local, 64)
+    spec = RunSpec(out_dir, {"config": cfg.to_dict(), "attention": attention},
+                   differs="config, attention or process count", seed=cfg.seed, batch_size=t.batch_size,
+                   steps=t.steps, optimizer=dict(lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay),
+                   label=f"{cfg.task}/{attention}", strategy=strategy, progress=progress, resume=resume)
+    trainer = start(spec, world, lambda dev: build_model(cfg, attention, task, max_len, device=dev))
+    net, run = trainer.net, trainer.run
+    train, eval_batch = data["train"], max(trainer.local, 64)
 
     def step(i: int) -> Tensor:
-        index = batch_indices(len(train), t.batch_size, i, cfg.seed)[world.rank * local:(world.rank + 1) * local]
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, i)
+        index = trainer.batch(len(train), i)
+        trainer.set_lr(learning_rate(cfg, i))
         loss = F.cross_entropy(net(*_inputs(train, index, world.device)), train.labels[index].to(world.device))
-        optimizer_step(net, optimizer, loss, t.grad_clip)
+        optimizer_step(net, trainer.optimizer, loss, t.grad_clip)
         return loss.detach()
 
-    net.train()
-    finished = train_steps(
-        run, world, steps=t.steps, stop_after=stop_after, eval_every=t.eval_every, step=step,
-        evaluate=lambda: {"val_acc": evaluate(net, data["val"], world, batch=eval_batch, limit=t.eval_examples),
-                          "lr": learning_rate(cfg, run.step - 1)},
-        checkpoint=lambda: save_checkpoint(path, identity, net, optimizer, run, world), bar=bar)
+    finished = trainer.train(
+        step, lambda loss: {"loss": loss, "val_acc": evaluate(net, data["val"], world, batch=eval_batch,
+                                                              limit=t.eval_examples),
+                            "lr": learning_rate(cfg, run.step - 1)},
+        eval_every=t.eval_every, stop_after=stop_after)
     if not finished:
         return {"finished": False, "step": run.step}
 
-    result = {
+    model = trainer.model
+    return trainer.finish({
         "task": cfg.task, "attention": attention, "pattern": getattr(model.pattern, "name", "full"),
-        "finished": True, "steps": run.step, "params": params, "world_size": world.size,
+        "finished": True, "steps": run.step, "params": trainer.params, "world_size": world.size,
         "train_seconds": run.seconds, "steps_per_second": run.step / run.seconds if run.seconds else None,
         "val_acc": run.history[-1]["val_acc"] if run.history else None,
         "best_val_acc": max((h["val_acc"] for h in run.history), default=None),
         "test_acc": evaluate(net, data["test"], world, batch=eval_batch),
         "test_majority": majority_rate(data["test"].labels), "seq_len": model.cfg.seq_len,
         "history": run.history, "config": cfg.to_dict(), "machine": machine(world),
-    }
-    if world.main:
-        write_result(out / RESULT, result)
-    return result
+    })

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..io import write_json
 from . import checkpoint
 from .distributed import World, all_sum, barrier, gather_objects
+from .progress import SilentBar
 from .state import load_model_state, model_state, rng_state, set_rng_state
 
 
@@ -123,32 +124,32 @@ def majority_rate(labels: Tensor) -> float:
 
 
 def train_steps(run: Progress, world: World, *, steps: int, stop_after: int | None, eval_every: int,
-                step: Callable[[int], Tensor], evaluate: Callable[[], dict], checkpoint: Callable[[], None],
-                bar=None, postfix: Callable[[], dict] | None = None) -> bool:
-    """The loop a classifier trainer shares: ``step(i)`` trains batch ``i`` and returns its loss; every
-    ``eval_every`` steps (and at the end) the history gains the mean loss since the last evaluation, what
-    ``evaluate()`` returns and the training seconds, and ``checkpoint()`` saves. Stops after ``stop_after``
-    steps in total when given (saving first). Returns True when the run reached ``steps``."""
+                step: Callable[[int], Tensor], evaluate: Callable[[float], dict], checkpoint: Callable[[], None],
+                weight: float = 1.0, bar=None, postfix: Callable[[float], dict] | None = None) -> bool:
+    """The loop every trainer shares: ``step(i)`` trains batch ``i`` and returns its (mean) loss, which counts
+    ``weight`` times in the running mean (the LM: the targets of a step). Every ``eval_every`` steps (and at
+    the end) the history gains ``{"step", **evaluate(mean loss since the last evaluation), "seconds"}``
+    and ``checkpoint()`` saves. Stops after ``stop_after`` steps in total when given (saving first). The
+    bar shows ``postfix(loss)`` (default: the loss), then the evaluation. True when the run reached ``steps``."""
+    bar = bar if bar is not None else SilentBar()
+    postfix = postfix or (lambda loss: {"loss": f"{loss:.3f}"})
     last = min(steps, stop_after if stop_after is not None else steps)
     while run.step < last:
         tick = time.perf_counter()
         loss = step(run.step).item()
         run.step += 1
-        run.running += torch.tensor([loss, 1.0], dtype=torch.float64)
+        run.running += torch.tensor([loss * weight, weight], dtype=torch.float64)
         run.seconds += time.perf_counter() - tick
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", **(postfix() if postfix else {}))
+        bar.update(1)
+        bar.set_postfix(postfix(loss))
         if run.step % eval_every == 0 or run.step == steps:
             total = all_sum(run.running, world)
-            run.history.append({"step": run.step, "loss": float(total[0] / total[1]), **evaluate(),
-                                "seconds": run.seconds})
+            run.history.append({"step": run.step, **evaluate(float(total[0] / total[1])), "seconds": run.seconds})
             run.running.zero_()
-            if bar is not None:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in run.history[-1].items() if k in ("loss", "val_acc")})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in run.history[-1].items()
+                             if k not in ("step", "lr", "seconds") and isinstance(v, float)})
             checkpoint()
-    if bar is not None:
-        bar.close()
+    bar.close()
     if run.step < steps:  # stopped early on request: the checkpoint holds everything
         checkpoint()
         return False

@@ -1,4 +1,4 @@
-"""Exact resume: full model/optimizer state dicts (plain, DDP or FSDP2 alike) and RNG streams; progress bars."""
+"""Exact resume: full model/optimizer state dicts (plain, DDP or FSDP2 alike) and RNG streams."""
 
 from __future__ import annotations
 
@@ -34,13 +34,3 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
-
-def progress_bar(enabled: bool, **kwargs):
-    """A tqdm bar, or None when disabled or tqdm is not installed (loops then run silently)."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(**kwargs)

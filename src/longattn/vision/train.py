@@ -19,16 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import create_model
-from ..training.distributed import World, init_world, wrap
-from ..training.run import (Progress, batch_indices, load_checkpoint, machine, majority_rate, optimizer_step,
-                            save_checkpoint, sharded_accuracy, train_steps, warmup_cosine, write_result)
-from ..training.state import progress_bar
+from ..training.distributed import World, init_world
+from ..training.run import machine, majority_rate, optimizer_step, sharded_accuracy, warmup_cosine
+from ..training.setup import CHECKPOINT, MODEL_DIR, RESULT, RunSpec, start  # noqa: F401  (the run folder's files)
 from .data import ImageData, pathfinder_images
-from .measure import parameters
-
-CHECKPOINT = "checkpoint.safetensors"
-RESULT = "result.json"
-MODEL_DIR = "model"
 
 
 @dataclass
@@ -94,63 +88,45 @@ def train_vision(cfg: VisionRunConfig, *, data_dir: Path | str, out_dir: Path | 
         stop_after: end this process after that many steps in total (the checkpoint stays for a later call).
     """
     world = init_world(device)
-    out = Path(out_dir)
     if data is None:
         data = pathfinder_images(data_dir, resolution=cfg.resolution, preset=cfg.preset, examples=cfg.examples,
                                  difficulty=cfg.difficulty, seed=cfg.seed)
-    if cfg.batch_size % world.size:
-        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({world.size})")
-    torch.manual_seed(cfg.seed)  # same initial weights on every process
-    model = build_model(cfg, device=world.device)
-    if world.size > 1 and world.device.type == "cuda":
-        # batch statistics over the global batch, as one process would compute them (PyTorch's SyncBatchNorm
-        # is GPU-only: on CPU each process normalises its own share)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    params = parameters(model)
-    net = wrap(model, world, strategy)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    identity = {"config": cfg.to_dict(), "world_size": world.size}
 
-    run = Progress()
-    torch.manual_seed(cfg.seed + 1 + world.rank)
-    path = out / CHECKPOINT
-    if resume and path.exists():
-        run, _ = load_checkpoint(path, identity, net, optimizer, world, differs="config or process count")
+    def build(dev: torch.device) -> nn.Module:
+        model = build_model(cfg, device=dev)
+        if world.size > 1 and world.device.type == "cuda":
+            # batch statistics over the global batch, as one process would compute them (PyTorch's SyncBatchNorm
+            # is GPU-only: on CPU each process normalises its own share)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
-    bar = progress_bar(progress and world.main, total=cfg.steps, initial=run.step, desc=cfg.model, unit="step",
-                       leave=False)
-    local = cfg.batch_size // world.size
+    spec = RunSpec(out_dir, {"config": cfg.to_dict()}, differs="config or process count", seed=cfg.seed,
+                   batch_size=cfg.batch_size, steps=cfg.steps, optimizer=dict(lr=cfg.lr, weight_decay=cfg.weight_decay),
+                   label=cfg.model, strategy=strategy, progress=progress, resume=resume)
+    trainer = start(spec, world, build)
+    net, run = trainer.net, trainer.run
     train = data["train"]
 
     def step(i: int) -> Tensor:
-        index = batch_indices(len(train), cfg.batch_size, i, cfg.seed)[world.rank * local:(world.rank + 1) * local]
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine(cfg.lr, i, cfg.warmup, cfg.steps)
+        index = trainer.batch(len(train), i)
+        trainer.set_lr(warmup_cosine(cfg.lr, i, cfg.warmup, cfg.steps))
         x, y = train.batch(index, world.device, channels_last=cfg.channels_last)
         with _autocast(cfg, world):
             loss = F.cross_entropy(net(x).float(), y)
-        optimizer_step(net, optimizer, loss, cfg.grad_clip)
+        optimizer_step(net, trainer.optimizer, loss, cfg.grad_clip)
         return loss.detach()
 
-    net.train()
-    finished = train_steps(
-        run, world, steps=cfg.steps, stop_after=stop_after, eval_every=cfg.eval_every, step=step,
-        evaluate=lambda: {"val_acc": evaluate(net, data["val"], cfg, world)},
-        checkpoint=lambda: save_checkpoint(path, identity, net, optimizer, run, world), bar=bar,
-        postfix=lambda: {"img_s": f"{run.step * cfg.batch_size / run.seconds:.0f}"})
+    finished = trainer.train(
+        step, lambda loss: {"loss": loss, "val_acc": evaluate(net, data["val"], cfg, world)},
+        eval_every=cfg.eval_every, stop_after=stop_after,
+        postfix=lambda loss: {"loss": f"{loss:.3f}", "img_s": f"{run.step * cfg.batch_size / run.seconds:.0f}"})
     if not finished:
         return {"finished": False, "step": run.step}
 
-    result = {
-        "model": cfg.model, "finished": True, "steps": run.step, "params": params, "world_size": world.size,
+    return trainer.finish({
+        "model": cfg.model, "finished": True, "steps": run.step, "params": trainer.params, "world_size": world.size,
         "train_seconds": run.seconds, "images_per_second": run.step * cfg.batch_size / run.seconds,
         "val_acc": run.history[-1]["val_acc"], "test_acc": evaluate(net, data["test"], cfg, world),
         "test_majority": majority_rate(data["test"].labels), "history": run.history, "config": cfg.to_dict(),
         "machine": machine(world),
-    }
-    if world.main:
-        model.save_pretrained(out / MODEL_DIR)
-        write_result(out / RESULT, result)
-    return result
+    }, save_model=True)
