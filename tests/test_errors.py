@@ -126,5 +126,5 @@ def test_module_input_shape():
     attn = la.SparseSelfAttention(16, 2)
     with pytest.raises(ValueError, match=r"x must have shape \(B, N, C=16\)"):
         attn(torch.randn(2, 5, 8))
-    with pytest.raises(ValueError, match=r"dim \(10\) must be divisible by num_heads \(3\)"):
+    with pytest.raises(ValueError, match=r"dim \(10\) must be divisible by heads \(3\)"):
         la.SparseSelfAttention(10, 3)

@@ -6,7 +6,18 @@ import pytest
 import torch
 
 from longattn.models import EtcConfig, EtcModel, EtcStructure, etc_structure
-from longattn.models.etc import GlobalLocalAttention, global_local_attention, relative_vocab_size, segment_mean
+from longattn.models.etc import segment_mean
+from longattn.modules.global_local_attention import (QKV, GlobalLocalAttention, GlobalLocalSpec, RelativeTable,
+                                                     global_local_attention, relative_vocab_size)
+
+
+def gla(ql, kl, vl, qg, kg, vg, *, backend="auto", long_relative=None, global_relative=None, **spec):
+    """``global_local_attention`` on six tensors and ``(E, bias)`` pairs; returns ``[out_long, out_global]``."""
+    tables = [None if t is None else RelativeTable(*t) for t in (long_relative, global_relative)]
+    out = global_local_attention(QKV(ql, kl, vl), QKV(qg, kg, vg), GlobalLocalSpec(**spec, long_relative=tables[0],
+                                                                                   global_relative=tables[1]),
+                                 backend=backend)
+    return [out.long, out.global_]
 
 
 def naive_etc(ql, kl, vl, qg, kg, vg, *, radius, structure, long_rel=None, global_rel=None, hard_g2l=False,
@@ -84,8 +95,8 @@ def test_labelled_attention_matches_naive_reference(radius, hard):
     leaves = [t.requires_grad_() for t in tensors + rel + rel_g]
 
     def ours(ql, kl, vl, qg, kg, vg, e, bb, eg, bg):
-        return global_local_attention(ql, kl, vl, qg, kg, vg, local_radius=radius, structure=st,
-                                      long_relative=(e, bb), global_relative=(eg, bg), hard_g2l=hard, hard_l2g=hard)
+        return gla(ql, kl, vl, qg, kg, vg, local_radius=radius, structure=st, long_relative=(e, bb),
+                   global_relative=(eg, bg), hard_g2l=hard, hard_l2g=hard)
 
     def ref(ql, kl, vl, qg, kg, vg, e, bb, eg, bg):
         return naive_etc(ql, kl, vl, qg, kg, vg, radius=radius, structure=st, long_rel=(e, bb),
@@ -104,15 +115,13 @@ def test_labelled_attention_matches_naive_reference(radius, hard):
 def test_unlabelled_attention_uses_longattn_and_matches_reference(backend):
     tensors, st, rel, rel_g = make_inputs(d=16)
     leaves = [t.requires_grad_() for t in tensors]
-    outs, grads = run_and_grads(lambda *x: global_local_attention(*x, local_radius=5, structure=st,
-                                                                  backend=backend), leaves)
+    outs, grads = run_and_grads(lambda *x: gla(*x, local_radius=5, structure=st, backend=backend), leaves)
     ref_outs, ref_grads = run_and_grads(lambda *x: naive_etc(*x, radius=5, structure=st), leaves, torch.float64)
     for a, r in zip(outs + list(grads), ref_outs + list(ref_grads)):
         torch.testing.assert_close(a.double(), r, atol=1e-5, rtol=1e-5)
     # The blocked kernel with all-zero label tables computes the same thing.
     zeros = tuple(torch.zeros_like(t) for t in rel)
-    banded = global_local_attention(*tensors, local_radius=5, structure=st, long_relative=zeros,
-                                    global_relative=zeros)
+    banded = gla(*tensors, local_radius=5, structure=st, long_relative=zeros, global_relative=zeros)
     for a, r in zip(banded, ref_outs):
         torch.testing.assert_close(a.double(), r, atol=1e-5, rtol=1e-5)
 
@@ -122,8 +131,7 @@ def test_rows_without_keys_give_zeros_and_finite_grads():
     st = etc_structure(seg)
     tensors = [torch.randn(2, 1, m, 8, requires_grad=True) for m in (9, 9, 9, 2, 2, 2)]
     rel = (torch.randn(5, 1, 8), torch.randn(5, 1))
-    out_l, out_g = global_local_attention(*tensors, local_radius=2, structure=st, long_relative=rel,
-                                          global_relative=rel)
+    out_l, out_g = gla(*tensors, local_radius=2, structure=st, long_relative=rel, global_relative=rel)
     assert out_l[1].abs().max() == 0 and out_g[1].abs().max() == 0
     (out_l.sum() + out_g.sum()).backward()
     assert all(torch.isfinite(t.grad).all() for t in tensors)
@@ -137,8 +145,7 @@ def test_long_side_memory_is_linear():
         rel = (torch.randn(7, 1, 8, requires_grad=True), torch.randn(7, 1, requires_grad=True))
         sizes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-            out_l, out_g = global_local_attention(*tensors, local_radius=4, structure=st, long_relative=rel,
-                                                  global_relative=rel)
+            out_l, out_g = gla(*tensors, local_radius=4, structure=st, long_relative=rel, global_relative=rel)
         (out_l.sum() + out_g.sum()).backward()
         return max(sizes)
 
@@ -167,7 +174,7 @@ def test_structure_helper():
 
 
 def tiny_config(**overrides) -> EtcConfig:
-    base = dict(vocab_size=50, hidden=32, layers=2, heads=2, intermediate=64, local_radius=3,
+    base = dict(vocab_size=50, dim=32, depth=2, heads=2, ffn_dim=64, local_radius=3,
                 max_relative_distance=2, max_global=8, dropout=0.0, attn_dropout=0.0)
     return EtcConfig(**{**base, **overrides})
 
@@ -220,22 +227,28 @@ def test_bad_inputs_name_the_argument():
         attn(torch.randn(2, 10, 8), torch.randn(2, 2, 16))
     q = torch.randn(2, 2, 10, 8)
     qg = torch.randn(3, 2, 4, 8)
-    with pytest.raises(ValueError, match=r"q_global/v_global must have shape \(B, H, G, D\) = \(2, 2, G, 8\)"):
-        global_local_attention(q, q, q, qg, qg, qg, local_radius=1)
+    with pytest.raises(ValueError, match=r"global_qkv.q/global_qkv.v must have shape \(B, H, G, D\) = "
+                                         r"\(2, 2, G, 8\)"):
+        gla(q, q, q, qg, qg, qg, local_radius=1)
     with pytest.raises(ValueError, match="hard_g2l/hard_l2g need a structure"):
-        global_local_attention(q, q, q, q, q, q, local_radius=1, hard_l2g=True)
+        gla(q, q, q, q, q, q, local_radius=1, hard_l2g=True)
     st = EtcStructure(torch.zeros(2, 9, dtype=torch.long), torch.ones(2, 9, dtype=torch.bool),
                       torch.ones(2, 10, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"structure.long_to_global must have shape \(2, 10\)"):
-        global_local_attention(q, q, q, q, q, q, local_radius=1, structure=st)
+        gla(q, q, q, q, q, q, local_radius=1, structure=st)
     st = EtcStructure(torch.zeros(2, 10, dtype=torch.long), torch.ones(2, 10), torch.ones(2, 10, dtype=torch.bool))
     with pytest.raises(TypeError, match="structure.long_mask must be a bool tensor"):
-        global_local_attention(q, q, q, q, q, q, local_radius=1, structure=st)
-    with pytest.raises(ValueError, match="long_relative must be"):
-        global_local_attention(q, q, q, q, q, q, local_radius=1, long_relative=(torch.zeros(4, 2, 8),
-                                                                                torch.zeros(4, 2)))
-    with pytest.raises(ValueError, match="hidden .* divisible by heads"):
-        tiny_config(hidden=30, heads=4)
+        gla(q, q, q, q, q, q, local_radius=1, structure=st)
+    with pytest.raises(ValueError, match="spec.long_relative must be"):
+        gla(q, q, q, q, q, q, local_radius=1, long_relative=(torch.zeros(4, 2, 8), torch.zeros(4, 2)))
+    with pytest.raises(TypeError, match="spec.global_relative must be a RelativeTable"):
+        global_local_attention(QKV(q, q, q), QKV(q, q, q), GlobalLocalSpec(1, global_relative=(q, q)))
+    with pytest.raises(TypeError, match="long_qkv and global_qkv must be QKV"):
+        global_local_attention((q, q, q), QKV(q, q, q), GlobalLocalSpec(1))
+    with pytest.raises(ValueError, match="local_radius must be an int >= 0"):
+        gla(q, q, q, q, q, q, local_radius=-1)
+    with pytest.raises(ValueError, match=r"dim \(30\) must be divisible by heads"):
+        tiny_config(dim=30, heads=4)
 
 
 @pytest.mark.parametrize("layers, reaches", [(1, False), (2, True)])
@@ -243,7 +256,7 @@ def test_far_tokens_meet_only_through_global_tokens(layers, reaches):
     """Radius 1: after one layer the first token cannot see the last; after two it can (long -> global ->
     long), which is what the global input is for."""
     torch.manual_seed(0)
-    model = EtcModel(tiny_config(layers=layers, local_radius=1))
+    model = EtcModel(tiny_config(depth=layers, local_radius=1))
     captured = []
     model.token_embed.register_forward_hook(lambda m, i, o: captured.append(o))
     out = model(torch.randint(0, 50, (1, 16)), torch.zeros(1, 16, dtype=torch.long))

@@ -41,7 +41,7 @@ class Majority(Task):
 
 
 def tiny_config(**train) -> LRAConfig:
-    return LRAConfig("fake", ModelShape(dim=16, depth=1, heads=2, mlp_dim=32, dropout=0.1, attn_dropout=0.1),
+    return LRAConfig("fake", ModelShape(dim=16, depth=1, heads=2, ffn_dim=32, dropout=0.1, attn_dropout=0.1),
                      Training(**{"steps": 12, "batch_size": 8, "lr": 3e-3, "weight_decay": 0.01, "warmup": 2,
                                  "schedule": "cosine", "eval_every": 4, "eps": 1e-8, **train}))
 
@@ -56,7 +56,7 @@ def fake_task(monkeypatch):
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_padding_never_changes_the_output(pooling):
     torch.manual_seed(0)
-    cfg = EncoderConfig(vocab_size=16, num_classes=3, max_len=30, dim=16, depth=2, heads=2, mlp_dim=32,
+    cfg = EncoderConfig(vocab_size=16, num_classes=3, max_len=30, dim=16, depth=2, heads=2, ffn_dim=32,
                         dropout=0.0, attn_dropout=0.0, pooling=pooling)
     model = SparseEncoderClassifier(cfg, la.sliding_window(4)).eval()
     tokens = torch.randint(1, 16, (2, 30))
@@ -69,7 +69,7 @@ def test_padding_never_changes_the_output(pooling):
 
 
 def test_pair_model_and_errors():
-    cfg = EncoderConfig(vocab_size=8, num_classes=2, max_len=12, dim=16, depth=1, heads=2, mlp_dim=16, pair=True,
+    cfg = EncoderConfig(vocab_size=8, num_classes=2, max_len=12, dim=16, depth=1, heads=2, ffn_dim=16, pair=True,
                         qkv_dim=8, learned_positions=False)
     model = SparseEncoderClassifier(cfg)
     t, n = torch.randint(0, 8, (3, 12)), torch.full((3,), 12)
@@ -88,7 +88,7 @@ def test_pair_model_and_errors():
 def test_every_variant_builds_and_matches_the_dense_oracle(name):
     """The model with variant `name` gives the same logits on the blocked and the dense backend."""
     torch.manual_seed(0)
-    cfg = EncoderConfig(vocab_size=16, num_classes=3, max_len=96, dim=32, depth=1, heads=2, mlp_dim=32,
+    cfg = EncoderConfig(vocab_size=16, num_classes=3, max_len=96, dim=32, depth=1, heads=2, ffn_dim=32,
                         dropout=0.0, attn_dropout=0.0)
     settings = {"local": {"window": 16}, "longformer": {"window": 16}, "bigbird": {"block": 8}}.get(name)
     pattern = build_attention(name, cfg.seq_len, settings)
@@ -112,7 +112,7 @@ def test_attention_expressions_and_bad_names():
 # ---- configs -----------------------------------------------------------------------------------------------
 
 def test_base_configs_are_lras():
-    assert BASE["listops"].model == ModelShape(dim=512, depth=6, heads=8, mlp_dim=2048)
+    assert BASE["listops"].model == ModelShape(dim=512, depth=6, heads=8, ffn_dim=2048)
     assert BASE["listops"].train.batch_size == 32 and BASE["listops"].train.schedule == "rsqrt"
     assert BASE["pathfinder32"].model.qkv_dim == 64 and not BASE["pathfinder32"].model.learned_positions
     assert BASE["text"].max_len == 4000 and BASE["retrieval"].max_len == 4000
@@ -238,7 +238,7 @@ def test_quick_suite_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     finished runs. (The real quick configs are exercised by `make demo`; here they are shrunk.)"""
     from longattn.lra import configs, suite
 
-    tiny = replace(configs.QUICK["listops"], max_len=64, model=ModelShape(dim=16, depth=1, heads=2, mlp_dim=16),
+    tiny = replace(configs.QUICK["listops"], max_len=64, model=ModelShape(dim=16, depth=1, heads=2, ffn_dim=16),
                    train=replace(configs.QUICK["listops"].train, steps=3, eval_every=3, batch_size=4),
                    generate={"min_length": 10, "max_length": 60, "max_depth": 4, "num_train": 16, "num_val": 8,
                              "num_test": 8})

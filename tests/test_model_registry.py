@@ -4,6 +4,8 @@ outputs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ TINY = {
                            vocab_size=40, attention_window=8),
     BigBirdConfig: dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                         vocab_size=40, block_size=8, num_random_blocks=2),
-    EtcConfig: dict(hidden=24, layers=2, heads=2, intermediate=32, vocab_size=40, local_radius=4,
+    EtcConfig: dict(dim=24, depth=2, heads=2, ffn_dim=32, vocab_size=40, local_radius=4,
                     max_relative_distance=3),
     XLConfig: dict(dim=24, depth=2, heads=2, seg_len=16, mem_len=16),
     BotNetConfig: dict(width=8, num_classes=24, image_size=48),
@@ -57,3 +59,29 @@ def test_registry_errors():
         create_model("bert")
     with pytest.raises(ValueError, match="LongformerConfig has no field 'hidden'"):
         create_model("longformer-base-4096", hidden=8)
+    with pytest.raises(ValueError, match=r"EtcConfig has no field 'intermediate' \('intermediate' was renamed to "
+                                         r"'ffn_dim'\)"):
+        create_model("etc-base", intermediate=8)
+
+
+def test_configs_saved_with_old_width_names_load(tmp_path):
+    """ETC checkpoints and LRA run configs written before the width names were unified (hidden, layers,
+    intermediate; mlp_dim) load under the new names; a config with both names is refused, naming the rename."""
+    from longattn.lra.configs import BASE, LRAConfig
+    from longattn.models import EtcModel
+
+    torch.manual_seed(0)
+    model = create_model("etc-base", **TINY[EtcConfig]).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    old = {({"dim": "hidden", "depth": "layers", "ffn_dim": "intermediate"}).get(k, k): v for k, v in config.items()}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = EtcModel.from_pretrained(tmp_path)
+    assert loaded.cfg == model.cfg
+    (tmp_path / "config.json").write_text(json.dumps({**old, "dim": 24}))
+    with pytest.raises(ValueError, match="has both 'hidden' and 'dim'; 'hidden' is the old name of 'dim'"):
+        EtcModel.from_pretrained(tmp_path)
+
+    saved = BASE["listops"].to_dict()
+    saved["model"]["mlp_dim"] = saved["model"].pop("ffn_dim")
+    assert LRAConfig.from_dict(saved) == BASE["listops"]

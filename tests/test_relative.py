@@ -25,7 +25,7 @@ def naive(mod: RelativeAttention, x, memory=None, key_padding_mask=None):
     x = x.double()
     ctx = x if memory is None else torch.cat([memory.double(), x], 1)
     b, nq, _ = x.shape
-    nk, h, d = ctx.shape[1], mod.num_heads, mod.head_dim
+    nk, h, d = ctx.shape[1], mod.heads, mod.head_dim
     wq, wk, wv = mod.qkv.weight.double().split(h * d)
     q = (x @ wq.T).view(b, nq, h, d).transpose(1, 2)
     k = (ctx @ wk.T).view(b, nk, h, d).transpose(1, 2)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from ..models.renames import renamed_fields
+
 
 @dataclass(frozen=True)
 class ModelShape:
-    dim: int  # LRA emb_dim
-    depth: int  # num_layers
-    heads: int
-    mlp_dim: int
+    dim: int  # model width (LRA: emb_dim)
+    depth: int  # Transformer blocks (LRA: num_layers)
+    heads: int  # attention heads (LRA: num_heads)
+    ffn_dim: int  # feed-forward width, also of the classifier head (LRA: mlp_dim)
     qkv_dim: int | None = None  # None = dim
     dropout: float = 0.1
     attn_dropout: float = 0.1
@@ -57,31 +59,32 @@ class LRAConfig:
     def from_dict(cls, d: dict) -> "LRAConfig":
         train = dict(d["train"])
         train["betas"] = tuple(train.get("betas", (0.9, 0.98)))
-        return cls(**{**d, "model": ModelShape(**d["model"]), "train": Training(**train)})
+        model = renamed_fields("ModelShape", d["model"])  # runs saved before the width names were unified
+        return cls(**{**d, "model": ModelShape(**model), "train": Training(**train)})
 
 
 _TEXT_RSQRT = dict(lr=0.05, weight_decay=0.1, schedule="rsqrt")
 
 BASE: dict[str, LRAConfig] = {
     "listops": LRAConfig(
-        "listops", ModelShape(dim=512, depth=6, heads=8, mlp_dim=2048),
+        "listops", ModelShape(dim=512, depth=6, heads=8, ffn_dim=2048),
         Training(steps=5000, batch_size=32, warmup=1000, eval_every=500, **_TEXT_RSQRT), max_len=2000),
     "text": LRAConfig(
-        "text", ModelShape(dim=256, depth=4, heads=4, mlp_dim=1024),
+        "text", ModelShape(dim=256, depth=4, heads=4, ffn_dim=1024),
         Training(steps=20000, batch_size=32, warmup=8000, eval_every=1000, **_TEXT_RSQRT), max_len=4000),
     "retrieval": LRAConfig(
-        "retrieval", ModelShape(dim=128, depth=4, heads=4, mlp_dim=512),
+        "retrieval", ModelShape(dim=128, depth=4, heads=4, ffn_dim=512),
         Training(steps=5000, batch_size=32, warmup=8000, eval_every=500, **_TEXT_RSQRT), max_len=4000),
     # CIFAR-10: 45,000 training images, 200 epochs of batch 256, one warm-up epoch. One head in LRA; the
     # Sparse Transformer factorizations alternate over heads, so they get two.
     "image": LRAConfig(
-        "image", ModelShape(dim=32, depth=1, heads=1, mlp_dim=64, dropout=0.3, attn_dropout=0.2),
+        "image", ModelShape(dim=32, depth=1, heads=1, ffn_dim=64, dropout=0.3, attn_dropout=0.2),
         Training(steps=175 * 200, batch_size=256, lr=5e-4, weight_decay=0.0, warmup=175, schedule="cosine",
                  eval_every=175), model_overrides={"strided": {"heads": 2}, "fixed": {"heads": 2}}),
     # Pathfinder: 160,000 training images, 200 epochs of batch 512; transformer_base: 1 layer, 4 heads,
     # width 128, q/k/v width 64, MLP 128, fixed sinusoidal positions, mean pooling.
     **{name: LRAConfig(
-        name, ModelShape(dim=128, depth=1, heads=4, mlp_dim=128, qkv_dim=64, dropout=0.2, learned_positions=False),
+        name, ModelShape(dim=128, depth=1, heads=4, ffn_dim=128, qkv_dim=64, dropout=0.2, learned_positions=False),
         Training(steps=312 * 200, batch_size=512, lr=1e-3, weight_decay=0.0, warmup=312, schedule="cosine",
                  eval_every=312)) for name in ("pathfinder16", "pathfinder32", "pathfinder64", "pathfinder128")},
 }
@@ -93,7 +96,7 @@ BASE: dict[str, LRAConfig] = {
 # blocks are image rows, strided(16) pairs a row (head A) with a column (head B).
 QUICK: dict[str, LRAConfig] = {
     "listops": LRAConfig(
-        "listops", ModelShape(dim=64, depth=2, heads=4, mlp_dim=128, dropout=0.0, attn_dropout=0.0),
+        "listops", ModelShape(dim=64, depth=2, heads=4, ffn_dim=128, dropout=0.0, attn_dropout=0.0),
         Training(steps=200, batch_size=32, lr=2e-3, weight_decay=0.01, warmup=20, schedule="cosine",
                  eval_every=100, eps=1e-8),
         max_len=256, attention_settings={
@@ -104,7 +107,7 @@ QUICK: dict[str, LRAConfig] = {
     # Two heads of 16 and a high learning rate: with four heads of 8, full attention and BigBird sat on
     # the 0.693 plateau for the whole run (attention over 256 pixels stays near uniform for longer).
     "pathfinder16": LRAConfig(
-        "pathfinder16", ModelShape(dim=32, depth=2, heads=2, mlp_dim=64, dropout=0.0, attn_dropout=0.0,
+        "pathfinder16", ModelShape(dim=32, depth=2, heads=2, ffn_dim=64, dropout=0.0, attn_dropout=0.0,
                                    learned_positions=False),
         Training(steps=500, batch_size=32, lr=5e-3, weight_decay=0.01, warmup=50, schedule="cosine",
                  eval_every=250, eps=1e-8),
@@ -139,7 +142,7 @@ def scaled(cfg: LRAConfig, scale: float) -> LRAConfig:
         return cfg
     m, t = cfg.model, cfg.train
     unit = 8 * m.heads
-    model = replace(m, dim=_round_to(m.dim * scale, unit), mlp_dim=_round_to(m.mlp_dim * scale, 8),
+    model = replace(m, dim=_round_to(m.dim * scale, unit), ffn_dim=_round_to(m.ffn_dim * scale, 8),
                     qkv_dim=None if m.qkv_dim is None else _round_to(m.qkv_dim * scale, unit),
                     depth=max(1, round(m.depth * scale)))
     train = replace(t, steps=max(1, round(t.steps * scale)), warmup=round(t.warmup * scale),

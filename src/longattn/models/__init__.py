@@ -4,10 +4,10 @@ from ._registry import create_model, default_config, list_models
 from .bigbird import BigBirdConfig, BigBirdModel
 from .botnet import BotNet, BotNetConfig, FeatureMaps
 from .encoder import EncoderConfig, SparseEncoderClassifier
-from .etc import EtcConfig, EtcModel, EtcStructure, etc_structure
+from .etc import EtcConfig, EtcModel, EtcOutput, EtcStructure, etc_structure
 from .longformer import LongformerConfig, LongformerModel
 from .xl import TransformerXL, XLConfig, XLOutput
 
 __all__ = ["BigBirdConfig", "BigBirdModel", "BotNet", "BotNetConfig", "EncoderConfig", "EtcConfig", "EtcModel",
-           "EtcStructure", "FeatureMaps", "LongformerConfig", "LongformerModel", "SparseEncoderClassifier",
+           "EtcOutput", "EtcStructure", "FeatureMaps", "LongformerConfig", "LongformerModel", "SparseEncoderClassifier",
            "TransformerXL", "XLConfig", "XLOutput", "create_model", "default_config", "etc_structure", "list_models"]

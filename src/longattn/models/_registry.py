@@ -16,6 +16,7 @@ from .bigbird import BigBirdConfig, BigBirdModel
 from .botnet import BotNet, BotNetConfig
 from .etc import EtcConfig, EtcModel
 from .longformer import LongformerConfig, LongformerModel
+from .renames import rename_hint
 from .xl import TransformerXL, XLConfig
 
 _ROBERTA = dict(vocab_size=50265, pad_token_id=1, type_vocab_size=1, layer_norm_eps=1e-5)
@@ -31,8 +32,8 @@ _MODELS: dict[str, tuple[type[nn.Module], Callable[[], object]]] = {
     "bigbird-roberta-large": (BigBirdModel, lambda: BigBirdConfig(**_LARGE)),
     # ETC-base (Ainslie et al. 2020, Table 1): BERT vocabulary and sizes, radius 84, k = 12
     "etc-base": (EtcModel, lambda: EtcConfig(vocab_size=30522)),
-    "etc-large": (EtcModel, lambda: EtcConfig(vocab_size=30522, hidden=1024, layers=24, heads=16,
-                                              intermediate=4096, local_radius=169)),
+    "etc-large": (EtcModel, lambda: EtcConfig(vocab_size=30522, dim=1024, depth=24, heads=16, ffn_dim=4096,
+                                              local_radius=169)),
     # Transformer-XL's enwik8 base model (Dai et al. 2019): 12 layers, 512 wide, 8 heads, segments and memory
     # of 512 bytes; "small" is the 4-layer, 256-wide model that `longattn lm train --preset small` trains
     "transformer-xl-enwik8-base": (TransformerXL, lambda: XLConfig(dim=512, depth=12, heads=8, ffn_dim=2048,
@@ -66,7 +67,8 @@ def create_model(name: str, *, backend: str = "auto", device=None, dtype=None, *
     """A named model with fresh weights; ``overrides`` replace fields of its config."""
     config = default_config(name)
     cls = _MODELS[name][0]
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(config)})
     if unknown:
-        raise ValueError(f"{type(config).__name__} has no field {sorted(unknown)[0]!r}")
+        kind = type(config).__name__
+        raise ValueError(f"{kind} has no field {unknown[0]!r}{rename_hint(kind, unknown[0])}")
     return cls(dataclasses.replace(config, **overrides), backend=backend, device=device, dtype=dtype)

@@ -153,7 +153,7 @@ class BotNet(nn.Module):
                     # The map this block attends over at image_size: c4's (first block) or c5's.
                     reduction = 16 if i == 0 else cfg.reductions[3]
                     feat = tuple(-(-s // reduction) for s in image)
-                    attention = BottleneckAttention2d(width, num_heads=cfg.heads, feat_size=feat, stride=block_stride,
+                    attention = BottleneckAttention2d(width, heads=cfg.heads, feat_size=feat, stride=block_stride,
                                                       radius=cfg.radius, resize=cfg.resize, backend=backend, **factory)
                 layer.append(Bottleneck(in_ch, width, block_stride, attention=attention, **factory))
                 in_ch = width * EXPANSION

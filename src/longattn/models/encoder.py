@@ -32,7 +32,7 @@ class EncoderConfig:
     depth: int = 4  # Transformer blocks
     heads: int = 4
     qkv_dim: int | None = None  # total width of q/k/v, default dim (LRA's image tasks: dim / 2)
-    mlp_dim: int = 1024  # hidden width of each block's MLP and of the classifier head
+    ffn_dim: int = 1024  # hidden width of each block's feed-forward MLP and of the classifier head (LRA: mlp_dim)
     dropout: float = 0.1
     attn_dropout: float = 0.1  # on attention probabilities
     pooling: str = "cls"  # "cls": a learned token prepended at position 0; "mean": over real tokens
@@ -44,7 +44,7 @@ class EncoderConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if (self.qkv_dim or self.dim) % self.heads:
             raise ValueError(f"qkv_dim ({self.qkv_dim or self.dim}) must be divisible by heads ({self.heads})")
-        for name in ("vocab_size", "num_classes", "max_len", "dim", "depth", "heads", "mlp_dim"):
+        for name in ("vocab_size", "num_classes", "max_len", "dim", "depth", "heads", "ffn_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -75,8 +75,8 @@ class Block(nn.Module):
                                         dropout=cfg.attn_dropout,
                                         backend=backend, **factory)
         self.norm2 = nn.LayerNorm(cfg.dim, **factory)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp_dim, **factory), nn.GELU(), nn.Dropout(cfg.dropout),
-                                 nn.Linear(cfg.mlp_dim, cfg.dim, **factory))
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim, **factory), nn.GELU(), nn.Dropout(cfg.dropout),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim, **factory))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
@@ -112,8 +112,8 @@ class SparseEncoderClassifier(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, pattern, backend, **factory) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, **factory)
         features = 4 * cfg.dim if cfg.pair else cfg.dim
-        self.head = nn.Sequential(nn.Linear(features, cfg.mlp_dim, **factory), nn.ReLU(),
-                                  nn.Linear(cfg.mlp_dim, cfg.num_classes, **factory))
+        self.head = nn.Sequential(nn.Linear(features, cfg.ffn_dim, **factory), nn.ReLU(),
+                                  nn.Linear(cfg.ffn_dim, cfg.num_classes, **factory))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -35,6 +35,7 @@ Two exact ways to compute the position term (``attention`` does the softmax eith
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -113,14 +114,21 @@ def local_pattern(radius: int, height: int, width: int) -> Window2d:
     return min(options, key=lambda p: int(p.candidates(Geometry(n, n), LOCAL_TILE ** 2).sum()))
 
 
+@dataclass(frozen=True, eq=False)
+class _LocalTokens:
+    order: Tensor  # (N,): the window pattern's token order (row-major or tile-major)
+    inverse: Tensor  # (N,): back to row-major
+    slots: Tensor  # (N, P_h + P_w): each key's row and column slot one-hots, in ``order``
+
+
 @functools.lru_cache(maxsize=64)
-def _local_tokens(radius: int, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _local_tokens(radius: int, height: int, width: int, device: torch.device) -> _LocalTokens:
     """Per map, built once: the window's token order, its inverse and each key's slot one-hots in that order."""
     order = local_pattern(radius, height, width).order(device)
     slots_h, slots_w = slot_offsets(height, radius)[1], slot_offsets(width, radius)[1]
     rows, cols = order // width, order % width
-    slot = torch.cat([F.one_hot(rows % slots_h, slots_h), F.one_hot(cols % slots_w, slots_w)], -1)
-    return order, torch.argsort(order), slot  # (N,), (N,), (N, P_h + P_w)
+    slots = torch.cat([F.one_hot(rows % slots_h, slots_h), F.one_hot(cols % slots_w, slots_w)], -1)
+    return _LocalTokens(order, torch.argsort(order), slots)
 
 
 class BottleneckAttention2d(nn.Module):
@@ -129,7 +137,7 @@ class BottleneckAttention2d(nn.Module):
     Args:
         dim: input channels C.
         dim_out: output channels (= heads x head dim), default ``dim``.
-        num_heads: heads (BoTNet: 4).
+        heads: attention heads (BoTNet: 4).
         feat_size: the ``(H, W)`` map (or one int) the relative tables are sized for; other sizes work
             (see the module docstring).
         stride: 1, or 2 for a 2x2 average pool after the attention (``ceil_mode``: odd maps keep their last
@@ -143,20 +151,20 @@ class BottleneckAttention2d(nn.Module):
     Returns ``(B, dim_out, ceil(H / stride), ceil(W / stride))``, channels-last strides.
     """
 
-    def __init__(self, dim: int, dim_out: int | None = None, *, num_heads: int = 4,
+    def __init__(self, dim: int, dim_out: int | None = None, *, heads: int = 4,
                  feat_size: int | tuple[int, int] = 14, stride: int = 1, radius: int | None = None,
                  qkv_bias: bool = False, resize: str = "interpolate", backend: str = "auto", device=None, dtype=None):
         super().__init__()
         dim_out = dim if dim_out is None else dim_out
-        if dim_out % num_heads:
-            raise ValueError(f"dim_out ({dim_out}) must be divisible by num_heads ({num_heads})")
+        if dim_out % heads:
+            raise ValueError(f"dim_out ({dim_out}) must be divisible by heads ({heads})")
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride!r}")
         if radius is not None and (not isinstance(radius, int) or radius < 0):
             raise ValueError(f"radius must be None (global attention) or an int >= 0, got {radius!r}")
         if resize not in RESIZE:
             raise ValueError(f"resize must be one of {RESIZE}, got {resize!r}")
-        self.dim, self.dim_out, self.num_heads, self.head_dim = dim, dim_out, num_heads, dim_out // num_heads
+        self.dim, self.dim_out, self.heads, self.head_dim = dim, dim_out, heads, dim_out // heads
         self.feat_size, self.stride, self.radius = as_pair(feat_size, "feat_size"), stride, radius
         self.resize, self.backend = resize, backend
         reach = [s - 1 if radius is None else radius for s in self.feat_size]
@@ -185,7 +193,7 @@ class BottleneckAttention2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B, C={self.dim}, H, W), got {tuple(x.shape)}")
         b, _, height, width = x.shape
-        n, heads, d = height * width, self.num_heads, self.head_dim
+        n, heads, d = height * width, self.heads, self.head_dim
         # Channels-last makes the head dim contiguous (a view for channels-last x): SDPA's fused CPU kernel
         # needs it and falls back to the quadratic-temporaries math kernel otherwise.
         qkv = self.qkv(x).contiguous(memory_format=torch.channels_last)
@@ -203,12 +211,13 @@ class BottleneckAttention2d(nn.Module):
             out = attention(q, k, v, attn_mask=bias, scale=1.0, backend=self.backend)
         else:
             # row-major, or tile-major (a block of tokens is a square patch)
-            order, inverse, slot = _local_tokens(self.radius, height, width, x.device)
+            tokens = _local_tokens(self.radius, height, width, x.device)
+            order = tokens.order
             q_ext = torch.cat([q, rel_h, rel_w], -1)[:, :, order]  # (B, h, N, d + P_h + P_w)
-            k_ext = torch.cat([k[:, :, order], slot.to(k.dtype).expand(b, heads, n, -1)], -1)
+            k_ext = torch.cat([k[:, :, order], tokens.slots.to(k.dtype).expand(b, heads, n, -1)], -1)
             out = attention(q_ext, k_ext, v[:, :, order], pattern=local_pattern(self.radius, height, width),
                             scale=1.0, backend=self.backend)
-            out = out[:, :, inverse]  # back to row-major
+            out = out[:, :, tokens.inverse]  # back to row-major
         out = out.transpose(1, 2).reshape(b, height, width, self.dim_out).permute(0, 3, 1, 2)  # (B, C', H, W)
         if self.stride == 2:
             out = F.avg_pool2d(out, 2, 2, ceil_mode=True)
@@ -216,5 +225,5 @@ class BottleneckAttention2d(nn.Module):
 
     def extra_repr(self) -> str:
         local = "global" if self.radius is None else f"radius={self.radius}"
-        return (f"{self.dim}, {self.dim_out}, num_heads={self.num_heads}, feat_size={self.feat_size}, "
+        return (f"{self.dim}, {self.dim_out}, heads={self.heads}, feat_size={self.feat_size}, "
                 f"stride={self.stride}, {local}, resize={self.resize!r}")

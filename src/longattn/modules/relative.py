@@ -108,8 +108,8 @@ class RelativeAttention(nn.Module):
 
     Args:
         dim: model width C.
-        num_heads: H.
-        head_dim: d, default ``dim // num_heads``.
+        heads: H.
+        head_dim: d, default ``dim // heads``.
         pattern: which keys a query may attend; always intersected with ``causal()``. ``None`` = all past keys.
         pos_dim: p, width of the sinusoidal encodings (default ``dim``, as the paper).
         clamp_len: distances beyond it use the encoding of ``clamp_len`` (the paper's evaluation trick).
@@ -121,14 +121,14 @@ class RelativeAttention(nn.Module):
     position-independent biases, ``r_w_bias`` and ``r_r_bias`` in its code), ``proj`` (no bias).
     """
 
-    def __init__(self, dim: int, num_heads: int, *, head_dim: int | None = None, pattern: Pattern | None = None,
+    def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, pattern: Pattern | None = None,
                  pos_dim: int | None = None, clamp_len: int | None = None, dropout: float = 0.0,
                  method: str = "auto", backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        head_dim = dim // num_heads if head_dim is None else head_dim
+        head_dim = dim // heads if head_dim is None else head_dim
         pos_dim = dim if pos_dim is None else pos_dim
-        if head_dim < 1 or dim < 1 or num_heads < 1:
-            raise ValueError(f"dim ({dim}), num_heads ({num_heads}) and head_dim ({head_dim}) must be positive")
+        if head_dim < 1 or dim < 1 or heads < 1:
+            raise ValueError(f"dim ({dim}), heads ({heads}) and head_dim ({head_dim}) must be positive")
         if pos_dim % 2 or pos_dim < 2:
             raise ValueError(f"pos_dim must be a positive even number, got {pos_dim}")
         if method not in METHODS:
@@ -137,15 +137,15 @@ class RelativeAttention(nn.Module):
             raise TypeError(f"pattern must be a longattn Pattern or None, got {type(pattern).__name__}")
         if clamp_len is not None and clamp_len < 0:
             raise ValueError(f"clamp_len must be >= 0 or None, got {clamp_len}")
-        self.dim, self.num_heads, self.head_dim, self.pos_dim = dim, num_heads, head_dim, pos_dim
+        self.dim, self.heads, self.head_dim, self.pos_dim = dim, heads, head_dim, pos_dim
         self.pattern = causal(pattern)
         self.clamp_len, self.dropout, self.method, self.backend = clamp_len, dropout, method, backend
         factory = {"device": device, "dtype": dtype}
-        inner = num_heads * head_dim
+        inner = heads * head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=False, **factory)
         self.r_net = nn.Linear(pos_dim, inner, bias=False, **factory)
-        self.u = nn.Parameter(torch.empty(num_heads, head_dim, **factory))
-        self.v = nn.Parameter(torch.empty(num_heads, head_dim, **factory))
+        self.u = nn.Parameter(torch.empty(heads, head_dim, **factory))
+        self.v = nn.Parameter(torch.empty(heads, head_dim, **factory))
         self.proj = nn.Linear(inner, dim, bias=False, **factory)
         self.reset_parameters()
 
@@ -180,7 +180,7 @@ class RelativeAttention(nn.Module):
             positions = self.positions(nq, nk, device=x.device, dtype=x.dtype)
         elif (positions.q_len, positions.kv_len) != (nq, nk):
             raise ValueError(f"positions are for (Nq, Nk) = {(positions.q_len, positions.kv_len)}, got {(nq, nk)}")
-        h, d = self.num_heads, self.head_dim
+        h, d = self.heads, self.head_dim
         w_q, w_kv = self.qkv.weight.split([h * d, 2 * h * d])
         q = nn.functional.linear(x, w_q).view(b, nq, h, d).transpose(1, 2)  # (B, H, Nq, d)
         k, v = nn.functional.linear(context, w_kv).view(b, nk, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -203,7 +203,7 @@ class RelativeAttention(nn.Module):
 
     def _factorised(self, q_content, q_position, k, v, pos: RelativePositions, pattern, attn_mask,
                     key_padding_mask, dropout) -> Tensor:
-        h, d, half = self.num_heads, self.head_dim, self.pos_dim // 2
+        h, d, half = self.heads, self.head_dim, self.pos_dim // 2
         w_r = self.r_net.weight.view(h, d, self.pos_dim)
         coeff = torch.einsum("bhid,hdp->bhip", q_position, w_r)  # (B, H, Nq, p): W_r^T (q + v)
         a, c = coeff.split(half, dim=-1)  # the weights of sin(t w) and cos(t w), t = i - j
@@ -218,7 +218,7 @@ class RelativeAttention(nn.Module):
 
     def _shift(self, q_content, q_position, k, v, pos: RelativePositions, pattern, attn_mask, key_padding_mask,
                dropout) -> Tensor:
-        h, d = self.num_heads, self.head_dim
+        h, d = self.heads, self.head_dim
         r = self.r_net(pos.distance_table).view(-1, h, d)  # (Nk, H, d): W_r R_{Nk-1..0}
         table = torch.einsum("bhid,jhd->bhij", q_position, r)  # (B, H, Nq, Nk), distance-indexed
         bias = rel_shift(table) * d ** -0.5  # (B, H, Nq, Nk), key-indexed
@@ -232,5 +232,5 @@ class RelativeAttention(nn.Module):
                          scale=d ** -0.5, dropout_p=dropout, backend="dense")
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, pos_dim={self.pos_dim}, "
+        return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, pos_dim={self.pos_dim}, "
                 f"pattern={self.pattern}, clamp_len={self.clamp_len}, method={self.method!r}")

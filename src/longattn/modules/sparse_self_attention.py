@@ -14,26 +14,26 @@ class SparseSelfAttention(nn.Module):
 
     Args:
         dim: model width C.
-        num_heads: number of heads H (per-head patterns need a multiple of their head count).
+        heads: number of heads H (per-head patterns need a multiple of their head count).
         qkv_dim: total width of the queries, keys and values (H x head dim), default ``dim``; must be
-            divisible by ``num_heads`` (LRA's image models use ``qkv_dim = dim / 2``).
+            divisible by ``heads`` (LRA's image models use ``qkv_dim = dim / 2``).
         pattern: the attention pattern; ``None`` = full attention.
         qkv_bias: bias on the q/k/v projection.
         dropout: attention-probability dropout, active in training mode only.
         backend: passed to ``longattn.attention``.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, pattern: Pattern | None = None, qkv_dim: int | None = None,
+    def __init__(self, dim: int, heads: int, *, pattern: Pattern | None = None, qkv_dim: int | None = None,
                  qkv_bias: bool = True, proj_bias: bool = True, dropout: float = 0.0, backend: str = "auto",
                  device=None, dtype=None):
         super().__init__()
         inner = dim if qkv_dim is None else qkv_dim
-        if inner % num_heads:
+        if inner % heads:
             raise ValueError(f"{'dim' if qkv_dim is None else 'qkv_dim'} ({inner}) must be divisible by "
-                             f"num_heads ({num_heads})")
+                             f"heads ({heads})")
         if pattern is not None and not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be a longattn Pattern or None, got {type(pattern).__name__}")
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, inner // num_heads
+        self.dim, self.heads, self.head_dim = dim, heads, inner // heads
         self.pattern, self.dropout, self.backend = pattern, dropout, backend
         factory = {"device": device, "dtype": dtype}
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias, **factory)
@@ -51,11 +51,11 @@ class SparseSelfAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, C={self.dim}), got {tuple(x.shape)}")
         b, n, _ = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, D)
+        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)  # (B, N, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
         out = attention(q, k, v, pattern=self.pattern, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                         dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, C)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, pattern={self.pattern}, backend={self.backend!r}"
+        return f"dim={self.dim}, heads={self.heads}, pattern={self.pattern}, backend={self.backend!r}"

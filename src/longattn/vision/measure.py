@@ -101,7 +101,7 @@ def attention_cost(map_sizes: list[int], *, radius: int, dim: int = 512, heads: 
             if r is None and heads * (s * s) ** 2 > 2 ** 31:
                 row[f"{name}_ms"] = row[f"{name}_mb"] = None
                 continue
-            m = BottleneckAttention2d(dim, num_heads=heads, feat_size=s, radius=r).eval()
+            m = BottleneckAttention2d(dim, heads=heads, feat_size=s, radius=r).eval()
             with torch.no_grad():
                 fn = lambda: m(x)  # noqa: E731
                 row[f"{name}_ms"] = median_ms(fn, cpu, min_run_time)
