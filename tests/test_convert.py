@@ -45,7 +45,7 @@ def _check_same_on_short_inputs(src_model, dst, n, lengths, pad_id):
 
 def test_bert_converted_to_4096(tmp_path):
     bert = _bert(tmp_path / "bert")
-    assert main(["convert", "--to-long", "4096", str(tmp_path / "bert"), str(tmp_path / "long")]) == 0
+    assert main(["convert", "--to-long", "4096", str(tmp_path / "bert"), "--out", str(tmp_path / "long")]) == 0
     ours = _check_same_on_short_inputs(bert, tmp_path / "long", 64, [64, 37], pad_id=0)
     assert ours.config.max_position_embeddings == 4097 and ours.config.attention_window == [128, 128]
     assert json.loads((tmp_path / "long" / "tokenizer_config.json").read_text())["model_max_length"] == 4096
@@ -106,4 +106,4 @@ def test_convert_errors(tmp_path):
     gpt2.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="'gpt2' checkpoint.*not a BERT/RoBERTa-family"):
         convert_to_long(tmp_path / "gpt2", tmp_path / "x")
-    assert main(["convert", "--to-long", "4096", str(tmp_path / "gpt2"), str(tmp_path / "x")]) == 2
+    assert main(["convert", "--to-long", "4096", str(tmp_path / "gpt2"), "--out", str(tmp_path / "x")]) == 2

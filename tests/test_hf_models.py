@@ -283,7 +283,7 @@ def test_input_errors():
 def test_bench_hf_tiny_run(tmp_path, capsys):
     from longattn.cli import main
 
-    assert main(["bench", "--hf", "longformer", "bigbird", "--lengths", "300", "--layers", "1", "--hidden", "32",
+    assert main(["bench", "--hf", "longformer", "bigbird", "--lengths", "300", "--depth", "1", "--dim", "32",
                  "--heads", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench_hf.json").read_text())
     assert [r["model"] for r in rows] == ["longformer", "bigbird"]

@@ -236,7 +236,7 @@ def test_load_lm_from_a_run_its_model_directory_or_a_checkpoint_only_run(corpus_
 def test_cli_eval_reports_each_memory_length_and_the_recompute_speedup(corpus_file, trained_run, tmp_path):
     out = tmp_path / "eval.json"
     run = _cli("lm", "eval", str(trained_run), "--mem-len", "32", "64", "--max-bytes", "20000", "--recompute", "64",
-               "--recompute-positions", "8", "--out", str(out))
+               "--recompute-positions", "8", "--json", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["corpus"] == corpus_file.name and report["split"] == "test"  # the run's corpus, by default
@@ -271,7 +271,7 @@ def test_cli_eval_of_a_run_still_in_progress_uses_the_runs_corpus(corpus_file, c
     run = tmp_path / "cut"
     train_lm(_small(corpus_file), out_dir=run, corpus=corpus, progress=False, stop_after=3)  # no result.json yet
     out = tmp_path / "eval.json"
-    assert main(["lm", "eval", str(run), "--max-bytes", "2000", "--out", str(out)]) == 0
+    assert main(["lm", "eval", str(run), "--max-bytes", "2000", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["corpus"] == corpus_file.name and math.isfinite(report["memory"][0]["bits_per_byte"])
 

@@ -15,10 +15,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from .viz import draw_pattern
 
     pattern = parse_pattern(args.pattern)
-    out = args.out or re.sub(r"[^A-Za-z0-9_.-]+", "_", pattern.name).strip("_") + ".png"
-    path = draw_pattern(pattern, args.seq_len, out, kv_len=args.kv_len, block=args.block, num_heads=args.num_heads,
+    out = args.plot or re.sub(r"[^A-Za-z0-9_.-]+", "_", pattern.name).strip("_") + ".png"
+    path = draw_pattern(pattern, args.seq_len, out, kv_len=args.kv_len, block=args.block, num_heads=args.heads,
                         head=args.head)
-    density = pattern.density(args.seq_len, args.kv_len, num_heads=args.num_heads, block=args.block)
+    density = pattern.density(args.seq_len, args.kv_len, num_heads=args.heads, block=args.block)
     print(f"{pattern.name}: density {density:.4f} at Nq={args.seq_len}; wrote {path}")
     return 0
 
@@ -27,12 +27,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.hf:
         from . import bench_hf
 
-        bench_hf.run(args.hf, args.lengths or [4096], layers=args.layers, hidden=args.hidden, heads=args.heads,
+        bench_hf.run(args.hf, args.lengths or [4096], layers=args.depth, hidden=args.dim, heads=args.heads,
                      repeats=args.repeats, out_dir=Path(args.out) if args.out else None)
         return 0
     from . import bench
 
-    cfg = bench.BenchConfig(device=args.device, heads=args.heads, head_dim=args.head_dim, batch=args.batch)
+    cfg = bench.BenchConfig(device=args.device, heads=args.heads, head_dim=args.head_dim, batch=args.batch_size)
     if args.quick:
         for key, value in bench.QUICK.items():
             setattr(cfg, key, value)
@@ -58,17 +58,49 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .integrations.convert import convert_to_long
 
-    dst = convert_to_long(args.src, args.dst, max_length=args.to_long, window=args.window,
+    dst = convert_to_long(args.src, args.out, max_length=args.to_long, window=args.window,
                           copy_tokenizer=not args.no_tokenizer)
     print(f"wrote a Longformer checkpoint for {args.to_long} tokens to {dst} "
           f"(load it with longattn.models.LongformerModel.from_pretrained)")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .bench import BENCH_PATTERNS, DTYPES, MODES, PATHS
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's ``--help`` line ends with its default, except where there is none to show (``None``, an
+    off switch) or the help text already says what happens by default."""
 
-    parser = argparse.ArgumentParser(prog="longattn", description="Sparse attention for long inputs.")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS or "default" in text
+                or not (action.option_strings or action.nargs in ("?", "*"))):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with ``HelpFormatter``; sub-commands (and theirs) inherit the class, so every
+    ``--help`` shows defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _renamed(parser: argparse.ArgumentParser, old: str, dest: str, **kwargs) -> None:
+    """Accept a flag's former spelling without showing it in ``--help``."""
+    parser.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``longattn`` parser. Flag names mean one thing in every sub-command: ``--out`` is the output folder
+    (``--plot``/``--json`` name single files), ``--batch-size``, ``--heads``/``--dim``/``--depth`` (model
+    shape, as the config fields), ``--model`` for one registry name and ``--models`` for several, and
+    ``--no-progress`` wherever a progress bar is drawn."""
+    from .bench import BENCH_PATTERNS, DTYPES, MODES, PATHS, QUICK, BenchConfig
+
+    parser = Parser(prog="longattn", description="Sparse attention for long inputs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     show = sub.add_parser("show", help="draw a pattern's token mask and block layout")
@@ -76,29 +108,42 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--seq-len", type=int, required=True, help="query length Nq")
     show.add_argument("--kv-len", type=int, default=None, help="key length Nk (default: Nq)")
     show.add_argument("--block", type=int, default=64, help="block size of the layout")
-    show.add_argument("--num-heads", type=int, default=1, help="heads (per-head patterns need a multiple)")
+    show.add_argument("--heads", type=int, default=1, help="heads (per-head patterns need a multiple)")
+    _renamed(show, "--num-heads", "heads", type=int)
     show.add_argument("--head", type=int, default=0, help="which head to draw")
-    show.add_argument("--out", default=None, help="PNG path (default: <pattern name>.png)")
+    show.add_argument("--plot", default=None, help="PNG file to write (default: <pattern name>.png)")
     show.set_defaults(func=_cmd_show)
 
+    base = BenchConfig()
+    listed = lambda values: " ".join(map(str, values))  # noqa: E731
     b = sub.add_parser("bench", help="time patterns x paths against dense SDPA and FlexAttention")
-    b.add_argument("--quick", action="store_true", help="a subset that runs in under 2 minutes")
-    b.add_argument("--patterns", nargs="+", choices=list(BENCH_PATTERNS))
-    b.add_argument("--paths", nargs="+", choices=list(PATHS))
-    b.add_argument("--modes", nargs="+", choices=list(MODES))
-    b.add_argument("--lengths", nargs="+", type=int)
-    b.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
-    b.add_argument("--heads", type=int, default=12)
-    b.add_argument("--head-dim", type=int, default=64)
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement")
-    b.add_argument("--out", default=None, help="folder for bench.json and bench.csv")
-    b.add_argument("--no-progress", action="store_true")
-    b.add_argument("--hf", nargs="+", choices=["longformer", "bigbird"], default=None,
-                   help="instead: whole encoders vs transformers' on the same weights (default N=4096)")
-    b.add_argument("--layers", type=int, default=12, help="--hf: encoder layers")
-    b.add_argument("--hidden", type=int, default=768, help="--hf: model width (heads from --heads)")
+    b.add_argument("--quick", action="store_true", help=f"a subset that runs in under 2 minutes: "
+                   f"{', '.join(f'{k} {listed(v) if isinstance(v, list) else v}' for k, v in QUICK.items())}")
+    b.add_argument("--patterns", nargs="+", choices=list(BENCH_PATTERNS), metavar="NAME",
+                   help=f"named patterns, of {listed(BENCH_PATTERNS)} (default: all)")
+    b.add_argument("--paths", nargs="+", choices=list(PATHS), metavar="PATH",
+                   help=f"of {listed(PATHS)} (default: all)")
+    b.add_argument("--modes", nargs="+", choices=list(MODES), metavar="MODE", help=f"of {listed(MODES)} (default: all)")
+    b.add_argument("--lengths", nargs="+", type=int, metavar="N",
+                   help=f"sequence lengths (default: {listed(base.lengths)}; with --hf 4096)")
+    b.add_argument("--dtypes", nargs="+", choices=list(DTYPES), metavar="DTYPE",
+                   help=f"of {listed(DTYPES)} (default: {listed(base.dtypes)})")
+    b.add_argument("--heads", type=int, default=12, help="attention heads")
+    b.add_argument("--head-dim", type=int, default=64, help="width of one head")
+    b.add_argument("--batch-size", type=int, default=1, help="inputs per call")
+    _renamed(b, "--batch", "batch_size", type=int)
+    b.add_argument("--device", default="cpu", help="torch device")
+    b.add_argument("--min-run-time", type=float, default=None,
+                   help=f"seconds of timing per measurement (default: {base.min_run_time})")
+    b.add_argument("--out", default=None, help="output folder for bench.json, bench.csv, bench.png, summary.txt "
+                   "(with --hf: bench_hf.json, bench_hf.md); default: print only")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--hf", nargs="+", choices=["longformer", "bigbird"], default=None, metavar="MODEL",
+                   help="instead: whole encoders (longformer, bigbird) vs transformers' on the same weights")
+    b.add_argument("--depth", type=int, default=12, help="--hf: encoder layers")
+    _renamed(b, "--layers", "depth", type=int)
+    b.add_argument("--dim", type=int, default=768, help="--hf: model width (heads from --heads)")
+    _renamed(b, "--hidden", "dim", type=int)
     b.add_argument("--repeats", type=int, default=3, help="--hf: timed forwards per model")
     b.set_defaults(func=_cmd_bench)
 
@@ -107,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--window", type=int, default=None,
                    help="attention window (even); default twice the source's length, exact on its inputs")
     c.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer files")
+    c.add_argument("--out", required=True, help="output folder for the long checkpoint")
     c.add_argument("src", help="Hugging Face checkpoint directory (config.json + weights)")
-    c.add_argument("dst", help="output directory")
     c.set_defaults(func=_cmd_convert)
 
     from .lm.cli import add_parser as add_lm_parser

@@ -6,7 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-_MODEL_FLAGS = ("pattern", "seg_len", "mem_len", "same_length", "clamp_len", "dim", "depth", "heads", "dropout")
+from ..io import write_json
+
+_MODEL_FLAGS = ("pattern", "seg_len", "mem_len", "same_length", "clamp_len", "dim", "ffn_dim", "depth", "heads",
+                "dropout")
 _TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup", "eval_every", "eval_bytes", "seed")
 
 
@@ -16,7 +19,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     pick = lambda names: {n: getattr(args, n) for n in names if getattr(args, n) is not None}  # noqa: E731
     cfg = preset(args.preset, model=pick(_MODEL_FLAGS), train=pick(_TRAIN_FLAGS), corpus=args.corpus)
     result = train_lm(cfg, out_dir=args.out, strategy=args.strategy, device=args.device, resume=not args.no_resume,
-                      stop_after=args.stop_after)
+                      stop_after=args.stop_after, progress=not args.no_progress)
     if not result["finished"]:
         print(f"stopped at step {result['step']}; the checkpoint in {args.out} resumes it")
         return 0
@@ -40,8 +43,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.split} split of {corpus.name}: {data.numel():,} bytes; unigram "
           f"{unigram_bits_per_byte(corpus.train, data):.3f} bits/byte; trained with mem_len {model.cfg.mem_len}")
     for mem_len in args.mem_len or [model.cfg.mem_len]:
-        r = evaluate(model, data, seg_len=seg_len, mem_len=mem_len, batch=args.batch, progress=True,
-                     desc=f"mem {mem_len}")
+        r = evaluate(model, data, seg_len=seg_len, mem_len=mem_len, batch=args.batch_size,
+                     progress=not args.no_progress, desc=f"mem {mem_len}")
         rows.append({"mem_len": mem_len, "seg_len": seg_len, "bits_per_byte": r.bits_per_byte, "bytes": r.bytes,
                      "ms_per_byte": r.ms_per_byte})
         print(f"  mem_len {mem_len:6d} seg_len {seg_len:5d}: {r.bits_per_byte:.4f} bits/byte, "
@@ -49,15 +52,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     report = {"run": str(args.run), "split": args.split, "corpus": corpus.name, "memory": rows}
     for context in args.recompute or []:
         cmp = memory_speedup(model, data, context=context, seg_len=seg_len, positions=args.recompute_positions,
-                             progress=True)
+                             progress=not args.no_progress)
         report.setdefault("recompute", []).append(
             {"context": context, "memory_ms_per_byte": cmp.memory.ms_per_byte, "recompute_ms_per_byte":
              cmp.recompute.ms_per_byte, "speedup": cmp.speedup, "memory_bits_per_byte": cmp.memory.bits_per_byte,
              "recompute_bits_per_byte": cmp.recompute.bits_per_byte})
         print(f"context {context}: memory {cmp.memory.ms_per_byte:.3f} ms/byte, recomputing "
               f"{cmp.recompute.ms_per_byte:.1f} ms/byte: {cmp.speedup:.0f}x faster with memory")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.json:
+        write_json(args.json, report)
     return 0
 
 
@@ -85,7 +88,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = torch.tensor(list(args.prompt.encode("utf-8")), dtype=torch.long)[None]
     gen = torch.Generator().manual_seed(args.seed)
     out = generate(model, prompt, args.bytes, mem_len=args.mem_len, temperature=args.temperature, top_k=args.top_k,
-                   generator=gen, progress=True)
+                   generator=gen, progress=not args.no_progress)
     print(bytes(out[0].tolist()).decode("utf-8", errors="replace"))
     return 0
 
@@ -95,7 +98,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     report = run_sweep(args.out, patterns=args.patterns, preset_name=args.preset, steps=args.steps,
                        mem_lens=args.mem_len, split=args.split, max_bytes=args.max_bytes, corpus=args.corpus,
-                       step_repeats=args.step_repeats)
+                       step_repeats=args.step_repeats, progress=not args.no_progress)
     print(f"table in {Path(args.out) / 'sweep.md'}, plot in {Path(args.out) / 'sweep.png'}; "
           f"unigram {report['unigram_bpb']:.3f} bits/byte")
     return 0
@@ -109,58 +112,73 @@ def add_parser(sub) -> None:
     cmds = lm.add_subparsers(dest="lm_command", required=True)
 
     train = cmds.add_parser("train", help="train on the standard-library corpus (default) or an enwik8-style file")
-    train.add_argument("--out", required=True, help="run directory (checkpoint, model/, result.json); resumed")
-    train.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    train.add_argument("--out", required=True, help="output folder of the run (checkpoint, model/, result.json); "
+                       "an unfinished run there resumes")
+    train.add_argument("--preset", default="small", choices=sorted(PRESETS), help="base config")
     train.add_argument("--corpus", help="raw byte file or .zip (enwik8); default: this Python's standard library")
-    train.add_argument("--pattern", help="full, window, strided, fixed, bigbird, or a pattern expression")
-    for flag, kind in (("--seg-len", int), ("--mem-len", int), ("--clamp-len", int), ("--dim", int),
-                       ("--depth", int), ("--heads", int), ("--dropout", float), ("--steps", int),
-                       ("--batch-size", int), ("--lr", float), ("--warmup", int), ("--eval-every", int),
-                       ("--eval-bytes", int), ("--seed", int)):
-        train.add_argument(flag, type=kind)
-    train.add_argument("--same-length", action="store_true", default=None)
+    train.add_argument("--pattern", help="full, window, strided, fixed, bigbird, or a pattern expression "
+                       "(default: the preset's)")
+    for flag, kind, text in (("--seg-len", int, "bytes per training segment"), ("--mem-len", int, "memory length"),
+                             ("--clamp-len", int, "relative distances beyond it share one encoding"),
+                             ("--dim", int, "model width"), ("--ffn-dim", int, "feed-forward width"),
+                             ("--depth", int, "layers"), ("--heads", int, "attention heads"),
+                             ("--dropout", float, "dropout rate"), ("--steps", int, "training steps"),
+                             ("--batch-size", int, "streams per step over all processes"),
+                             ("--lr", float, "peak learning rate"), ("--warmup", int, "warm-up steps"),
+                             ("--eval-every", int, "steps between validations"),
+                             ("--eval-bytes", int, "validation bytes evaluated during training"),
+                             ("--seed", int, "random seed")):
+        train.add_argument(flag, type=kind, help=f"{text} (default: the preset's)")
+    train.add_argument("--same-length", action="store_true", default=None,
+                       help="every query attends the same number of keys (default: the preset's)")
     train.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun")
-    train.add_argument("--device", default="cpu")
+    train.add_argument("--device", default="cpu", help="torch device")
     train.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     train.add_argument("--stop-after", type=int, help="end after this many steps in total (resume later)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
 
     ev = cmds.add_parser("eval", help="bits per byte with one or more memory lengths; speed against recomputing")
     ev.add_argument("run", help="run directory or model directory")
     ev.add_argument("--mem-len", type=int, nargs="+", help="memory lengths to evaluate (default: the training one)")
     ev.add_argument("--seg-len", type=int, help="segment length (default: the training one)")
-    ev.add_argument("--split", default="test", choices=["valid", "test"])
-    ev.add_argument("--max-bytes", type=int, help="evaluate a prefix of the split only")
-    ev.add_argument("--batch", type=int, default=4, help="parallel streams")
+    ev.add_argument("--split", default="test", choices=["valid", "test"], help="corpus split")
+    ev.add_argument("--max-bytes", type=int, help="evaluate a prefix of the split only (default: all of it)")
+    ev.add_argument("--batch-size", type=int, default=4, help="parallel streams")
+    ev.add_argument("--batch", dest="batch_size", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ev.add_argument("--corpus", help="default: the run's corpus")
     ev.add_argument("--recompute", type=int, nargs="+", metavar="CONTEXT",
                     help="also time recomputing each byte from CONTEXT previous bytes against a memory of CONTEXT")
     ev.add_argument("--recompute-positions", type=int, default=32, help="bytes predicted by recomputation")
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--out", help="write the results as JSON")
+    ev.add_argument("--device", default="cpu", help="torch device")
+    ev.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=_cmd_eval)
 
     sweep = cmds.add_parser("sweep", help="train every pattern, evaluate each at several memory lengths: the table")
-    sweep.add_argument("--out", default="results/lm", help="runs go to OUT/<pattern>/, the table to OUT/sweep.md")
+    sweep.add_argument("--out", default="results/lm", help="output folder: runs in OUT/<pattern>/, the table in "
+                       "OUT/sweep.md")
     sweep.add_argument("--patterns", nargs="+", default=list(DEFAULT_PATTERNS),
                        help="preset names or pattern expressions")
-    sweep.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    sweep.add_argument("--steps", type=int, default=300)
+    sweep.add_argument("--preset", default="small", choices=sorted(PRESETS), help="base config of every run")
+    sweep.add_argument("--steps", type=int, default=300, help="training steps of every run")
     sweep.add_argument("--mem-len", type=int, nargs="+", help="default: the training memory times 1, 2 and 4")
-    sweep.add_argument("--split", default="test", choices=["valid", "test"])
+    sweep.add_argument("--split", default="test", choices=["valid", "test"], help="corpus split")
     sweep.add_argument("--max-bytes", type=int, default=200_000, help="evaluate a prefix of the split")
     sweep.add_argument("--corpus", help="raw byte file or .zip; default: this Python's standard library")
     sweep.add_argument("--step-repeats", type=int, default=5,
                        help="rounds of training steps timed with the patterns taking turns (0: skip)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     sweep.set_defaults(func=_cmd_sweep)
 
     gen = cmds.add_parser("generate", help="continue a prompt, with cached memory")
     gen.add_argument("run", help="run directory or model directory")
-    gen.add_argument("--prompt", default="def ")
-    gen.add_argument("--bytes", type=int, default=400)
-    gen.add_argument("--mem-len", type=int)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--prompt", default="def ", help="text to continue")
+    gen.add_argument("--bytes", type=int, default=400, help="bytes to generate")
+    gen.add_argument("--mem-len", type=int, help="memory length (default: the training one)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    gen.add_argument("--top-k", type=int, help="sample from the k likeliest bytes only (default: all)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    gen.add_argument("--device", default="cpu", help="torch device")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.set_defaults(func=_cmd_generate)

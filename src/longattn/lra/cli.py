@@ -9,6 +9,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from ..io import write_json
 from .tasks import TASK_NAMES
 
 
@@ -88,7 +89,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .tasks import get_task
 
     task = get_task(args.task, args.data_dir)
-    task.generate(seed=args.seed or 0, **_settings(args.set))
+    quiet = {"progress": False} if args.no_progress else {}  # otherwise a bar for large sets only
+    task.generate(seed=args.seed or 0, **quiet, **_settings(args.set))
     print(f"wrote {task.name} into {args.data_dir}")
     return 0
 
@@ -97,9 +99,11 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from .tasks import get_task
 
     stats = get_task(args.task, args.data_dir).statistics()
-    if args.json:
+    if args.json == "-":
         print(json.dumps(stats, indent=1))
         return 0
+    if args.json:
+        write_json(args.json, stats)
     for split, values in stats.items():
         print(f"[{split}]" if isinstance(values, dict) else f"{split}: {values}")
         if isinstance(values, dict):
@@ -121,58 +125,68 @@ def _short(value) -> str:
 def add_parser(sub) -> None:
     """Add ``lra`` and its sub-commands to the ``longattn`` parser."""
     from .attentions import ATTENTIONS
+    from .report import ATTENTION_ORDER
+    from .suite import FULL_TASKS, QUICK_TASKS
 
     lra = sub.add_parser("lra", help="Long Range Arena: train, time and report every attention variant")
     cmds = lra.add_subparsers(dest="lra_command", required=True)
     task_names = list(TASK_NAMES) + ["pathx"]
 
     run = cmds.add_parser("run", help="train one attention variant on one task")
-    run.add_argument("--task", required=True, choices=task_names)
+    run.add_argument("--task", required=True, choices=task_names, help="LRA task")
     run.add_argument("--attention", required=True,
                      help=f"one of {', '.join(ATTENTIONS)}, or a pattern expression like 'sliding_window(64)'")
     run.add_argument("--quick", action="store_true", help="the quick suite's reduced config and generated data")
     run.add_argument("--scale", type=float, default=1.0, help="shrink widths, depth, steps and data (0, 1]")
-    run.add_argument("--steps", type=int)
-    run.add_argument("--batch-size", type=int, help="global batch (split over torchrun processes)")
-    run.add_argument("--lr", type=float)
-    run.add_argument("--eval-every", type=int)
+    run.add_argument("--steps", type=int, help="training steps (default: the task config's)")
+    run.add_argument("--batch-size", type=int, help="global batch, split over torchrun processes (default: the "
+                     "task config's)")
+    run.add_argument("--lr", type=float, help="peak learning rate (default: the task config's)")
+    run.add_argument("--eval-every", type=int, help="steps between evaluations (default: the task config's)")
     run.add_argument("--max-len", type=int, help="input length (default: the task's)")
-    run.add_argument("--seed", type=int)
-    run.add_argument("--data-dir", help="folder of the task folders (default data/lra)")
+    run.add_argument("--seed", type=int, help="default: the task config's (0)")
+    run.add_argument("--data-dir", help="folder of the task folders (default: data/lra)")
     run.add_argument("--no-generate", action="store_true", help="read --data-dir as the task's own folder as is")
-    run.add_argument("--out", default="results/lra", help="results folder (runs/<task>/<attention> inside)")
-    run.add_argument("--device", default="cpu")
+    run.add_argument("--out", default="results/lra", help="output folder (the run goes to runs/<task>/<attention>)")
+    run.add_argument("--device", default="cpu", help="torch device")
     run.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun")
     run.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     run.add_argument("--stop-after", type=int, help="stop after this many steps in total (resume later)")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
 
     suite = cmds.add_parser("suite", help="every task x attention, the speed/memory table and the report")
     suite.add_argument("--quick", action="store_true", help="generated ListOps + Pathfinder, reduced (make demo)")
-    suite.add_argument("--tasks", nargs="+", choices=task_names)
-    suite.add_argument("--attentions", nargs="+")
-    suite.add_argument("--scale", type=float, default=1.0)
-    suite.add_argument("--data-dir")
-    suite.add_argument("--out", default="results/lra")
+    suite.add_argument("--tasks", nargs="+", choices=task_names, metavar="TASK",
+                       help=f"of {' '.join(task_names)} (default: {' '.join(FULL_TASKS)}; with --quick "
+                            f"{' '.join(QUICK_TASKS)})")
+    suite.add_argument("--attentions", nargs="+", metavar="ATTENTION",
+                       help=f"of {' '.join(ATTENTIONS)} or pattern expressions (default: "
+                            f"{' '.join(ATTENTION_ORDER)})")
+    suite.add_argument("--scale", type=float, default=1.0, help="shrink widths, depth, steps and data (0, 1]")
+    suite.add_argument("--data-dir", help="folder of the task folders (default: data/lra)")
+    suite.add_argument("--out", default="results/lra", help="output folder: runs/, speed.json, report.md")
     suite.add_argument("--no-speed", action="store_true", help="skip the speed/memory table")
     suite.add_argument("--jobs", type=int, help="training runs at once, one thread each (default: cores if --quick)")
-    suite.add_argument("--no-progress", action="store_true")
+    suite.add_argument("--no-progress", action="store_true", help="no progress bars")
     suite.set_defaults(func=_cmd_suite)
 
     report = cmds.add_parser("report", help="write report.md/report.html from a results folder")
-    report.add_argument("out", nargs="?", default="results/lra")
+    report.add_argument("--out", default="results/lra", help="results folder to read and write the report into")
     report.set_defaults(func=_cmd_report)
 
     gen = cmds.add_parser("generate", help="write a synthetic dataset in the official format (ListOps, Pathfinder)")
-    gen.add_argument("--task", required=True, choices=task_names)
-    gen.add_argument("--data-dir", required=True)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--task", required=True, choices=task_names, help="listops or a pathfinder size")
+    gen.add_argument("--data-dir", required=True, help="the task's own folder")
+    gen.add_argument("--seed", type=int, default=0, help="random seed of the generator")
     gen.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="generator settings, e.g. max_depth=6 train=1000")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar (default: one for large sets)")
     gen.set_defaults(func=_cmd_generate)
 
     stats = cmds.add_parser("stats", help="statistics of a task's data (lengths, labels, task-specific)")
-    stats.add_argument("--task", required=True, choices=task_names)
-    stats.add_argument("--data-dir", required=True)
-    stats.add_argument("--json", action="store_true")
+    stats.add_argument("--task", required=True, choices=task_names, help="LRA task")
+    stats.add_argument("--data-dir", required=True, help="the task's own folder")
+    stats.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                       help="write the statistics as JSON to PATH; without PATH (or '-') print them as JSON "
+                            "instead of the listing")
     stats.set_defaults(func=_cmd_stats)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from ..io import markdown_table, write_json
 
 _RUN_FLAGS = ("width", "resolution", "preset", "difficulty", "examples", "steps", "batch_size", "lr", "warmup",
               "eval_every", "seed")
@@ -29,7 +30,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {"radius": args.radius} if args.radius is not None else {}
     cfg = VisionRunConfig(**fields, bf16=args.bf16, channels_last=not args.no_channels_last,
                           model_overrides=overrides)
-    results = compare(args.models, cfg, data_dir=args.data_dir, out=args.out, resume=not args.no_resume)
+    results = compare(args.models, cfg, data_dir=args.data_dir, out=args.out, resume=not args.no_resume,
+                      progress=not args.no_progress)
     print(table(results))
     print(f"wrote {Path(args.out) / 'report.md'}")
     return 0
@@ -40,16 +42,14 @@ def _cmd_count(args: argparse.Namespace) -> int:
 
     sizes = _sizes(args.sizes)
     rows = cost_table(args.models, sizes, num_classes=args.num_classes)
+    paper = lambda v, unit, scale: None if v is None else f"{v / scale:.2f}{unit}"  # noqa: E731
     head = ["model", "params", "paper"] + [f"M.Adds {h}x{w}" for h, w in sizes] + ["paper (1024)"]
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for r in rows:
-        paper = lambda v, unit, scale: "-" if v is None else f"{v / scale:.2f}{unit}"  # noqa: E731
-        cells = [r["model"], f"{r['params'] / 1e6:.2f}M", paper(r["paper_params"], "M", 1e6)]
-        cells += [f"{r[f'madds_{h}x{w}'] / 1e9:.2f}B" for h, w in sizes]
-        cells.append(paper(r["paper_madds_1024"], "B", 1e9))
-        print("| " + " | ".join(cells) + " |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+    table = [[r["model"], f"{r['params'] / 1e6:.2f}M", paper(r["paper_params"], "M", 1e6)]
+             + [f"{r[f'madds_{h}x{w}'] / 1e9:.2f}B" for h, w in sizes]
+             + [paper(r["paper_madds_1024"], "B", 1e9)] for r in rows]
+    print(markdown_table(head, table))
+    if args.json:
+        write_json(args.json, rows)
     return 0
 
 
@@ -65,15 +65,15 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     name = args.model if args.radius is None else f"{args.model} (radius {args.radius})"
     print(f"{name} vs {args.baseline}: forward, batch 1, fp32, {torch.get_num_threads()} threads, median of "
           f"{args.repeats} (taking turns), {'NCHW' if args.no_channels_last else 'channels-last'}")
-    print(f"| size | {args.baseline} ms | {args.model} ms | ratio |\n|---|---|---|---|")
     rows = []
     for size in _sizes(args.sizes):
         r = paired_latency(baseline, model, size, repeats=args.repeats, channels_last=not args.no_channels_last)
         rows.append({"size": list(size), "baseline_ms": r.baseline_ms, "model_ms": r.model_ms, "ratio": r.ratio})
-        print(f"| {size[0]}x{size[1]} | {r.baseline_ms:.1f} | {r.model_ms:.1f} | {r.ratio:.3f} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"model": args.model, "radius": args.radius, "baseline": args.baseline,
-                                              "rows": rows}, indent=1))
+    print(markdown_table(["size", f"{args.baseline} ms", f"{args.model} ms", "ratio"],
+                         [["x".join(map(str, r["size"])), r["baseline_ms"], r["model_ms"], r["ratio"]] for r in rows],
+                         formats=["", ".1f", ".1f", ".3f"]))
+    if args.json:
+        write_json(args.json, {"model": args.model, "radius": args.radius, "baseline": args.baseline, "rows": rows})
     return 0
 
 
@@ -82,62 +82,67 @@ def _cmd_attention(args: argparse.Namespace) -> int:
 
     rows = attention_cost(args.maps, radius=args.radius, min_run_time=args.min_run_time)
     print(f"one c5 MHSA (512 channels, 4 heads, batch 1, fp32): global vs a radius-{args.radius} window")
-    print("| map | tokens | global ms | global MB | local ms | local MB |\n|---|---|---|---|---|---|")
-    cell = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    for r in rows:
-        print(f"| {r['map']}x{r['map']} | {r['tokens']} | {cell(r['global_ms'])} | {cell(r['global_mb'])} | "
-              f"{cell(r['local_ms'])} | {cell(r['local_mb'])} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+    keys = ["global_ms", "global_mb", "local_ms", "local_mb"]
+    print(markdown_table(["map", "tokens", "global ms", "global MB", "local ms", "local MB"],
+                         [[f"{r['map']}x{r['map']}", r["tokens"]] + [r[k] for k in keys] for r in rows],
+                         formats=["", "d"] + [".1f"] * len(keys)))
+    if args.json:
+        write_json(args.json, rows)
     return 0
 
 
 def add_parser(sub) -> None:
+    from .train import VisionRunConfig
+
+    base = VisionRunConfig()
     vision = sub.add_parser("vision", help="BoTNet and ResNet-50: train on generated images, count, time")
     cmds = vision.add_subparsers(dest="vision_command", required=True)
 
     train = cmds.add_parser("train", help="train backbones on generated Pathfinder images under one budget")
     train.add_argument("--models", nargs="+", default=["botnet50", "resnet50"], help="registry names")
-    train.add_argument("--out", default="results/vision", help="folder for the runs and report.md")
+    train.add_argument("--out", default="results/vision", help="output folder: a run per model and report.md")
     train.add_argument("--data-dir", default="data/vision", help="where the generated images go")
-    train.add_argument("--width", type=int, help="base width (64 = the paper's; default 16)")
-    train.add_argument("--resolution", type=int, help="image side (default 128)")
-    train.add_argument("--preset", choices=["simple", "official"], help="Pathfinder preset (default simple)")
+    train.add_argument("--width", type=int, help=f"base width (64 = the paper's; default: {base.width})")
+    train.add_argument("--resolution", type=int, help=f"image side (default: {base.resolution})")
+    train.add_argument("--preset", choices=["simple", "official"], help=f"Pathfinder preset (default: {base.preset})")
     train.add_argument("--difficulty", choices=["easy", "intermediate", "hard"],
-                       help="official preset: paths of 6, 9 or 14 dashes (default hard)")
-    train.add_argument("--examples", type=int, help="images generated (default 6000)")
-    train.add_argument("--steps", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lr", type=float)
-    train.add_argument("--warmup", type=int)
-    train.add_argument("--eval-every", type=int)
-    train.add_argument("--seed", type=int)
-    train.add_argument("--radius", type=int, default=None, help="BoTNet: 2-D local attention of this radius")
+                       help=f"official preset: paths of 6, 9 or 14 dashes (default: {base.difficulty})")
+    train.add_argument("--examples", type=int, help=f"images generated (default: {base.examples})")
+    train.add_argument("--steps", type=int, help=f"training steps (default: {base.steps})")
+    train.add_argument("--batch-size", type=int, help=f"images per step (default: {base.batch_size})")
+    train.add_argument("--lr", type=float, help=f"peak learning rate (default: {base.lr})")
+    train.add_argument("--warmup", type=int, help=f"warm-up steps (default: {base.warmup})")
+    train.add_argument("--eval-every", type=int, help=f"steps between validations (default: {base.eval_every})")
+    train.add_argument("--seed", type=int, help=f"random seed (default: {base.seed})")
+    train.add_argument("--radius", type=int, default=None, help="BoTNet: 2-D local attention of this radius "
+                       "(default: global attention)")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast (slower on CPUs without bf16 oneDNN)")
-    train.add_argument("--no-channels-last", action="store_true")
+    train.add_argument("--no-channels-last", action="store_true", help="keep the NCHW memory format")
     train.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_cmd_train)
 
     count = cmds.add_parser("count", help="parameters and multiply-adds, beside the BoTNet paper's figures")
-    count.add_argument("--models", nargs="+", default=["resnet50", "botnet50"])
+    count.add_argument("--models", nargs="+", default=["resnet50", "botnet50"], help="registry names")
     count.add_argument("--sizes", nargs="+", default=["224", "1024"], help="input sizes: N or HxW")
-    count.add_argument("--num-classes", type=int, default=1000)
-    count.add_argument("--out", default=None, help="JSON file for the numbers")
+    count.add_argument("--num-classes", type=int, default=1000, help="classifier outputs")
+    count.add_argument("--json", metavar="PATH", help="also write the numbers as JSON to PATH")
     count.set_defaults(func=_cmd_count)
 
     lat = cmds.add_parser("latency", help="forward latency of a model against a baseline, as a ratio")
-    lat.add_argument("--model", default="botnet50")
-    lat.add_argument("--baseline", default="resnet50")
+    lat.add_argument("--model", default="botnet50", help="registry name of the model timed")
+    lat.add_argument("--baseline", default="resnet50", help="registry name of the model it is compared with")
     lat.add_argument("--sizes", nargs="+", default=["224", "1024"], help="input sizes: N or HxW")
-    lat.add_argument("--repeats", type=int, default=7)
-    lat.add_argument("--radius", type=int, default=None, help="the model with 2-D local attention of this radius")
-    lat.add_argument("--no-channels-last", action="store_true")
-    lat.add_argument("--out", default=None, help="JSON file for the numbers")
+    lat.add_argument("--repeats", type=int, default=7, help="timed forwards per model and size")
+    lat.add_argument("--radius", type=int, default=None, help="the model with 2-D local attention of this radius "
+                     "(default: global attention)")
+    lat.add_argument("--no-channels-last", action="store_true", help="keep the NCHW memory format")
+    lat.add_argument("--json", metavar="PATH", help="also write the numbers as JSON to PATH")
     lat.set_defaults(func=_cmd_latency)
 
     att = cmds.add_parser("attention", help="one MHSA layer: global vs 2-D local window, time and peak memory")
     att.add_argument("--maps", nargs="+", type=int, default=[16, 32, 64, 96], help="square map sides")
-    att.add_argument("--radius", type=int, default=7)
+    att.add_argument("--radius", type=int, default=7, help="radius of the local window")
     att.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
-    att.add_argument("--out", default=None, help="JSON file for the numbers")
+    att.add_argument("--json", metavar="PATH", help="also write the numbers as JSON to PATH")
     att.set_defaults(func=_cmd_attention)
