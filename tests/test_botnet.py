@@ -271,7 +271,7 @@ def test_vision_cli(tmp_path, capsys):
     assert main(["vision", "count", "--sizes", "64", "96x64"]) == 0
     out = capsys.readouterr().out
     assert "| resnet50 | 25.56M | 25.50M |" in out and "| botnet50 | 20.85M | 20.80M |" in out
-    assert main(["vision", "latency", "--sizes", "64", "--repeats", "1", "--out", str(tmp_path / "l.json")]) == 0
+    assert main(["vision", "latency", "--sizes", "64", "--repeats", "1", "--json", str(tmp_path / "l.json")]) == 0
     assert "| 64x64 |" in capsys.readouterr().out
     assert main(["vision", "latency", "--sizes", "96x64", "--repeats", "1", "--radius", "1"]) == 0
     assert "botnet50 (radius 1) vs resnet50" in capsys.readouterr().out

@@ -23,13 +23,13 @@ def test_readme_example_runs_verbatim():
 def test_show_writes_png(tmp_path, capsys):
     out = tmp_path / "p.png"
     assert main(["show", "causal(sliding_window(8)) | global_tokens([0])", "--seq-len", "97", "--block", "16",
-                 "--out", str(out)]) == 0
+                 "--plot", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert "density" in capsys.readouterr().out
 
 
 def test_show_reports_bad_pattern(capsys):
-    assert main(["show", "sliding_window(-1)", "--seq-len", "10", "--out", "/dev/null"]) == 2
+    assert main(["show", "sliding_window(-1)", "--seq-len", "10", "--plot", "/dev/null"]) == 2
     assert "left must be >= 0" in capsys.readouterr().err
 
 
