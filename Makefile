@@ -5,13 +5,13 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench docs venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned, so no dependency can pull a CUDA build of several GB.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,viz,lra,hf]"
+	$(PY) -m pip install -q -e ".[dev,viz,lra,hf,docs]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -27,5 +27,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/longattn bench --out results/bench
 
+# The documentation as a browsable site in site/ (open site/index.html), the API reference included.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results site .pytest_cache
