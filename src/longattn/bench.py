@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -25,7 +26,7 @@ from .backends import flex as flex_backend
 from .functional import attention
 from .io import atomic_path, markdown_table, write_json, write_text
 from .backends import clear_caches
-from .patterns import Geometry, Pattern, bigbird, fixed, get_plan, longformer, sparse_transformer, strided
+from .patterns import Geometry, Pattern, get_plan, preset
 from .backends.blocked import choose_block
 from .training.progress import progress_bar
 
@@ -61,12 +62,10 @@ class Result:
         return {**asdict(self.experiment), **{k: v for k, v in asdict(self).items() if k != "experiment"}}
 
 
+#: the patterns timed by default: presets of ``longattn.patterns.PRESETS`` (DESIGN.md's reference points)
 BENCH_PATTERNS: dict[str, Callable[[], Pattern]] = {
-    "longformer_512": lambda: longformer(512),
-    "bigbird_64": lambda: bigbird(64, window_blocks=3, global_blocks=2, random_blocks=3, seed=0),
-    "strided_128_causal": lambda: sparse_transformer("strided", stride=128),
-    "strided_64": lambda: strided(64),
-    "fixed_128_8": lambda: fixed(128, 8),
+    name: partial(preset, name)
+    for name in ("longformer_512", "bigbird_64", "strided_128_causal", "strided_64", "fixed_128_8")
 }
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..backends import BACKENDS
 from ..functional import attention
-from ..patterns import Pattern, causal, parse_pattern
+from ..patterns import Pattern, as_pattern, causal, full
 from ..patterns import sliding_window as window_pattern  # the name `sliding_window` is a kwarg below
 from ..patterns.full import Full
 
@@ -164,7 +164,8 @@ def register(name: str, pattern: Pattern | str, *, backend: str = "auto") -> str
     Args:
         name: the ``attn_implementation`` string. Registering a name again replaces it. The names of
             transformers' own implementations (eager, sdpa, flex_attention, flash_attention_*) are refused.
-        pattern: a ``Pattern``, or text for ``longattn.parse_pattern``. Causal models (``module.is_causal``)
+        pattern: a ``Pattern``, a preset name (``"longformer_512"``, see ``longattn.patterns.PRESETS``) or a
+            pattern expression for ``longattn.parse_pattern``. Causal models (``module.is_causal``)
             get ``causal(pattern)``; a layer's own ``sliding_window`` is intersected with it; cross-attention
             (keys of another sequence) uses no pattern, only padding.
         backend: passed to ``longattn.attention`` (``"auto"``, ``"dense"``, ``"blocked"``, ``"flex"``).
@@ -181,7 +182,8 @@ def register(name: str, pattern: Pattern | str, *, backend: str = "auto") -> str
     if name in _RESERVED or name.startswith(_RESERVED_PREFIXES):
         raise ValueError(f"name: {name!r} is one of transformers' own attention implementations; choose another")
     if isinstance(pattern, str):
-        pattern = parse_pattern(pattern)
+        pattern = as_pattern(pattern)
+        pattern = full() if pattern is None else pattern  # the "full" preset
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a longattn Pattern or a pattern string, got {type(pattern).__name__}")
     if backend not in BACKENDS:

@@ -23,29 +23,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modules.relative import METHODS, RelativeAttention, RelativePositions
-from ..patterns import Pattern, causal, parse_pattern, sliding_window
+from ..patterns import Pattern, as_pattern, causal, sliding_window
 from . import hf_checkpoint as ckpt
 
 MODEL_TYPE = "longattn-transformer-xl"
 
-#: named patterns for ``XLConfig.pattern`` (any pattern expression works too); all are made causal.
+#: the LM's short names for ``XLConfig.pattern``: presets of ``longattn.patterns.PRESETS`` (None = full). Any
+#: other preset name or pattern expression works too; the model makes every pattern causal.
 PATTERN_PRESETS: dict[str, str | None] = {
     "full": None,
-    "window": "sliding_window(255, 0)",  # the last 256 keys
-    "strided": "strided(32)",  # Sparse Transformer: heads alternate 32 local keys / every 32nd key
-    "fixed": "fixed(32, 4)",  # Sparse Transformer: heads alternate own 32-block / last 4 of every block
-    "bigbird": "bigbird(block=32, seed=0)",  # causal BigBird: window, global and random blocks
+    "window": "lookback",  # the last 256 keys: sliding_window(255, 0)
+    "strided": "strided_32",  # Sparse Transformer: heads alternate 32 local keys / every 32nd key
+    "fixed": "fixed_32_4",  # Sparse Transformer: heads alternate own 32-block / last 4 of every block
+    "bigbird": "bigbird_32",  # causal BigBird: window, global and random blocks of 32 tokens
 }
 
 
 def resolve_pattern(spec: str | None) -> Pattern | None:
-    """A preset name of ``PATTERN_PRESETS`` or a pattern expression (``parse_pattern``); None = full."""
+    """A name of ``PATTERN_PRESETS``, another preset name or a pattern expression (``as_pattern``); None = full."""
     if spec is None:
         return None
     if not isinstance(spec, str):
         raise TypeError(f"pattern must be a preset name or a pattern expression, got {type(spec).__name__}")
-    text = PATTERN_PRESETS.get(spec, spec)
-    return None if text is None else parse_pattern(text)
+    name = PATTERN_PRESETS.get(spec, spec)
+    return None if name is None else as_pattern(name)
 
 
 def block_recurrent_mask(total: int, seg_len: int, mem_len: int, *, device=None) -> Tensor:
@@ -77,7 +78,7 @@ class XLConfig:
     pos_dim: int | None = None  # sinusoid width of the relative encodings, default dim (the paper's)
     dropout: float = 0.1  # on embeddings, attention output and feed-forward
     attn_dropout: float = 0.0  # on attention probabilities
-    pattern: str | None = None  # a PATTERN_PRESETS name or a pattern expression; None = full causal
+    pattern: str | None = None  # a PATTERN_PRESETS name, a preset or a pattern expression; None = full causal
     seg_len: int = 512  # bytes per training segment (the paper's tgt_len)
     mem_len: int = 512  # memory length in training; evaluation may pass a longer one
     same_length: bool = False  # every query attends the same number (mem_len) of keys

@@ -1,10 +1,11 @@
 """Sparse attention patterns: one algebra for the patterns of the literature.
 
 Every pattern gives a FlexAttention ``mask_mod``, a dense oracle, an exact block layout, its density and
-a readable name; ``|``, ``&`` and ``per_head`` compose them.
+a readable name; ``|``, ``&`` and ``per_head`` compose them. ``presets`` is the one table of named patterns
+(``preset("longformer_512")``); ``as_pattern`` takes a pattern, a preset name or an expression.
 """
 
-from ._base import Geometry, Pattern
+from ._base import Geometry, Pattern, Snapshot, pattern_dataclass
 from .bigbird import bigbird
 from .causal import causal
 from .compose import per_head
@@ -13,6 +14,7 @@ from .global_tokens import global_tokens
 from .layout import BlockPlan, clear_caches, get_plan
 from .longformer import longformer
 from .parse import parse_pattern
+from .presets import PRESETS, Preset, as_pattern, preset
 from .random_blocks import random_blocks
 from .sparse_transformer import fixed, sparse_transformer, strided
 from .window import dilated, sliding_window
@@ -21,7 +23,11 @@ from .window_2d import window_2d
 __all__ = [
     "BlockPlan",
     "Geometry",
+    "PRESETS",
     "Pattern",
+    "Preset",
+    "Snapshot",
+    "as_pattern",
     "bigbird",
     "causal",
     "clear_caches",
@@ -32,7 +38,9 @@ __all__ = [
     "global_tokens",
     "longformer",
     "parse_pattern",
+    "pattern_dataclass",
     "per_head",
+    "preset",
     "random_blocks",
     "sliding_window",
     "sparse_transformer",
