@@ -10,7 +10,7 @@ import longattn as la
 from longattn.bench import BENCH_PATTERNS
 from longattn.lra.attentions import ALIASES, ATTENTIONS, build_attention
 from longattn.models.xl import PATTERN_PRESETS, resolve_pattern
-from longattn.patterns import PRESETS, as_pattern, preset
+from longattn.patterns import PRESETS, as_pattern, build_preset
 from longattn.patterns.sparse_transformer import StrideColumns
 
 
@@ -18,7 +18,7 @@ from longattn.patterns.sparse_transformer import StrideColumns
 def test_every_preset_builds_and_says_what_it_is(name):
     p = PRESETS[name]
     assert p.name == name and p.description and "\n" not in p.description
-    pattern = preset(name, 1024)
+    pattern = build_preset(name, 1024)
     assert pattern is None if name == "full" else isinstance(pattern, la.Pattern)
     if pattern is not None:  # applies at that length, on a head count every preset divides
         assert 0 < pattern.density(1024, num_heads=2) <= 1
@@ -96,21 +96,21 @@ def test_as_pattern_takes_patterns_presets_and_expressions():
     with pytest.raises(ValueError, match="give n, or the 'stride' setting"):
         as_pattern("strided")
     with pytest.raises(ValueError, match="unknown preset"):
-        preset("performer")
+        build_preset("performer")
     with pytest.raises(TypeError, match="pattern must be"):
         as_pattern(3)
 
 
 def test_window_means_longformers_w_in_every_preset():
-    _same(preset("local", window=512), la.sliding_window(256))
-    _same(preset("longformer", window=512), la.sliding_window(256))
-    assert torch.equal(preset("longformer", window=8, dilation=2).dense(40), la.dilated(8, 2).dense(40))
+    _same(build_preset("local", window=512), la.sliding_window(256))
+    _same(build_preset("longformer", window=512), la.sliding_window(256))
+    assert torch.equal(build_preset("longformer", window=8, dilation=2).dense(40), la.dilated(8, 2).dense(40))
     for name in ("local", "longformer"):
         with pytest.raises(ValueError, match="window must be even"):
-            preset(name, window=511)
+            build_preset(name, window=511)
     with pytest.raises(ValueError, match="window_blocks must be odd"):
-        preset("bigbird", window_blocks=2)
-    _same(preset("lookback", keys=4), la.sliding_window(3, 0))
+        build_preset("bigbird", window_blocks=2)
+    _same(build_preset("lookback", keys=4), la.sliding_window(3, 0))
 
 
 def test_register_accepts_a_preset_name():

@@ -26,7 +26,7 @@ from .backends import flex as flex_backend
 from .functional import attention
 from .io import atomic_path, markdown_table, write_json, write_text
 from .backends import clear_caches
-from .patterns import Geometry, Pattern, get_plan, preset
+from .patterns import Geometry, Pattern, build_preset, get_plan
 from .backends.blocked import choose_block
 from .training.progress import progress_bar
 
@@ -64,7 +64,7 @@ class Result:
 
 #: the patterns timed by default: presets of ``longattn.patterns.PRESETS`` (DESIGN.md's reference points)
 BENCH_PATTERNS: dict[str, Callable[[], Pattern]] = {
-    name: partial(preset, name)
+    name: partial(build_preset, name)
     for name in ("longformer_512", "bigbird_64", "strided_128_causal", "strided_64", "fixed_128_8")
 }
 

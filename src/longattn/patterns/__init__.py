@@ -2,7 +2,7 @@
 
 Every pattern gives a FlexAttention ``mask_mod``, a dense oracle, an exact block layout, its density and
 a readable name; ``|``, ``&`` and ``per_head`` compose them. ``presets`` is the one table of named patterns
-(``preset("longformer_512")``); ``as_pattern`` takes a pattern, a preset name or an expression.
+(``build_preset("longformer_512")``); ``as_pattern`` takes a pattern, a preset name or an expression.
 """
 
 from ._base import Geometry, Pattern, Snapshot, pattern_dataclass
@@ -14,7 +14,7 @@ from .global_tokens import global_tokens
 from .layout import BlockPlan, clear_caches, get_plan
 from .longformer import longformer
 from .parse import parse_pattern
-from .presets import PRESETS, Preset, as_pattern, preset
+from .presets import PRESETS, Preset, as_pattern, build_preset
 from .random_blocks import random_blocks
 from .sparse_transformer import fixed, sparse_transformer, strided
 from .window import dilated, sliding_window
@@ -29,6 +29,7 @@ __all__ = [
     "Snapshot",
     "as_pattern",
     "bigbird",
+    "build_preset",
     "causal",
     "clear_caches",
     "dilated",
@@ -40,7 +41,6 @@ __all__ = [
     "parse_pattern",
     "pattern_dataclass",
     "per_head",
-    "preset",
     "random_blocks",
     "sliding_window",
     "sparse_transformer",

@@ -35,7 +35,7 @@ Builder = Callable[..., "Pattern | None"]
 
 @dataclass(frozen=True, eq=False)
 class Preset:
-    """A named pattern: ``preset(n, **settings)`` builds it (None = full attention)."""
+    """A named pattern: calling it, ``p(n, **settings)``, builds it (None = full attention)."""
 
     name: str
     description: str  # one line, shown by ``longattn show --list`` and in the docs
@@ -163,10 +163,10 @@ PRESETS: dict[str, Preset] = _table(
 )
 
 
-def preset(name: str, n: int | None = None, **settings: Any) -> Pattern | None:
+def build_preset(name: str, n: int | None = None, **settings: Any) -> Pattern | None:
     """The pattern of preset ``name`` for attention length ``n`` with ``settings`` (None = full attention).
 
-    ``preset("longformer", window=256)`` is ``longformer(256)``; ``preset("strided", 4096)`` is the
+    ``build_preset("longformer", window=256)`` is ``longformer(256)``; ``build_preset("strided", 4096)`` is the
     bidirectional strided pattern with stride 64."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
