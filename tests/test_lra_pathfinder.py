@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from longattn.lra.tasks import SPLITS, DataFormatError, MissingDataError, get_task
-from longattn.datasets.pathfinder import PathfinderSettings, split_bounds
+from longattn.datasets.pathfinder import PathfinderData, PathfinderSettings, split_bounds
 from longattn.lra.tasks.pathfinder import Pathfinder
 
 HARD = "curv_contour_length_14"
@@ -59,6 +59,14 @@ def test_generate_then_load(tmp_path, resolution):
         assert 0 <= int(data.tokens.min()) and int(data.tokens.max()) == 255  # markers are white
         assert int(data.labels.sum()) * 2 == sizes[split]  # exactly half positive
     assert task.available()
+
+
+def test_the_data_set_reads_the_pictures_that_the_task_reads_as_pixel_sequences(tmp_path):
+    task = _generated(tmp_path, 16)
+    data, split = PathfinderData(tmp_path, 16).load("val"), task.load("val")
+    assert data.images.shape == (4, 16, 16) and data.images.dtype == torch.uint8
+    assert torch.equal(data.images.reshape(4, 256).to(torch.int16), split.tokens)
+    assert torch.equal(data.labels, split.labels)
 
 
 def test_generate_is_deterministic(tmp_path):
