@@ -5,6 +5,8 @@ outputs."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -85,3 +87,14 @@ def test_configs_saved_with_old_width_names_load(tmp_path):
     saved = BASE["listops"].to_dict()
     saved["model"]["mlp_dim"] = saved["model"].pop("ffn_dim")
     assert LRAConfig.from_dict(saved) == BASE["listops"]
+
+
+def test_saved_checkpoints_honour_the_umask(tmp_path):
+    """config.json and model.safetensors come out readable as any file the user writes, not 0600."""
+    old = os.umask(0o022)
+    try:
+        create_model("transformer-xl-small", dim=16, depth=1, heads=2).save_pretrained(tmp_path)
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in tmp_path.iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644}

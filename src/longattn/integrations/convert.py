@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import write_json
 from ..models import hf_checkpoint as ckpt
 from ..models.longformer import LongformerConfig, LongformerModel
 
@@ -105,4 +106,4 @@ def _copy_tokenizer(src: Path, dst: Path, max_length: int) -> None:
     if settings.is_file():
         data = json.loads(settings.read_text())
         data["model_max_length"] = max_length
-        settings.write_text(json.dumps(data, indent=2) + "\n")
+        write_json(settings, data, indent=2)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import stat
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import Tensor, nn
+
+from ..io import atomic_path, write_json
 
 #: weight-file names in the order Hugging Face prefers them
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
@@ -120,21 +122,16 @@ def load_into(module: nn.Module, weights: dict[str, Tensor], *, path: Path | str
 
 
 def save_directory(path: Path | str, config: dict, state: dict[str, Tensor]) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` into ``path``, each file atomically (temp + rename)."""
+    """Write ``model.safetensors`` and ``config.json`` into ``path``, each file atomically (``longattn.io``:
+    temp + rename, with the user's umask)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     # Clones: safetensors refuses tensors that share storage (tied embeddings).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    for name, write in (("model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
-                        ("config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    with atomic_path(path / "model.safetensors") as tmp:
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # the umask's mode; save_file replaces the file with a 0600 one
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, mode)
+    write_json(path / "config.json", config, indent=2)
     return path

@@ -34,19 +34,23 @@ Two exact ways to compute the position term (``attention`` does the softmax eith
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..caches import named_cache
 from ..functional import attention
 from ..patterns import Geometry, window_2d
 from ..patterns.window_2d import Window2d
 
 RESIZE = ("interpolate", "clamp")
 LOCAL_TILE = 8  # 8 x 8 tiles: one 64-token block of the blocked backend each
+
+# Per map size (and device): built once, as building costs more than a forward on small maps.
+_LOCAL_PATTERNS = named_cache("bottleneck_local_patterns", 64)
+_LOCAL_TOKENS = named_cache("bottleneck_local_tokens", 64)
 
 
 def as_pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -105,13 +109,15 @@ def slot_offsets(size: int, radius: int | None, device=None) -> tuple[Tensor, in
     return torch.remainder(slots[None, :] - pos[:, None] + radius, period) - radius, period
 
 
-@functools.lru_cache(maxsize=64)
 def local_pattern(radius: int, height: int, width: int) -> Window2d:
     """The window in the token order whose blocks need fewer key blocks: row-major (narrow maps, small radius:
     a row of 64 tokens needs ``2 radius + 1`` rows) or 8 x 8 tiles (wide maps: a tile needs 3 x 3 tiles)."""
-    n = height * width
-    options = [window_2d(radius, height, width), window_2d(radius, height, width, tile=LOCAL_TILE)]
-    return min(options, key=lambda p: int(p.candidates(Geometry(n, n), LOCAL_TILE ** 2).sum()))
+    def build() -> Window2d:
+        n = height * width
+        options = [window_2d(radius, height, width), window_2d(radius, height, width, tile=LOCAL_TILE)]
+        return min(options, key=lambda p: int(p.candidates(Geometry(n, n), LOCAL_TILE ** 2).sum()))
+
+    return _LOCAL_PATTERNS.get_or_build((radius, height, width), build)
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,14 +127,16 @@ class _LocalTokens:
     slots: Tensor  # (N, P_h + P_w): each key's row and column slot one-hots, in ``order``
 
 
-@functools.lru_cache(maxsize=64)
 def _local_tokens(radius: int, height: int, width: int, device: torch.device) -> _LocalTokens:
     """Per map, built once: the window's token order, its inverse and each key's slot one-hots in that order."""
-    order = local_pattern(radius, height, width).order(device)
-    slots_h, slots_w = slot_offsets(height, radius)[1], slot_offsets(width, radius)[1]
-    rows, cols = order // width, order % width
-    slots = torch.cat([F.one_hot(rows % slots_h, slots_h), F.one_hot(cols % slots_w, slots_w)], -1)
-    return _LocalTokens(order, torch.argsort(order), slots)
+    def build() -> _LocalTokens:
+        order = local_pattern(radius, height, width).order(device)
+        slots_h, slots_w = slot_offsets(height, radius)[1], slot_offsets(width, radius)[1]
+        rows, cols = order // width, order % width
+        slots = torch.cat([F.one_hot(rows % slots_h, slots_h), F.one_hot(cols % slots_w, slots_w)], -1)
+        return _LocalTokens(order, torch.argsort(order), slots)
+
+    return _LOCAL_TOKENS.get_or_build((radius, height, width, device), build)
 
 
 class BottleneckAttention2d(nn.Module):
