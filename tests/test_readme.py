@@ -1,4 +1,5 @@
-"""The README's usage example runs verbatim, and the CLI works headless."""
+"""The README's usage example runs verbatim, and the CLI works headless (the examples of the pages in docs/ run
+in test_docs.py)."""
 
 from __future__ import annotations
 
@@ -68,36 +69,3 @@ def test_bench_summary_states_each_headline_ratio():
 @pytest.mark.slow
 def test_bench_quick_finishes(tmp_path):
     assert main(["bench", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
-
-
-def test_readme_models_example_runs_verbatim():
-    pytest.importorskip("transformers")
-    text = (ROOT / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "LongformerModel" in b)
-    scope: dict = {}
-    exec(compile(block, "README.md", "exec"), scope)
-    assert scope["out"].shape == (2, 1000, 64)
-    ids = scope["torch"].randint(3, 100, (2, 50))
-    mask = scope["torch"].ones_like(ids)
-    mask[1, 30:] = 0
-    assert scope["bert"](ids, attention_mask=mask).last_hidden_state.shape == (2, 50, 64)
-
-
-def test_readme_language_model_example_runs_verbatim():
-    text = (ROOT / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "TransformerXL" in b)
-    scope: dict = {}
-    exec(compile(block, "README.md", "exec"), scope)
-    assert scope["text"].shape == (2, 30) and scope["out"].logits.shape == (2, 32, 256)
-    assert [m.shape for m in scope["memory"]] == [(2, 96, 64)] * 2
-
-
-def test_readme_vision_example_runs_verbatim():
-    text = (ROOT / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "botnet50" in b)
-    scope: dict = {}
-    exec(compile(block, "README.md", "exec"), scope)
-    assert scope["logits"].shape == (2, 10)
-    assert [tuple(c.shape[1:]) for c in (scope[n] for n in ("c2", "c3", "c4", "c5"))] == [
-        (256, 128, 128), (512, 64, 64), (1024, 32, 32), (2048, 16, 16)]
-    assert scope["local"].feature_info[-1]["reduction"] == 16
