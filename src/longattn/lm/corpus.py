@@ -16,16 +16,26 @@ import sysconfig
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
+
+class SplitSizes(NamedTuple):
+    """Bytes in each split (a tuple, so ``train, valid, test = sizes`` works as well)."""
+
+    train: int
+    valid: int
+    test: int
+
+
+ENWIK8_SPLIT = SplitSizes(90_000_000, 5_000_000, 5_000_000)
 _MIN_BYTES = 1000  # below this the 5% valid/test splits are too small to mean anything
 _EXCLUDED_PARTS = {"site-packages", "dist-packages", "__pycache__"}
 
 
-def split_sizes(total: int) -> tuple[int, int, int]:
+def split_sizes(total: int) -> SplitSizes:
     """Sizes ``(train, valid, test)`` in bytes for a corpus of ``total`` bytes.
 
     ``total >= 100_000_000``: the enwik8 convention ``ENWIK8_SPLIT``, 90M/5M/5M from the start, the rest
@@ -38,7 +48,7 @@ def split_sizes(total: int) -> tuple[int, int, int]:
     if total >= sum(ENWIK8_SPLIT):
         return ENWIK8_SPLIT
     held_out = total * 5 // 100
-    return total - 2 * held_out, held_out, held_out
+    return SplitSizes(total - 2 * held_out, held_out, held_out)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensor fields have no boolean ==
@@ -60,9 +70,9 @@ class Corpus:
         return splits[name]
 
     @property
-    def sizes(self) -> tuple[int, int, int]:
+    def sizes(self) -> SplitSizes:
         """``(train, valid, test)`` lengths in bytes."""
-        return len(self.train), len(self.valid), len(self.test)
+        return SplitSizes(len(self.train), len(self.valid), len(self.test))
 
 
 def from_bytes(data: bytes, *, name: str, source: str) -> Corpus:
