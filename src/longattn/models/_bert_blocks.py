@@ -225,7 +225,7 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)  # (B, N, C)
 
 
-def check_ids(input_ids: Tensor | None, inputs_embeds: Tensor | None, hidden: int) -> tuple[int, int]:
+def check_ids(input_ids: Tensor | None, inputs_embeds: Tensor | None, hidden_size: int) -> tuple[int, int]:
     """(B, N) of the input; ``ValueError``/``TypeError`` naming the argument otherwise."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids (B, N) and inputs_embeds (B, N, C)")
@@ -235,8 +235,8 @@ def check_ids(input_ids: Tensor | None, inputs_embeds: Tensor | None, hidden: in
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         return tuple(input_ids.shape)
-    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden:
-        raise ValueError(f"inputs_embeds must have shape (B, N, C={hidden}), got {tuple(inputs_embeds.shape)}")
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+        raise ValueError(f"inputs_embeds must have shape (B, N, C={hidden_size}), got {tuple(inputs_embeds.shape)}")
     return tuple(inputs_embeds.shape[:2])
 
 

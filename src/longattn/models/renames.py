@@ -3,7 +3,9 @@
 The package names widths one way outside Hugging Face-compatible configs: ``dim`` (model width), ``ffn_dim``
 (feed-forward width), ``heads``, ``depth`` (layers). Longformer and BigBird keep Hugging Face's
 ``hidden_size``/``intermediate_size``/``num_attention_heads``/``num_hidden_layers``, which their checkpoints
-must match. Before that rule, ETC said ``hidden``/``intermediate``/``layers`` and LRA's encoder ``mlp_dim``.
+must match; BoTNet keeps ResNet's ``width`` (stem width) and ``layers`` (blocks per stage, a 4-tuple).
+Before that rule, ETC said ``hidden``/``intermediate``/``layers``, LRA's encoder ``mlp_dim`` and the
+attention modules ``num_heads``.
 
 ``RENAMED`` is the one table of those renames. Readers of saved configs (``EtcModel.from_pretrained``,
 ``LRAConfig.from_dict``) pass them through ``renamed_fields``, which moves an old key to its new name; a
