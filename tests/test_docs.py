@@ -95,3 +95,49 @@ def test_vision_example_runs_verbatim():
     assert [tuple(c.shape[1:]) for c in (scope[n] for n in ("c2", "c3", "c4", "c5"))] == [
         (256, 128, 128), (512, 64, 64), (1024, 32, 32), (2048, 16, 16)]
     assert scope["local"].feature_info[-1]["reduction"] == 16
+
+
+def documented_commands() -> list[tuple[str, str, bool]]:
+    """Every ``longattn`` command of the README and docs/: (file, command, whole), where ``whole`` is a line of
+    a bash block (a command to run) and not ``whole`` a mention in the prose (possibly a fragment)."""
+    found = []
+    for path in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = path.read_text()
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                if "longattn " in line and not line.lstrip().startswith(("pip", "make", "#")):
+                    found.append((path.name, line, True))
+        found += [(path.name, cmd, False) for cmd in re.findall(r"`(longattn [^`]+)`", text)]
+    return found
+
+
+def test_documented_commands_use_current_flags():
+    """A command in the docs must parse with today's CLI, using the flag names its --help shows (renamed flags
+    are still accepted, silently, so parsing alone would not notice a stale spelling)."""
+    import argparse
+    import shlex
+
+    from longattn.cli import build_parser
+
+    def subparsers(parser):
+        return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+    problems, commands = [], documented_commands()
+    assert len(commands) > 20
+    for page, line, whole in commands:
+        tokens = shlex.split(line.replace("[", " ").replace("]", " "), comments=True)
+        start = next(i for i, t in enumerate(tokens) if t in ("longattn", "longattn.cli")) + 1
+        argv, parser = tokens[start:], build_parser()
+        depth = 0
+        while (choices := subparsers(parser)) is not None and depth < len(argv) and argv[depth] in choices.choices:
+            parser, depth = choices.choices[argv[depth]], depth + 1
+        shown = {s for a in parser._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
+        stale = [t.split("=")[0] for t in argv if t.startswith("--") and t.split("=")[0] not in shown]
+        if stale:
+            problems.append(f"{page}: {line.strip()!r}: {stale} not in --help")
+        elif whole and not any(t.isupper() for t in argv):  # SRC, DST, N: a synopsis, not a command
+            try:
+                build_parser().parse_args(argv)
+            except SystemExit:
+                problems.append(f"{page}: {line.strip()!r} does not parse")
+    assert not problems, "\n".join(problems)
