@@ -43,7 +43,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: Pattern | None = None
     zero gradient, never NaN. Masks combine by AND: pattern, ``attn_mask`` and ``key_padding_mask``.
 
     Raises:
-        TypeError / ValueError naming the argument and the expected shape on bad input.
+        TypeError: an argument of the wrong type (named in the message).
+        ValueError: an argument of the wrong shape or value (named, with the expected shape).
     """
     inp = prepare(q, k, v, pattern=pattern, attn_mask=attn_mask, key_padding_mask=key_padding_mask, scale=scale,
                   dropout_p=dropout_p)
