@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 from torch import Tensor, nn
 
 from ..modules.bottleneck_attention import RESIZE, BottleneckAttention2d, as_pair
 from . import hf_checkpoint as ckpt
 
-MODEL_TYPE = "longattn-botnet"
 EXPANSION = 4  # a bottleneck's output channels over its inner width
 
 
@@ -75,8 +73,7 @@ class BotNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BotNetConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in fields})
+        return ckpt.config_from_dict(cls, d)
 
 
 @dataclass
@@ -124,13 +121,17 @@ class Bottleneck(nn.Module):
         return self.relu(out + shortcut)
 
 
-class BotNet(nn.Module):
+class BotNet(ckpt.Pretrained, nn.Module):
     """ResNet-50-style backbone with BoTNet's MHSA in c5 (or plain ResNet with ``attention=False``).
 
     ``forward(x: (B, in_chans, H, W)) -> (B, num_classes)`` logits (pooled ``(B, 32 width)`` features when
     ``num_classes == 0``); any ``H, W`` that ResNet-50 accepts (the relative tables adapt, see
     ``BottleneckAttention2d``). ``forward_features`` returns the c2..c5 maps.
     """
+
+    MODEL_TYPE = "longattn-botnet"
+    FAMILY = "longattn BoTNet/ResNet"
+    CONFIG = BotNetConfig
 
     def __init__(self, cfg: BotNetConfig, *, backend: str = "auto", device=None, dtype=None):
         super().__init__()
@@ -200,15 +201,3 @@ class BotNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         pooled = self.forward_features(x).c5.mean((2, 3))  # (B, 32 width)
         return self.fc(pooled)
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        config = {"model_type": MODEL_TYPE, "architectures": ["BotNet"], **self.cfg.to_dict()}
-        return ckpt.save_directory(path, config, self.state_dict())
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, backend: str = "auto", device=None, dtype=None) -> "BotNet":
-        config = ckpt.read_config(path)
-        ckpt.check_model_type(config, (MODEL_TYPE,), "longattn BoTNet/ResNet", path)
-        model = cls(BotNetConfig.from_dict(config), backend=backend, device=device, dtype=dtype)
-        ckpt.load_into(model, ckpt.read_weights(path), path=path)
-        return model.eval()

@@ -10,18 +10,14 @@ Notation: B batch, C model width, N long tokens, G global tokens.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ..modules.global_local_attention import EtcStructure, GlobalLocalAttention, etc_structure
 from . import hf_checkpoint as ckpt
-from .renames import renamed_fields
 
-MODEL_TYPE = "longattn_etc"  # config.json's model_type of saved ETC models
 
 
 def segment_mean(x: Tensor, structure: EtcStructure) -> Tensor:
@@ -107,7 +103,7 @@ class EtcOutput:
     structure: EtcStructure  # masks and the long-to-global relation the layers used
 
 
-class EtcModel(nn.Module):
+class EtcModel(ckpt.Pretrained, nn.Module):
     """ETC encoder over a long input with one global token per segment.
 
     ``forward(input_ids (B, N), segment_ids (B, N), *, token_type_ids=None, global_token_ids=None)``:
@@ -116,6 +112,10 @@ class EtcModel(nn.Module):
     token type (ETC has no absolute positions: order comes from the relative labels), global tokens as their
     kind (+ the mean of their segment's long embeddings when ``cfg.global_segment_mean``). Returns ``EtcOutput``.
     """
+
+    MODEL_TYPE = "longattn_etc"  # config.json's model_type of saved ETC models
+    FAMILY = "longattn ETC"
+    CONFIG = EtcConfig
 
     def __init__(self, cfg: EtcConfig, *, backend: str = "auto", device=None, dtype=None):
         super().__init__()
@@ -168,19 +168,3 @@ class EtcModel(nn.Module):
         for layer in self.layers:
             x, gx = layer(x, gx, structure)
         return EtcOutput(x, gx, structure)
-
-    # ---- checkpoints: config.json + model.safetensors, as the Hugging Face-compatible models ----
-    def save_pretrained(self, path: str | Path) -> Path:
-        config = {"model_type": MODEL_TYPE, "architectures": ["EtcModel"], **dataclasses.asdict(self.cfg)}
-        return ckpt.save_directory(path, config, self.state_dict())
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, backend: str = "auto", device=None, dtype=None) -> "EtcModel":
-        config = ckpt.read_config(path)
-        ckpt.check_model_type(config, (MODEL_TYPE,), "longattn ETC", path)
-        config = renamed_fields("EtcConfig", config, source=path)
-        fields = {f.name for f in dataclasses.fields(EtcConfig)}
-        model = cls(EtcConfig(**{k: v for k, v in config.items() if k in fields}), backend=backend, device=device,
-                    dtype=dtype)
-        ckpt.load_into(model, ckpt.read_weights(path), path=path)
-        return model.eval()

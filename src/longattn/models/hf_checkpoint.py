@@ -5,20 +5,28 @@ A directory holds ``config.json`` and the weights as ``model.safetensors``, ``py
 (``LongformerForMaskedLM``, ``BertForSequenceClassification``, ...) store the encoder under a prefix
 (``longformer.``, ``bert.``, ``roberta.``) beside their heads; ``load_into`` strips the prefix and leaves
 the heads out. Nothing here imports ``transformers``.
+
+longattn's own families (ETC, Transformer-XL, BoTNet) save the same layout: ``Pretrained`` gives them
+``save_pretrained``/``from_pretrained``, with ``config.json`` holding ``model_type``, ``architectures`` and
+the fields of the model's config dataclass (old field names are renamed on load, see ``renames``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
 from pathlib import Path
-from typing import Iterable
+from typing import ClassVar, Iterable, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ..io import atomic_path, write_json
+from .renames import renamed_fields
+
+C = TypeVar("C")
 
 #: weight-file names in the order Hugging Face prefers them
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
@@ -135,3 +143,35 @@ def save_directory(path: Path | str, config: dict, state: dict[str, Tensor]) -> 
         os.chmod(tmp, mode)
     write_json(path / "config.json", config, indent=2)
     return path
+
+
+def config_from_dict(config_cls: type[C], config: dict, *, source: Path | str | None = None) -> C:
+    """The config dataclass ``config_cls`` from a saved dict (``config.json``, a run's result): old field names
+    move to their new ones (``renames.RENAMED``); keys that are no field (``model_type``, ...) are left out."""
+    config = renamed_fields(config_cls.__name__, config, source=source)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in config.items() if k in fields})
+
+
+class Pretrained:
+    """``save_pretrained``/``from_pretrained`` for an ``nn.Module`` built as ``cls(cfg, *, backend, device,
+    dtype)`` whose ``cfg`` is a dataclass: ``config.json`` (``model_type``, ``architectures``, the config's
+    fields) and ``model.safetensors``, the layout of a Hugging Face checkpoint directory."""
+
+    MODEL_TYPE: ClassVar[str]  # config.json's model_type
+    FAMILY: ClassVar[str]  # named when a checkpoint of another model type is passed
+    CONFIG: ClassVar[type]  # the config dataclass
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        config = {"model_type": self.MODEL_TYPE, "architectures": [type(self).__name__],
+                  **dataclasses.asdict(self.cfg)}
+        return save_directory(path, config, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, backend: str = "auto", device=None, dtype=None):
+        """The model saved in ``path``, in eval mode."""
+        config = read_config(path)
+        check_model_type(config, (cls.MODEL_TYPE,), cls.FAMILY, path)
+        model = cls(config_from_dict(cls.CONFIG, config, source=path), backend=backend, device=device, dtype=dtype)
+        load_into(model, read_weights(path), path=path)
+        return model.eval()

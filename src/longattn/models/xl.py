@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +24,6 @@ from torch import Tensor, nn
 from ..modules.relative import METHODS, RelativeAttention, RelativePositions
 from ..patterns import Pattern, as_pattern, causal, sliding_window
 from . import hf_checkpoint as ckpt
-
-MODEL_TYPE = "longattn-transformer-xl"
 
 #: the LM's short names for ``XLConfig.pattern``: presets of ``longattn.patterns.PRESETS`` (None = full). Any
 #: other preset name or pattern expression works too; the model makes every pattern causal.
@@ -103,8 +100,7 @@ class XLConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "XLConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in fields})
+        return ckpt.config_from_dict(cls, d)
 
 
 @dataclass
@@ -138,13 +134,17 @@ class XLBlock(nn.Module):
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
-class TransformerXL(nn.Module):
+class TransformerXL(ckpt.Pretrained, nn.Module):
     """Byte-level Transformer-XL LM. ``forward(ids, memory)`` -> ``XLOutput`` (logits, next memory, loss).
 
     Args:
         cfg: ``XLConfig``.
         backend: passed to ``longattn.attention`` (``"auto"`` picks per call).
     """
+
+    MODEL_TYPE = "longattn-transformer-xl"
+    FAMILY = "longattn Transformer-XL"
+    CONFIG = XLConfig
 
     def __init__(self, cfg: XLConfig, *, backend: str = "auto", device=None, dtype=None):
         super().__init__()
@@ -227,15 +227,3 @@ class TransformerXL(nn.Module):
                 raise ValueError(f"targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return XLOutput(logits, new_memory, loss, hidden)
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        config = {"model_type": MODEL_TYPE, "architectures": ["TransformerXL"], **self.cfg.to_dict()}
-        return ckpt.save_directory(path, config, self.state_dict())
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, backend: str = "auto", device=None, dtype=None) -> "TransformerXL":
-        config = ckpt.read_config(path)
-        ckpt.check_model_type(config, (MODEL_TYPE,), "longattn Transformer-XL", path)
-        model = cls(XLConfig.from_dict(config), backend=backend, device=device, dtype=dtype)
-        ckpt.load_into(model, ckpt.read_weights(path), path=path)
-        return model.eval()
