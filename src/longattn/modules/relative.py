@@ -193,43 +193,40 @@ class RelativeAttention(nn.Module):
         pattern = self.pattern if pattern is None else pattern
         q_content = q + self.u[:, None]  # (B, H, Nq, d)
         q_position = q + self.v[:, None]
-        dropout = self.dropout if self.training else 0.0
         if method == "factorised":
-            out = self._factorised(q_content, q_position, k, v, positions, pattern, attn_mask, key_padding_mask,
-                                   dropout)
+            # Appending q' to q + u and k' to k: plain attention of width d + p, on any backend.
+            q_wide = torch.cat([q_content, self._rotated_queries(q_position, positions)], dim=-1)  # (B, H, Nq, d + p)
+            k_wide = torch.cat([k, positions.key_features.expand(b, h, nk, self.pos_dim)], dim=-1)  # (B, H, Nk, d + p)
+            q_in, k_in, mask, backend = q_wide, k_wide, attn_mask, self.backend
         else:
-            out = self._shift(q_content, q_position, k, v, positions, pattern, attn_mask, key_padding_mask, dropout)
+            # The position term rides in as SDPA's additive mask: one fused softmax, masks and dead rows handled
+            # by the dense backend, and gradients flow into the bias like any other input.
+            q_in, k_in, mask, backend = q_content, k, self._shift_bias(q_position, positions, attn_mask), "dense"
+        out = attention(q_in, k_in, v, pattern=pattern, attn_mask=mask, key_padding_mask=key_padding_mask,
+                        scale=d ** -0.5, dropout_p=self.dropout if self.training else 0.0, backend=backend)
         return self.proj(out.transpose(1, 2).reshape(b, nq, h * d))  # (B, Nq, C)
 
-    def _factorised(self, q_content, q_position, k, v, pos: RelativePositions, pattern, attn_mask,
-                    key_padding_mask, dropout) -> Tensor:
+    def _rotated_queries(self, q_position: Tensor, pos: RelativePositions) -> Tensor:
+        """The factorised position term's query side q'_i ``(B, H, Nq, p)``: ``W_r^T (q_i + v)`` rotated by i."""
         h, d, half = self.heads, self.head_dim, self.pos_dim // 2
         w_r = self.r_net.weight.view(h, d, self.pos_dim)
         coeff = torch.einsum("bhid,hdp->bhip", q_position, w_r)  # (B, H, Nq, p): W_r^T (q + v)
         a, c = coeff.split(half, dim=-1)  # the weights of sin(t w) and cos(t w), t = i - j
         cos_i, sin_i = pos.query_cos, pos.query_sin  # (Nq, p/2)
         # sum_w a sin((i-j)w) + c cos((i-j)w) = cos(jw)[a sin(iw) + c cos(iw)] + sin(jw)[c sin(iw) - a cos(iw)]
-        q_rotated = torch.cat([a * sin_i + c * cos_i, c * sin_i - a * cos_i], dim=-1)  # (B, H, Nq, p)
-        b, nk = k.shape[0], k.shape[2]
-        q_wide = torch.cat([q_content, q_rotated], dim=-1)  # (B, H, Nq, d + p)
-        k_wide = torch.cat([k, pos.key_features.expand(b, h, nk, self.pos_dim)], dim=-1)  # (B, H, Nk, d + p)
-        return attention(q_wide, k_wide, v, pattern=pattern, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                         scale=d ** -0.5, dropout_p=dropout, backend=self.backend)
+        return torch.cat([a * sin_i + c * cos_i, c * sin_i - a * cos_i], dim=-1)  # (B, H, Nq, p)
 
-    def _shift(self, q_content, q_position, k, v, pos: RelativePositions, pattern, attn_mask, key_padding_mask,
-               dropout) -> Tensor:
+    def _shift_bias(self, q_position: Tensor, pos: RelativePositions, attn_mask: Tensor | None) -> Tensor:
+        """The shift method's position term ``(B, H, Nq, Nk)``, scaled, with ``attn_mask`` added as a bias."""
         h, d = self.heads, self.head_dim
         r = self.r_net(pos.distance_table).view(-1, h, d)  # (Nk, H, d): W_r R_{Nk-1..0}
         table = torch.einsum("bhid,jhd->bhij", q_position, r)  # (B, H, Nq, Nk), distance-indexed
         bias = rel_shift(table) * d ** -0.5  # (B, H, Nq, Nk), key-indexed
-        if attn_mask is not None:
-            extra = attn_mask if attn_mask.dtype != torch.bool else torch.zeros_like(attn_mask, dtype=bias.dtype
-                                                                                     ).masked_fill_(~attn_mask, -math.inf)
-            bias = bias + extra
-        # The position term rides in as SDPA's additive mask: one fused softmax, masks and dead rows handled
-        # by the dense backend, and gradients flow into the bias like any other input.
-        return attention(q_content, k, v, pattern=pattern, attn_mask=bias, key_padding_mask=key_padding_mask,
-                         scale=d ** -0.5, dropout_p=dropout, backend="dense")
+        if attn_mask is None:
+            return bias
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=bias.dtype).masked_fill_(~attn_mask, -math.inf)
+        return bias + attn_mask
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, pos_dim={self.pos_dim}, "
