@@ -252,7 +252,7 @@ def global_local_attention(long_qkv: QKV, global_qkv: QKV, spec: GlobalLocalSpec
         raise TypeError(f"spec must be a GlobalLocalSpec, got {type(spec).__name__}")
     b, h, n, d = _check_qkv("long_qkv", long_qkv, None)
     g = _check_qkv("global_qkv", global_qkv, (b, h, d, long_qkv.v.shape[-1]))[2]
-    spec = _checked_spec(spec, b, h, n, g, d, long_qkv.q.device)
+    spec = _checked_spec(spec, long_qkv.q, g)
     scale = d ** -0.5 if scale is None else scale
     if spec.plain:
         # [globals; longs]: global rows see every key, long rows see the globals and their window.
@@ -286,8 +286,10 @@ def _check_qkv(name: str, qkv: QKV, like: tuple | None) -> torch.Size:
     return q.shape
 
 
-def _checked_spec(spec: GlobalLocalSpec, b: int, h: int, n: int, g: int, d: int, device) -> GlobalLocalSpec:
-    """``spec`` validated against the inputs' shapes, with the structure filled in when it was None."""
+def _checked_spec(spec: GlobalLocalSpec, q_long: Tensor, g: int) -> GlobalLocalSpec:
+    """``spec`` validated against the inputs' shapes (``q_long (B, H, N, D)``, G global tokens), with the
+    structure filled in when it was None."""
+    (b, h, n, d), device = q_long.shape, q_long.device
     structure = spec.structure
     if structure is None:
         if spec.hard_g2l or spec.hard_l2g:
