@@ -294,10 +294,10 @@ def test_dense_runs_plain_sdpa_when_the_pattern_allows_everything():
                          ids=["gathered", "views_and_shared"])
 def test_blocked_gradcheck_head_groups_with_dropout_and_bias(pattern, monkeypatch):
     """Single (example, head) groups: dropout seeds, bias gradients and scatters stay exact."""
-    from longattn.backends.blocked import kernel
+    from longattn.backends.blocked import kernel, schedule
 
     monkeypatch.setattr(kernel, "TILE_BYTES", 1)
-    monkeypatch.setattr(blocked, "TILE_OVERHEAD_SCORES", 0)  # one query block per tile: every segment kind
+    monkeypatch.setattr(schedule, "TILE_OVERHEAD_SCORES", 0)  # one query block per tile: every segment kind
     la.clear_caches()
     q, k, v = (t.requires_grad_() for t in qkv(2, 2, 14, 14, 3, torch.float64))
     bias = torch.randn(1, 1, 14, 14, dtype=torch.float64, requires_grad=True)

@@ -39,6 +39,8 @@ def _fill_every_cache():
     la.attention(q, k, v, pattern=la.sliding_window(8), backend="dense")  # dense mask
     la.attention(q, k, v, pattern=la.sliding_window(8), backend="blocked")  # block plan + schedule
     la.attention(q, k, v, pattern=la.strided(16), backend="blocked")  # factored plan (Sparse Transformer)
+    mhsa = la.BottleneckAttention2d(16, heads=2, feat_size=6, radius=1)  # its local pattern and token order
+    mhsa(torch.randn(1, 16, 6, 6, generator=g))
     if flex.available():
         try:
             la.attention(q, k, v, pattern=la.sliding_window(8), backend="flex")  # FlexAttention block mask

@@ -11,7 +11,7 @@ from .causal import causal
 from .compose import per_head
 from .full import full
 from .global_tokens import global_tokens
-from .layout import BlockPlan, clear_caches, get_plan
+from .layout import BlockPlan, get_plan
 from .longformer import longformer
 from .parse import parse_pattern
 from .presets import PRESETS, Preset, as_pattern, build_preset
@@ -31,7 +31,6 @@ __all__ = [
     "bigbird",
     "build_preset",
     "causal",
-    "clear_caches",
     "dilated",
     "fixed",
     "full",
