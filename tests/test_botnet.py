@@ -85,7 +85,7 @@ def naive_mhsa(m: BottleneckAttention2d, x: torch.Tensor) -> torch.Tensor:
     x = x.double()
     b, _, height, width = x.shape
     qkv = F.conv2d(x, m.qkv.weight.double(), None if m.qkv.bias is None else m.qkv.bias.double())
-    q, k, v = qkv.reshape(b, 3, m.num_heads, m.head_dim, height * width).transpose(-1, -2).unbind(1)  # (B, h, N, d)
+    q, k, v = qkv.reshape(b, 3, m.heads, m.head_dim, height * width).transpose(-1, -2).unbind(1)  # (B, h, N, d)
     th, tw = (t.double() for t in m.tables(height, width))
     rh, rw = (th.shape[0] - 1) // 2, (tw.shape[0] - 1) // 2
     ys, xs = torch.arange(height).repeat_interleave(width), torch.arange(width).repeat(height)
@@ -114,7 +114,7 @@ CASES = {  # name: (map, feat_size the tables are built for, kwargs)
 def test_mhsa_matches_naive_reference(case):
     (height, width), feat, kwargs = CASES[case]
     torch.manual_seed(0)
-    m = BottleneckAttention2d(24, 32, num_heads=4, feat_size=feat, **kwargs)
+    m = BottleneckAttention2d(24, 32, heads=4, feat_size=feat, **kwargs)
     with torch.no_grad():
         m.rel_height.normal_()  # larger than the init, so the position term matters
         m.rel_width.normal_()
@@ -143,7 +143,7 @@ def test_relative_table_resolution_change():
 
 
 def test_mhsa_errors():
-    with pytest.raises(ValueError, match=r"dim_out \(30\) must be divisible by num_heads \(4\)"):
+    with pytest.raises(ValueError, match=r"dim_out \(30\) must be divisible by heads \(4\)"):
         BottleneckAttention2d(8, 30)
     with pytest.raises(ValueError, match="stride must be 1 or 2"):
         BottleneckAttention2d(8, stride=3)
@@ -161,7 +161,7 @@ def test_paper_parameter_counts():
     assert sum(p.numel() for p in create_model("resnet50").parameters()) == 25_557_032
     bot = create_model("botnet50")
     assert sum(p.numel() for p in bot.parameters()) == 20_852_008
-    heads = [m.num_heads for m in bot.modules() if isinstance(m, BottleneckAttention2d)]
+    heads = [m.heads for m in bot.modules() if isinstance(m, BottleneckAttention2d)]
     assert heads == [4, 4, 4]  # MHSA in exactly the three c5 blocks
 
 

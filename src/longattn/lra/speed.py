@@ -30,8 +30,8 @@ from ..training.progress import progress_bar
 LENGTHS = (1024, 2048, 3072, 4096)
 MODES = ("train", "infer")
 # LRA's Text model (4 layers, width 256, 4 heads of 64, MLP 1024) and a 2-layer version for the quick suite.
-TEXT_SHAPE = ModelShape(dim=256, depth=4, heads=4, mlp_dim=1024, dropout=0.0, attn_dropout=0.0)
-QUICK_SHAPE = ModelShape(dim=128, depth=2, heads=2, mlp_dim=512, dropout=0.0, attn_dropout=0.0)
+TEXT_SHAPE = ModelShape(dim=256, depth=4, heads=4, ffn_dim=1024, dropout=0.0, attn_dropout=0.0)
+QUICK_SHAPE = ModelShape(dim=128, depth=2, heads=2, ffn_dim=512, dropout=0.0, attn_dropout=0.0)
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def measure(attentions: list[str], lengths=LENGTHS, *, shape: ModelShape = TEXT_
     for attention, n, mode in jobs:
         torch.manual_seed(0)
         enc = EncoderConfig(vocab_size=256, num_classes=2, max_len=n, dim=shape.dim, depth=shape.depth,
-                            heads=shape.heads, qkv_dim=shape.qkv_dim, mlp_dim=shape.mlp_dim, dropout=0.0,
+                            heads=shape.heads, qkv_dim=shape.qkv_dim, ffn_dim=shape.ffn_dim, dropout=0.0,
                             attn_dropout=0.0, pooling="cls")
         vanilla = attention == "vanilla"
         pattern = None if vanilla else build_attention(attention, enc.seq_len, (settings or {}).get(attention))

@@ -49,7 +49,7 @@ def build_model(cfg: LRAConfig, attention: str, task: Task, max_len: int, *, dev
     key = ALIASES.get(attention, attention)
     shape = replace(cfg.model, **cfg.model_overrides.get(key, {}))
     enc = EncoderConfig(vocab_size=task.vocab_size, num_classes=task.num_classes, max_len=max_len, dim=shape.dim,
-                        depth=shape.depth, heads=shape.heads, qkv_dim=shape.qkv_dim, mlp_dim=shape.mlp_dim,
+                        depth=shape.depth, heads=shape.heads, qkv_dim=shape.qkv_dim, ffn_dim=shape.ffn_dim,
                         dropout=shape.dropout, attn_dropout=shape.attn_dropout, pooling=task.pooling,
                         pair=task.pair, learned_positions=shape.learned_positions)
     pattern = build_attention(attention, enc.seq_len, cfg.attention_settings.get(key))
