@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -26,7 +25,7 @@ from .backends import flex as flex_backend
 from .functional import attention
 from .io import atomic_path, markdown_table, write_json, write_text
 from .backends import clear_caches
-from .patterns import Geometry, Pattern, build_preset, get_plan
+from .patterns import PRESETS, Geometry, Pattern, build_preset, get_plan
 from .backends.blocked import choose_block
 from .training.progress import progress_bar
 
@@ -37,7 +36,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class Experiment:
-    pattern: str  # key of BENCH_PATTERNS
+    pattern: str  # a preset name (``longattn.patterns.PRESETS``), built at the experiment's length
     path: str  # one of PATHS
     mode: str  # "fwd" or "fwd+bwd"
     seq_len: int
@@ -62,11 +61,10 @@ class Result:
         return {**asdict(self.experiment), **{k: v for k, v in asdict(self).items() if k != "experiment"}}
 
 
-#: the patterns timed by default: presets of ``longattn.patterns.PRESETS`` (DESIGN.md's reference points)
-BENCH_PATTERNS: dict[str, Callable[[], Pattern]] = {
-    name: partial(build_preset, name)
-    for name in ("longformer_512", "bigbird_64", "strided_128_causal", "strided_64", "fixed_128_8")
-}
+#: the presets timed by default (DESIGN.md's reference points); any sparse preset of ``PRESETS`` can be named
+DEFAULT_PATTERNS = ("longformer_512", "bigbird_64", "strided_128_causal", "strided_64", "fixed_128_8")
+#: presets a benchmark can time: every one but ``full`` (which is the ``sdpa`` path)
+BENCH_PATTERNS = tuple(name for name in PRESETS if build_preset(name, 1024) is not None)
 
 
 # ---- measurement helpers ----------------------------------------------------------------------------------
@@ -120,13 +118,13 @@ def _why_not(exp: Experiment, device: torch.device) -> str | None:
 
 def _density(exp: Experiment, device: torch.device) -> float:
     """Share of (query, key) pairs the experiment's pattern allows: what useful FLOPs count."""
-    pattern = BENCH_PATTERNS[exp.pattern]()
+    pattern = build_preset(exp.pattern, exp.seq_len)
     geo = Geometry(exp.seq_len, exp.seq_len, exp.heads, exp.batch)
     return get_plan(pattern, geo, choose_block(pattern), device).density
 
 
 def run_experiment(exp: Experiment, device: torch.device, *, min_run_time: float = 0.5) -> Result:
-    pattern = BENCH_PATTERNS[exp.pattern]()
+    pattern = build_preset(exp.pattern, exp.seq_len)
     density = _density(exp, device)
     pairs = density * exp.batch * exp.heads * exp.seq_len**2
     flops = pairs * exp.head_dim * (4 if exp.mode == "fwd" else 12)
@@ -257,7 +255,7 @@ def save(results: list[Result], out_dir: Path, machine: dict) -> None:
 
 @dataclass
 class BenchConfig:
-    patterns: list[str] = field(default_factory=lambda: list(BENCH_PATTERNS))
+    patterns: list[str] = field(default_factory=lambda: list(DEFAULT_PATTERNS))
     paths: list[str] = field(default_factory=lambda: list(PATHS))
     modes: list[str] = field(default_factory=lambda: list(MODES))
     lengths: list[int] = field(default_factory=lambda: [1024, 4096, 8192, 16384])

@@ -11,10 +11,19 @@ from pathlib import Path
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from .patterns import parse_pattern
+    from .patterns import as_pattern, full
+    from .patterns.presets import describe
+
+    if args.list:
+        width = max(len(name) for name, _ in describe())
+        for name, text in describe():
+            print(f"{name:<{width}}  {text}")
+        return 0
+    if args.pattern is None or args.seq_len is None:
+        raise SystemExit("longattn show: a pattern and --seq-len are needed (or --list)")
     from .viz import draw_pattern
 
-    pattern = parse_pattern(args.pattern)
+    pattern = as_pattern(args.pattern, n=args.seq_len) or full()
     out = args.plot or re.sub(r"[^A-Za-z0-9_.-]+", "_", pattern.name).strip("_") + ".png"
     path = draw_pattern(pattern, args.seq_len, out, kv_len=args.kv_len, block=args.block, num_heads=args.heads,
                         head=args.head)
@@ -98,14 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     (``--plot``/``--json`` name single files), ``--batch-size``, ``--heads``/``--dim``/``--depth`` (model
     shape, as the config fields), ``--model`` for one registry name and ``--models`` for several, and
     ``--no-progress`` wherever a progress bar is drawn."""
-    from .bench import BENCH_PATTERNS, DTYPES, MODES, PATHS, QUICK, BenchConfig
+    from .bench import BENCH_PATTERNS, DEFAULT_PATTERNS, DTYPES, MODES, PATHS, QUICK, BenchConfig
 
     parser = Parser(prog="longattn", description="Sparse attention for long inputs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     show = sub.add_parser("show", help="draw a pattern's token mask and block layout")
-    show.add_argument("pattern", help='pattern expression, e.g. "longformer(window=512, global_idx=[0])"')
-    show.add_argument("--seq-len", type=int, required=True, help="query length Nq")
+    show.add_argument("pattern", nargs="?", help='a preset name (see --list) or a pattern expression, e.g. '
+                      '"longformer(window=512, global_idx=[0])"')
+    show.add_argument("--list", action="store_true", help="list the named patterns (presets) and exit")
+    show.add_argument("--seq-len", type=int, default=None, help="query length Nq (required unless --list)")
     show.add_argument("--kv-len", type=int, default=None, help="key length Nk (default: Nq)")
     show.add_argument("--block", type=int, default=64, help="block size of the layout")
     show.add_argument("--heads", type=int, default=1, help="heads (per-head patterns need a multiple)")
@@ -120,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help=f"a subset that runs in under 2 minutes: "
                    f"{', '.join(f'{k} {listed(v) if isinstance(v, list) else v}' for k, v in QUICK.items())}")
     b.add_argument("--patterns", nargs="+", choices=list(BENCH_PATTERNS), metavar="NAME",
-                   help=f"named patterns, of {listed(BENCH_PATTERNS)} (default: all)")
+                   help=f"presets (`longattn show --list`), of {listed(BENCH_PATTERNS)} "
+                        f"(default: {listed(DEFAULT_PATTERNS)})")
     b.add_argument("--paths", nargs="+", choices=list(PATHS), metavar="PATH",
                    help=f"of {listed(PATHS)} (default: all)")
     b.add_argument("--modes", nargs="+", choices=list(MODES), metavar="MODE", help=f"of {listed(MODES)} (default: all)")
