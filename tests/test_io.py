@@ -41,6 +41,30 @@ def test_writers_taking_a_file_name_keep_the_mode(tmp_path, umask):
     assert stat.S_IMODE((tmp_path / "sub" / "model.bin").stat().st_mode) == 0o644
 
 
+@posix_only
+def test_writers_that_replace_the_file_keep_the_mode(tmp_path, umask):
+    """safetensors writes its own 0600 temp file and renames it over ours: the umask's mode comes back."""
+    umask(0o022)
+    with atomic_path(tmp_path / "weights.bin") as tmp:
+        other = tmp_path / "private"
+        fd = os.open(other, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        os.replace(other, tmp)
+    assert stat.S_IMODE((tmp_path / "weights.bin").stat().st_mode) == 0o644
+
+
+@posix_only
+def test_training_checkpoints_honour_the_umask(tmp_path, umask):
+    import torch
+
+    from longattn.training import checkpoint
+
+    umask(0o022)
+    path = tmp_path / "checkpoint.safetensors"
+    checkpoint.save(path, {"step": 3, "model": {"w": torch.ones(2)}})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
 def test_error_leaves_old_file_and_no_temp(tmp_path):
     path = write_text(tmp_path / "result.json", "old")
     with pytest.raises(RuntimeError, match="boom"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -57,12 +58,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             save_file(tensors, tmp)
 
     Folders are created. On an exception the temporary file is removed and ``path`` is left as it was.
+    A writer that replaces the file instead of writing into it (``safetensors`` writes its own temp file at
+    0o600 and renames it over ours) gets the umask's mode back before the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp(path)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0o666 less the umask, as the kernel applied it
     try:
         yield tmp
+        if stat.S_IMODE(tmp.stat().st_mode) != mode:
+            os.chmod(tmp, mode)
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

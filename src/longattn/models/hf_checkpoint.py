@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import stat
 from pathlib import Path
 from typing import ClassVar, Iterable, TypeVar
 
@@ -138,9 +136,7 @@ def save_directory(path: Path | str, config: dict, state: dict[str, Tensor]) -> 
     # Clones: safetensors refuses tensors that share storage (tied embeddings).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     with atomic_path(path / "model.safetensors") as tmp:
-        mode = stat.S_IMODE(tmp.stat().st_mode)  # the umask's mode; save_file replaces the file with a 0600 one
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, mode)
     write_json(path / "config.json", config, indent=2)
     return path
 
