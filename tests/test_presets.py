@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import longattn as la
-from longattn.bench import BENCH_PATTERNS
+from longattn.tools.bench import BENCH_PATTERNS, DEFAULT_PATTERNS
 from longattn.lra.attentions import ALIASES, ATTENTIONS, build_attention
 from longattn.models.xl import PATTERN_PRESETS, resolve_pattern
 from longattn.patterns import PRESETS, as_pattern, build_preset
@@ -66,9 +66,10 @@ def test_lra_variants_are_what_they_were(n):
 
 
 def test_bench_and_lm_names_are_what_they_were():
-    assert list(BENCH_PATTERNS) == list(BENCH_BEFORE)
+    assert list(DEFAULT_PATTERNS) == list(BENCH_BEFORE)
+    assert set(DEFAULT_PATTERNS) <= set(BENCH_PATTERNS) and "full" not in BENCH_PATTERNS
     for name, before in BENCH_BEFORE.items():
-        _same(BENCH_PATTERNS[name](), before)
+        _same(build_preset(name, 4096), before)  # what bench runs at N = 4096
         _same(as_pattern(name), before)
     assert PATTERN_PRESETS["full"] is None and resolve_pattern("full") is None
     for name, text in LM_BEFORE.items():

@@ -51,7 +51,7 @@ def test_bench_tiny_run_writes_json_and_csv(tmp_path):
 
 
 def test_bench_summary_states_each_headline_ratio():
-    from longattn.bench import Experiment, Result, summary
+    from longattn.tools.bench import Experiment, Result, summary
 
     def result(path, n, dtype, ms, peak):
         return Result(Experiment("p", path, "fwd", n, dtype), ms, 1.0, 50.0, peak, 0.1)

@@ -21,7 +21,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         return 0
     if args.pattern is None or args.seq_len is None:
         raise SystemExit("longattn show: a pattern and --seq-len are needed (or --list)")
-    from .viz import draw_pattern
+    from .tools.viz import draw_pattern
 
     pattern = as_pattern(args.pattern, n=args.seq_len) or full()
     out = args.plot or re.sub(r"[^A-Za-z0-9_.-]+", "_", pattern.name).strip("_") + ".png"
@@ -34,12 +34,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.hf:
-        from . import bench_hf
+        from .tools import bench_hf
 
-        bench_hf.run(args.hf, args.lengths or [4096], layers=args.depth, hidden=args.dim, heads=args.heads,
+        bench_hf.run(args.hf, args.lengths or [4096], depth=args.depth, dim=args.dim, heads=args.heads,
                      repeats=args.repeats, out_dir=Path(args.out) if args.out else None)
         return 0
-    from . import bench
+    from .tools import bench
 
     cfg = bench.BenchConfig(device=args.device, heads=args.heads, head_dim=args.head_dim, batch=args.batch_size)
     if args.quick:
@@ -55,7 +55,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.out:
         written = [f"{args.out}/bench.json", f"{args.out}/bench.csv"]
         try:
-            from .viz import draw_bench
+            from .tools.viz import draw_bench
 
             written.append(str(draw_bench([r.row() for r in results], Path(args.out) / "bench.png")))
         except ImportError:  # matplotlib is the optional `viz` extra
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     (``--plot``/``--json`` name single files), ``--batch-size``, ``--heads``/``--dim``/``--depth`` (model
     shape, as the config fields), ``--model`` for one registry name and ``--models`` for several, and
     ``--no-progress`` wherever a progress bar is drawn."""
-    from .bench import BENCH_PATTERNS, DEFAULT_PATTERNS, DTYPES, MODES, PATHS, QUICK, BenchConfig
+    from .tools.bench import BENCH_PATTERNS, DEFAULT_PATTERNS, DTYPES, MODES, PATHS, QUICK, BenchConfig
 
     parser = Parser(prog="longattn", description="Sparse attention for long inputs.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from ..io import markdown_table, write_text
-from ..viz import pyplot, save_figure
+from ..tools.viz import pyplot, save_figure
 
 # LRA paper (Tay et al., 2021), Table 1: test accuracy (%) of the variants longattn implements.
 PAPER_ACCURACY = {

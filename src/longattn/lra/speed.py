@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._measure import median_ms, peak_mb
+from ..tools.measure import median_ms, peak_mb
 from ..functional import explain
 from .attentions import build_attention
 from .configs import ModelShape

@@ -13,7 +13,7 @@ The position term is computed one of two exact ways:
   becomes a dot product ``q'_i . k'_j`` with ``k'_j = [cos(jw), sin(jw)]`` and ``q'_i`` the rotation of
   ``W_r^T (q_i + v)``. Appending ``q'`` to ``q + u`` and ``k'`` to ``k`` turns relative attention into
   plain attention of width ``d + p``: it runs on every pattern and backend (blocked, Sparse Transformer's
-  permuted path, flex) in O(N) memory, with autograd, and never forms an ``Nq x Nk`` table.
+  factored path, flex) in O(N) memory, with autograd, and never forms an ``Nq x Nk`` table.
 - ``"shift"`` (the paper's way): ``(q + v) W_r R^T`` for the Nk distances ``Nk-1 .. 0`` (an ``Nq x Nk``
   table), then the relative shift, here a zero-copy strided view instead of the pad-and-reshape copy. It
   materialises the scores, so memory is O(Nq * Nk); it is the only way to honour ``clamp_len`` (distances

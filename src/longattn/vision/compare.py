@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..io import markdown_table, write_json, write_text
 from ..training.run import finished_result
-from ..viz import pyplot, save_figure
+from ..tools.viz import pyplot, save_figure
 from .data import pathfinder_images
 from .train import RESULT, VisionRunConfig, train_vision
 

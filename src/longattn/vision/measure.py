@@ -89,7 +89,7 @@ def attention_cost(map_sizes: list[int], *, radius: int, dim: int = 512, heads: 
     """Forward time and peak extra memory of one BoT50 c5 MHSA (512 channels, 4 heads, batch 1) on square
     ``s x s`` maps: global attention against a ``radius`` window. Global needs the ``(h, N, N)`` logit bias,
     so it stops (None) past 2**31 bias elements."""
-    from .._measure import median_ms, peak_mb
+    from ..tools.measure import median_ms, peak_mb
     from ..modules import BottleneckAttention2d
 
     cpu = torch.device("cpu")

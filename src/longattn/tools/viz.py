@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from .patterns import Pattern
+from ..patterns import Pattern
 
 
 def pyplot():

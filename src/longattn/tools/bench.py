@@ -20,14 +20,14 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ._measure import median_ms as _median_ms, peak_mb as _peak_mb, sync as _sync
-from .backends import flex as flex_backend
-from .functional import attention
-from .io import atomic_path, markdown_table, write_json, write_text
-from .backends import clear_caches
-from .patterns import PRESETS, Geometry, Pattern, build_preset, get_plan
-from .backends.blocked import choose_block
-from .training.progress import progress_bar
+from ..backends import clear_caches
+from ..backends import flex as flex_backend
+from ..backends.blocked import choose_block
+from ..functional import attention
+from ..io import atomic_path, markdown_table, write_json, write_text
+from ..patterns import PRESETS, Geometry, Pattern, build_preset, get_plan
+from ..training.progress import progress_bar
+from .measure import median_ms, peak_mb, sync
 
 PATHS = ("sdpa", "dense", "blocked", "flex", "flex_plain", "auto")
 MODES = ("fwd", "fwd+bwd")
@@ -75,7 +75,7 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ..
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        ms = _median_ms(lambda: torch.mm(a, b), device, 0.5)
+        ms = median_ms(lambda: torch.mm(a, b), device, 0.5)
         best = max(best, 2 * n**3 / (ms * 1e-3) / 1e9)
     return best
 
@@ -149,19 +149,19 @@ def run_experiment(exp: Experiment, device: torch.device, *, min_run_time: float
 
     try:
         step()
-        _sync(device)
+        sync(device)
         first = (time.perf_counter() - t0) * 1e3
         t1 = time.perf_counter()
         step()  # warm-up
-        _sync(device)
+        sync(device)
         warm_ms, paired = (time.perf_counter() - t1) * 1e3, None
         if exp.path != "sdpa" and device.type == "cpu" and warm_ms < PAIRED_MAX_MS:
             sdpa = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
             sdpa_step = lambda: torch.autograd.grad(sdpa(), (q, k, v), grad_out) if train else sdpa()  # noqa: E731
             ms, paired = _paired_ms(step, sdpa_step, min_run_time)
         else:
-            ms = _median_ms(step, device, min_run_time)
-        peak = _peak_mb(step, device, compiled=exp.path in ("flex", "flex_plain"))
+            ms = median_ms(step, device, min_run_time)
+        peak = peak_mb(step, device, compiled=exp.path in ("flex", "flex_plain"))
     except (RuntimeError, NotImplementedError, ValueError) as err:  # a path that cannot run: say why
         return Result(exp, None, None, None, None, density, f"{type(err).__name__}: {str(err)[:80]}")
     return Result(exp, ms, first, flops / (ms * 1e-3) / 1e9, peak, density, sdpa_paired_ms=paired)

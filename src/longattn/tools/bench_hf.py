@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ._measure import peak_mb
-from .io import markdown_table, write_json, write_text
+from .measure import peak_mb
+from ..io import markdown_table, write_json, write_text
 
 HF_MODELS = ("longformer", "bigbird")
 
@@ -31,8 +31,8 @@ HF_MODELS = ("longformer", "bigbird")
 class HFExperiment:
     model: str  # "longformer" or "bigbird"
     length: int  # N
-    layers: int = 12
-    hidden: int = 768
+    depth: int = 12  # encoder layers (num_hidden_layers)
+    dim: int = 768  # model width (hidden_size)
     heads: int = 12
     window: int = 512  # Longformer attention_window
     block: int = 64  # BigBird block_size
@@ -70,11 +70,11 @@ def build_pair(exp: HFExperiment, folder: Path) -> tuple[nn.Module, nn.Module]:
     """(transformers model, longattn model) with the same random weights, both in eval mode."""
     import transformers
 
-    from .models.bigbird import BigBirdModel
-    from .models.longformer import LongformerModel
+    from ..models.bigbird import BigBirdModel
+    from ..models.longformer import LongformerModel
 
-    shape = dict(hidden_size=exp.hidden, num_hidden_layers=exp.layers, num_attention_heads=exp.heads,
-                 intermediate_size=4 * exp.hidden, vocab_size=1000)
+    shape = dict(hidden_size=exp.dim, num_hidden_layers=exp.depth, num_attention_heads=exp.heads,
+                 intermediate_size=4 * exp.dim, vocab_size=1000)
     if exp.model == "longformer":
         cfg = transformers.LongformerConfig(max_position_embeddings=exp.length + 2, attention_window=exp.window,
                                             **shape)
@@ -165,13 +165,13 @@ def format_table(results: list[HFResult]) -> str:
     return markdown_table(headers, rows, formats=["", "d", ".0f", ".0f", "", "", "", "", "", ".1e"])
 
 
-def run(models: list[str], lengths: list[int], *, layers: int = 12, hidden: int = 768, heads: int = 12,
+def run(models: list[str], lengths: list[int], *, depth: int = 12, dim: int = 768, heads: int = 12,
         repeats: int = 3, out_dir: Path | None = None) -> list[HFResult]:
     try:
         import transformers  # noqa: F401
     except ImportError:
         raise ImportError("longattn bench --hf needs transformers: pip install 'longattn[hf]'") from None
-    results = [run_experiment(HFExperiment(m, n, layers=layers, hidden=hidden, heads=heads), repeats=repeats)
+    results = [run_experiment(HFExperiment(m, n, depth=depth, dim=dim, heads=heads), repeats=repeats)
                for m in models for n in lengths]
     table = format_table(results)
     print(table)
