@@ -2,12 +2,16 @@
 
 import sys as _sys
 
-from .backends import Choice, clear_caches
+from .backends import Choice
+from .caches import cache_sizes, clear_caches
 from .functional import attention, explain
 from .modules import BottleneckAttention2d, RelativeAttention, SparseSelfAttention
 from .patterns import (
+    PRESETS,
     Pattern,
+    as_pattern,
     bigbird,
+    build_preset,
     causal,
     dilated,
     fixed,
@@ -28,11 +32,15 @@ __version__ = "0.1.0"
 __all__ = [
     "BottleneckAttention2d",
     "Choice",
+    "PRESETS",
     "Pattern",
     "RelativeAttention",
     "SparseSelfAttention",
+    "as_pattern",
     "attention",
     "bigbird",
+    "build_preset",
+    "cache_sizes",
     "causal",
     "clear_caches",
     "dilated",

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..patterns import Geometry, Pattern
-from ..patterns._base import dense_mask
+from ..patterns import Geometry, Pattern, dense_mask
 from ..patterns.causal import CausalMask
 from ..caches import named_cache
 from .inputs import AttentionInputs, float_bias, keep_mask

@@ -5,7 +5,7 @@ a readable name; ``|``, ``&`` and ``per_head`` compose them. ``presets`` is the 
 (``build_preset("longformer_512")``); ``as_pattern`` takes a pattern, a preset name or an expression.
 """
 
-from ._base import Geometry, Pattern, Snapshot, pattern_dataclass
+from ._base import AllowedFn, Geometry, Pattern, Snapshot, block_ranges, dense_mask, pattern_dataclass
 from .bigbird import bigbird
 from .causal import causal
 from .compose import per_head
@@ -21,6 +21,7 @@ from .window import dilated, sliding_window
 from .window_2d import window_2d
 
 __all__ = [
+    "AllowedFn",
     "BlockPlan",
     "Geometry",
     "PRESETS",
@@ -29,8 +30,10 @@ __all__ = [
     "Snapshot",
     "as_pattern",
     "bigbird",
+    "block_ranges",
     "build_preset",
     "causal",
+    "dense_mask",
     "dilated",
     "fixed",
     "full",

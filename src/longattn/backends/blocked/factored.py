@@ -41,8 +41,7 @@ import torch
 from torch import Tensor
 
 from ...caches import named_cache
-from ...patterns import Geometry, Pattern
-from ...patterns._base import AllowedFn, block_ranges
+from ...patterns import AllowedFn, Geometry, Pattern, block_ranges
 from ...patterns.causal import CausalMask
 from ...patterns.compose import Intersection, PerHead, Union
 from ...patterns.sparse_transformer import StrideColumns, SummaryColumns
