@@ -65,7 +65,11 @@ SHARED = {
     "--dim": ["bench", "lm train"],
     "--depth": ["bench", "lm train"],
     "--seed": ["lra run", "lra generate", "lm train", "lm generate", "vision train"],
-    "--device": ["bench", "lra run", "lm train", "lm eval", "lm generate"],
+    "--device": ["bench", "lra run", "lm train", "lm eval", "lm generate", "vision train"],
+    # how a training run executes: one helper (training.setup.add_run_arguments) adds them everywhere
+    "--strategy": ["lra run", "lm train", "vision train"],
+    "--no-resume": ["lra run", "lm train", "vision train"],
+    "--stop-after": ["lra run", "lm train"],
 }
 RETIRED = ["--num-heads", "--batch", "--hidden", "--layers", "--hidden-size", "--num-layers", "--mlp-dim",
            "--intermediate-size"]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..io import write_json
+from ..training.setup import add_run_arguments, run_options
 
 _MODEL_FLAGS = ("pattern", "seg_len", "mem_len", "same_length", "clamp_len", "dim", "ffn_dim", "depth", "heads",
                 "dropout")
@@ -18,8 +19,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     pick = lambda names: {n: getattr(args, n) for n in names if getattr(args, n) is not None}  # noqa: E731
     cfg = preset(args.preset, model=pick(_MODEL_FLAGS), train=pick(_TRAIN_FLAGS), corpus=args.corpus)
-    result = train_lm(cfg, out_dir=args.out, strategy=args.strategy, device=args.device, resume=not args.no_resume,
-                      stop_after=args.stop_after, progress=not args.no_progress)
+    result = train_lm(cfg, out_dir=args.out, **run_options(args))
     if not result["finished"]:
         print(f"stopped at step {result['step']}; the checkpoint in {args.out} resumes it")
         return 0
@@ -131,11 +131,7 @@ def add_parser(sub) -> None:
         train.add_argument(flag, type=kind, help=f"{text} (default: the preset's)")
     train.add_argument("--same-length", action="store_true", default=None,
                        help="every query attends the same number of keys (default: the preset's)")
-    train.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun")
-    train.add_argument("--device", default="cpu", help="torch device")
-    train.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    train.add_argument("--stop-after", type=int, help="end after this many steps in total (resume later)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(train)
     train.set_defaults(func=_cmd_train)
 
     ev = cmds.add_parser("eval", help="bits per byte with one or more memory lengths; speed against recomputing")

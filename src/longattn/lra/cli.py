@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..io import write_json
+from ..training.setup import add_run_arguments, run_options
 from .tasks import TASK_NAMES
 
 
@@ -54,9 +55,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     task = prepare_data(cfg, _data_root(args), quick=args.quick) if not args.no_generate else None
     out = Path(args.out) / "runs" / cfg.task / args.attention.replace("/", "_")
     data_dir = task.data_dir if task is not None else _data_root(args)
-    result = train_run(cfg, args.attention, data_dir=data_dir, out_dir=out, device=args.device,
-                       strategy=args.strategy, resume=not args.no_resume, progress=not args.no_progress,
-                       stop_after=args.stop_after, data=load_splits(cfg, task) if task is not None else None)
+    result = train_run(cfg, args.attention, data_dir=data_dir, out_dir=out, **run_options(args),
+                       data=load_splits(cfg, task) if task is not None else None)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, the first process speaks for all
         return 0
     if result.get("finished"):
@@ -148,11 +148,7 @@ def add_parser(sub) -> None:
     run.add_argument("--data-dir", help="folder of the task folders (default: data/lra)")
     run.add_argument("--no-generate", action="store_true", help="read --data-dir as the task's own folder as is")
     run.add_argument("--out", default="results/lra", help="output folder (the run goes to runs/<task>/<attention>)")
-    run.add_argument("--device", default="cpu", help="torch device")
-    run.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="under torchrun")
-    run.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    run.add_argument("--stop-after", type=int, help="stop after this many steps in total (resume later)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(run)
     run.set_defaults(func=_cmd_run)
 
     suite = cmds.add_parser("suite", help="every task x attention, the speed/memory table and the report")

@@ -43,6 +43,27 @@ class RunSpec:
     resume: bool = True  # continue from out_dir's checkpoint when there is one
 
 
+def add_run_arguments(parser, *, stop_after: bool = True) -> None:
+    """The flags of how a run executes, the same on every training command (``lra run``, ``lm train``, ``vision
+    train``): ``--device``, ``--strategy``, ``--no-resume``, ``--stop-after`` and ``--no-progress``. None of
+    them enters a run's identity, so a run may resume on another device or after ``--stop-after``."""
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="data parallelism under torchrun")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    if stop_after:
+        parser.add_argument("--stop-after", type=int, help="end after this many steps in total (resume later)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_options(args) -> dict:
+    """``add_run_arguments``' flags as the trainers' keyword arguments."""
+    options = dict(device=args.device, strategy=args.strategy, resume=not args.no_resume,
+                   progress=not args.no_progress)
+    if hasattr(args, "stop_after"):
+        options["stop_after"] = args.stop_after
+    return options
+
+
 def per_process(batch_size: int, world: World) -> int:
     """Each process's share of a global batch; ``ValueError`` unless the processes divide it."""
     if batch_size % world.size:

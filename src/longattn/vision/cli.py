@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..io import markdown_table, write_json
+from ..training.setup import add_run_arguments, run_options
 
 _RUN_FLAGS = ("width", "resolution", "preset", "difficulty", "examples", "steps", "batch_size", "lr", "warmup",
               "eval_every", "seed")
@@ -30,8 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {"radius": args.radius} if args.radius is not None else {}
     cfg = VisionRunConfig(**fields, bf16=args.bf16, channels_last=not args.no_channels_last,
                           model_overrides=overrides)
-    results = compare(args.models, cfg, data_dir=args.data_dir, out=args.out, resume=not args.no_resume,
-                      progress=not args.no_progress)
+    results = compare(args.models, cfg, data_dir=args.data_dir, out=args.out, **run_options(args))
     print(table(results))
     print(f"wrote {Path(args.out) / 'report.md'}")
     return 0
@@ -118,8 +118,7 @@ def add_parser(sub) -> None:
                        "(default: global attention)")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast (slower on CPUs without bf16 oneDNN)")
     train.add_argument("--no-channels-last", action="store_true", help="keep the NCHW memory format")
-    train.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_arguments(train, stop_after=False)  # several models in turn: each run is finished before the next
     train.set_defaults(func=_cmd_train)
 
     count = cmds.add_parser("count", help="parameters and multiply-adds, beside the BoTNet paper's figures")

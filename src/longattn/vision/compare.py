@@ -13,7 +13,8 @@ from .train import RESULT, VisionRunConfig, train_vision
 
 
 def compare(models: list[str], cfg: VisionRunConfig, *, data_dir: Path | str, out: Path | str,
-            progress: bool = True, resume: bool = True, log=print) -> list[dict]:
+            progress: bool = True, resume: bool = True, device: str = "cpu", strategy: str = "ddp",
+            log=print) -> list[dict]:
     """Train each of ``models`` with ``cfg`` (only the model differs) into ``out/<model>``, then write
     ``out/report.md``, ``out/report.json`` and ``out/accuracy.png``. Finished runs of the same config are
     reused."""
@@ -28,7 +29,7 @@ def compare(models: list[str], cfg: VisionRunConfig, *, data_dir: Path | str, ou
                 data = pathfinder_images(data_dir, resolution=cfg.resolution, preset=cfg.preset,
                                          examples=cfg.examples, difficulty=cfg.difficulty, seed=cfg.seed, log=log)
             done = train_vision(run_cfg, data_dir=data_dir, out_dir=out / name, data=data, progress=progress,
-                                resume=resume)
+                                resume=resume, device=device, strategy=strategy)
         results.append(done)
         log(f"{name}: test accuracy {done['test_acc']:.3f}, {done['images_per_second']:.1f} images/s")
     write_json(out / "report.json", results)
