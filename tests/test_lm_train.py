@@ -22,7 +22,8 @@ import torch
 
 from longattn.cli import main
 from longattn.lm import LMRunConfig, TrainConfig, load_corpus, load_lm, preset, train_lm
-from longattn.lm.train import CHECKPOINT, MODEL_DIR, RESULT, learning_rate
+from longattn.lm.train import learning_rate
+from longattn.training.setup import CHECKPOINT, MODEL_DIR, RESULT
 from longattn.training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -68,7 +68,7 @@ def model_corpus(run: str) -> str | None:
     """The corpus a run directory was trained on (its result.json or, mid-run, its checkpoint), None for the
     default."""
     from ..training import checkpoint
-    from .train import CHECKPOINT, RESULT
+    from ..training.setup import CHECKPOINT, RESULT
 
     run = Path(run)
     if (run / RESULT).exists():

@@ -25,10 +25,11 @@ from torch import Tensor
 from ..io import markdown_table, write_text
 from ..models.xl import TransformerXL
 from ..training.run import finished_result, optimizer_step, write_result
+from ..training.setup import MODEL_DIR, RESULT
 from ..tools.viz import pyplot, save_figure
 from .corpus import Corpus, load_corpus, num_segments, segment, streams, unigram_bits_per_byte
 from .evaluate import evaluate
-from .train import MODEL_DIR, RESULT, LMRunConfig, load_lm, preset, train_lm
+from .train import LMRunConfig, load_lm, preset, train_lm
 
 DEFAULT_PATTERNS = ("full", "window", "strided", "fixed", "bigbird")
 EVALUATIONS = "evaluations.json"

@@ -20,7 +20,7 @@ from ..models.xl import TransformerXL, XLConfig
 from ..training import checkpoint
 from ..training.distributed import World, init_world
 from ..training.run import machine, optimizer_step, warmup_cosine
-from ..training.setup import CHECKPOINT, MODEL_DIR, RESULT, RunSpec, per_process, start  # noqa: F401  (RESULT: callers)
+from ..training.setup import CHECKPOINT, MODEL_DIR, RunSpec, per_process, start
 from .corpus import Corpus, load_corpus, num_segments, segment, streams, unigram_bits_per_byte
 from .evaluate import LN2, evaluate
 

@@ -22,7 +22,8 @@ from . import speed as speed_mod
 from .configs import LRAConfig, get_config, scaled
 from .report import ATTENTION_ORDER, write_report
 from .tasks import MissingDataError
-from .train import RESULT, load_splits, make_task, train_run
+from ..training.setup import RESULT
+from .train import load_splits, make_task, train_run
 
 QUICK_TASKS = ("listops", "pathfinder16")
 FULL_TASKS = ("listops", "text", "retrieval", "image", "pathfinder32", "pathfinder128")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..models import EncoderConfig, SparseEncoderClassifier
 from ..training.distributed import World, init_world
 from ..training.run import machine, majority_rate, optimizer_step, sharded_accuracy, warmup_cosine
-from ..training.setup import CHECKPOINT, RESULT, RunSpec, start  # noqa: F401  (the run folder's files, for callers)
+from ..training.setup import RunSpec, start
 from .attentions import ALIASES, build_attention
 from .configs import LRAConfig
 from .tasks import Split, Task, get_task

@@ -27,7 +27,7 @@ from .causal import causal as _causal
 from .compose import per_head
 from .longformer import longformer
 from .parse import CONSTRUCTORS, parse_pattern
-from .sparse_transformer import StrideColumns, fixed, sparse_transformer
+from .sparse_transformer import StrideColumns, sparse_transformer
 from .window import check_window, sliding_window
 
 Builder = Callable[..., "Pattern | None"]

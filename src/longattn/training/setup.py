@@ -93,7 +93,7 @@ class Trainer:
     @property
     def local(self) -> int:
         """This process's share of a global batch."""
-        return self.spec.batch_size // self.world.size
+        return per_process(self.spec.batch_size, self.world)
 
     def batch(self, n: int, step: int) -> Tensor:
         """This process's examples of global batch ``step`` over a split of ``n`` (``run.batch_indices``)."""

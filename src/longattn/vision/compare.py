@@ -9,7 +9,8 @@ from ..io import markdown_table, write_json, write_text
 from ..training.run import finished_result
 from ..tools.viz import pyplot, save_figure
 from .data import pathfinder_images
-from .train import RESULT, VisionRunConfig, train_vision
+from ..training.setup import RESULT
+from .train import VisionRunConfig, train_vision
 
 
 def compare(models: list[str], cfg: VisionRunConfig, *, data_dir: Path | str, out: Path | str,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..models import create_model
 from ..training.distributed import World, init_world
 from ..training.run import machine, majority_rate, optimizer_step, sharded_accuracy, warmup_cosine
-from ..training.setup import CHECKPOINT, MODEL_DIR, RESULT, RunSpec, start  # noqa: F401  (the run folder's files)
+from ..training.setup import RunSpec, start
 from .data import ImageData, pathfinder_images
 
 
