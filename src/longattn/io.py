@@ -10,6 +10,7 @@ checkpoints stay as readable as every other file the user writes.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import secrets
@@ -19,7 +20,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "markdown_table", "write_bytes", "write_json", "write_text"]
+__all__ = ["Report", "atomic_path", "format_cells", "markdown_table", "write_bytes", "write_json", "write_text"]
 
 
 def _create_temp(path: Path) -> Path:
@@ -108,6 +109,25 @@ def _cell(value: Any, spec: str, missing: str) -> str:
     return format(value, spec)
 
 
+def _per_column(value: str | Sequence[str], n: int, name: str) -> list[str]:
+    values = [value] * n if isinstance(value, str) else list(value)
+    if len(values) != n:
+        raise ValueError(f"markdown_table: {name} has {len(values)} entries for {n} columns")
+    return values
+
+
+def format_cells(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, formats: str | Sequence[str] = "",
+                 missing: str = "-") -> list[list[str]]:
+    """The rows' cells as strings, as ``markdown_table`` writes them (see there for ``formats``/``missing``)."""
+    specs = _per_column(formats, len(headers), "formats")
+    cells = []
+    for i, row in enumerate(rows):
+        if len(row) != len(headers):
+            raise ValueError(f"markdown_table: row {i} has {len(row)} cells for {len(headers)} columns")
+        cells.append([_cell(v, s, missing) for v, s in zip(row, specs)])
+    return cells
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *,
                    align: str | Sequence[str] = "left", formats: str | Sequence[str] = "",
                    missing: str = "-", pad: bool = False) -> str:
@@ -120,19 +140,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *,
     plain text in a terminal; the default writes each cell as it is (``| a | b |``).
     """
     headers = [str(h) for h in headers]
-    n = len(headers)
-    per_column = lambda v: [v] * n if isinstance(v, str) else list(v)  # noqa: E731
-    aligns, specs = per_column(align), per_column(formats)
-    for name, values in (("align", aligns), ("formats", specs)):
-        if len(values) != n:
-            raise ValueError(f"markdown_table: {name} has {len(values)} entries for {n} columns")
+    aligns = _per_column(align, len(headers), "align")
     if bad := [a for a in aligns if a not in _RULES]:
         raise ValueError(f"markdown_table: align must be left, right or center, got {bad[0]!r}")
-    cells = []
-    for i, row in enumerate(rows):
-        if len(row) != n:
-            raise ValueError(f"markdown_table: row {i} has {len(row)} cells for {n} columns")
-        cells.append([_cell(v, s, missing) for v, s in zip(row, specs)])
+    cells = format_cells(headers, rows, formats=formats, missing=missing)
     widths = [max([len(h), *(len(r[j]) for r in cells)]) if pad else 0 for j, h in enumerate(headers)]
     just = {"left": str.ljust, "right": str.rjust, "center": str.center}
 
@@ -141,3 +152,51 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *,
 
     rule = "|" + "|".join(_RULES[a][0] + "-" * max(w, 1) + _RULES[a][1] for a, w in zip(aligns, widths)) + "|"
     return "\n".join([line(headers), rule, *(line(r) for r in cells)])
+
+
+class Report:
+    """A report written twice from one list of parts: ``<stem>.md`` and a self-contained ``<stem>.html``
+    (tables, paragraphs, images beside the files). The applications' reports (LRA, long documents) share it.
+
+    >>> r = Report("Title"); r.text("Intro."); r.table("Results", ["a", "b"], [[1, 2]]); r.image("plot.png")
+    """
+
+    _STYLE = ("<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;"
+              "padding:3px 6px}table{border-collapse:collapse}img{max-width:100%}</style>")
+
+    def __init__(self, title: str):
+        self.title = title
+        self._md: list[str] = [f"# {title}\n"]
+        self._html: list[str] = [f"<h1>{html.escape(title)}</h1>"]
+
+    def heading(self, title: str) -> None:
+        self._md.append(f"## {title}\n")
+        self._html.append(f"<h2>{html.escape(title)}</h2>")
+
+    def text(self, paragraph: str) -> None:
+        self._md.append(paragraph + "\n")
+        self._html.append(f"<p>{html.escape(paragraph)}</p>")
+
+    def table(self, title: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any]], **options) -> None:
+        """A table under an optional heading; ``options`` go to ``markdown_table`` (align, formats, missing)."""
+        if title:
+            self.heading(title)
+        text = markdown_table(headers, rows, **options)
+        self._md.append(text + "\n")
+        cells = format_cells(headers, rows, formats=options.get("formats", ""), missing=options.get("missing", "-"))
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in headers)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells)
+        self._html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def image(self, name: str, caption: str = "") -> None:
+        self._md.append(f"![{caption or name}]({name})\n")
+        self._html.append(f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption or name)}">'
+                          + (f"<figcaption>{html.escape(caption)}</figcaption>" if caption else "") + "</figure>")
+
+    def write(self, folder: str | os.PathLike, stem: str = "report") -> Path:
+        """Write ``<stem>.md`` and ``<stem>.html`` into ``folder``; returns the Markdown path."""
+        folder = Path(folder)
+        write_text(folder / f"{stem}.html", f"<!doctype html><html><head><meta charset='utf-8'><title>"
+                   f"{html.escape(self.title)}</title>{self._STYLE}</head><body>" + "".join(self._html)
+                   + "</body></html>")
+        return write_text(folder / f"{stem}.md", "\n".join(self._md))

@@ -12,11 +12,10 @@ base config at full scale on the official data); reduced runs are ours alone.
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
-from ..io import markdown_table, write_text
+from ..io import Report
 from ..tools.viz import pyplot, save_figure
 
 # LRA paper (Tay et al., 2021), Table 1: test accuracy (%) of the variants longattn implements.
@@ -116,12 +115,6 @@ def speed_tables(speed: list[dict]) -> list[tuple[str, list[list[str]]]]:
             ("Memory: extra peak of one step (ratio to full / to vanilla full attention)", memory_rows)]
 
 
-def _html_table(rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _plots(results: list[dict], speed: list[dict], out: Path) -> list[str]:
     try:
         plt = pyplot()
@@ -171,23 +164,14 @@ def write_report(out: Path | str) -> Path:
     if speed:
         sections += speed_tables(speed)
     plots = _plots(results, speed, out)
-    intro = suite.get("description", "Long Range Arena results.")
-    md = [f"# Long Range Arena — longattn\n\n{intro}\n"]
-    page = [f"<h1>Long Range Arena — longattn</h1><p>{html.escape(intro)}</p>"]
+    report = Report("Long Range Arena — longattn")
+    report.text(suite.get("description", "Long Range Arena results."))
     for title, rows in sections:
-        md.append(f"## {title}\n\n{markdown_table(rows[0], rows[1:])}\n")
-        page.append(f"<h2>{html.escape(title)}</h2>{_html_table(rows)}")
+        report.table(title, rows[0], rows[1:])
     if speed:
-        note = ("full = full attention through PyTorch's fused SDPA kernel (linear memory); vanilla = full "
-                "attention with the N x N scores stored, as LRA's Transformer computes it. train = forward, "
-                "backward and AdamW step; infer = forward. backend = what `auto` chose at the longest length.")
-        md.append(note + "\n")
-        page.append(f"<p>{html.escape(note)}</p>")
+        report.text("full = full attention through PyTorch's fused SDPA kernel (linear memory); vanilla = full "
+                    "attention with the N x N scores stored, as LRA's Transformer computes it. train = forward, "
+                    "backward and AdamW step; infer = forward. backend = what `auto` chose at the longest length.")
     for p in plots:
-        md.append(f"![{p}]({p})\n")
-        page.append(f'<img src="{p}" alt="{p}">')
-    write_text(out / "report.md", "\n".join(md))
-    style = "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{border:1px solid #ccc;padding:3px 6px}table{border-collapse:collapse}</style>"
-    write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>"
-               + "".join(page) + "</body></html>")
-    return out / "report.md"
+        report.image(p)
+    return report.write(out)
