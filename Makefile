@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned, so no dependency can pull a CUDA build of several GB.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,viz,lra,hf,docs]"
+	$(PY) -m pip install -q -e ".[dev,viz,lra,hf,docs,longdoc]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -25,7 +25,7 @@ LAYERS = [
     {"models"},
     {"integrations"},
     {"tools"},
-    {"lra", "lm", "vision"},
+    {"lra", "lm", "vision", "longdoc"},
     {"cli"},
 ]
 LEVEL = {unit: n for n, layer in enumerate(LAYERS) for unit in layer}
