@@ -6,8 +6,10 @@ from .botnet import BotNet, BotNetConfig, FeatureMaps
 from .encoder import EncoderConfig, SparseEncoderClassifier
 from .etc import EtcConfig, EtcModel, EtcOutput, EtcStructure, etc_structure
 from .longformer import LongformerConfig, LongformerModel
+from .paraformer import DocumentStates, ParaformerConfig, ParaformerRetriever, pad_documents
 from .xl import TransformerXL, XLConfig, XLOutput
 
-__all__ = ["BigBirdConfig", "BigBirdModel", "BotNet", "BotNetConfig", "EncoderConfig", "EtcConfig", "EtcModel",
-           "EtcOutput", "EtcStructure", "FeatureMaps", "LongformerConfig", "LongformerModel", "SparseEncoderClassifier",
-           "TransformerXL", "XLConfig", "XLOutput", "create_model", "default_config", "etc_structure", "list_models"]
+__all__ = ["BigBirdConfig", "BigBirdModel", "BotNet", "BotNetConfig", "DocumentStates", "EncoderConfig", "EtcConfig",
+           "EtcModel", "EtcOutput", "EtcStructure", "FeatureMaps", "LongformerConfig", "LongformerModel",
+           "ParaformerConfig", "ParaformerRetriever", "SparseEncoderClassifier", "TransformerXL", "XLConfig",
+           "XLOutput", "create_model", "default_config", "etc_structure", "list_models", "pad_documents"]
