@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,6 +91,10 @@ def test_real_minilm_weights(tmp_path):
     convert_to_long(src, tmp_path / "long", max_length=4096)
     assert (tmp_path / "long" / "vocab.txt").is_file()
     ours = _check_same_on_short_inputs(bert, tmp_path / "long", 120, [120, 77], pad_id=0)
+    # still a sentence-transformers model: mean pooling, Normalize, max_seq_length raised
+    assert (tmp_path / "long" / "modules.json").read_text() == (Path(src) / "modules.json").read_text()
+    assert (tmp_path / "long" / "1_Pooling" / "config.json").is_file()
+    assert json.loads((tmp_path / "long" / "sentence_bert_config.json").read_text())["max_seq_length"] == 4096
     with torch.no_grad():
         out = ours(torch.randint(1000, 30000, (1, 4096))).last_hidden_state
     assert out.shape == (1, 4096, 384) and torch.isfinite(out).all()
@@ -107,3 +112,92 @@ def test_convert_errors(tmp_path):
     with pytest.raises(ValueError, match="'gpt2' checkpoint.*not a BERT/RoBERTa-family"):
         convert_to_long(tmp_path / "gpt2", tmp_path / "x")
     assert main(["convert", "--to-long", "4096", str(tmp_path / "gpt2"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_sentence_transformers_files_are_kept(tmp_path):
+    src = tmp_path / "st"
+    _bert(src)
+    (src / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
+                                             [f"w{i}" for i in range(55)]) + "\n")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+               {"idx": 3, "name": "3", "path": "../outside", "type": "sentence_transformers.models.Dense"}]
+    (src / "modules.json").write_text(json.dumps(modules))
+    for folder, files in {"1_Pooling": ["config.json", "extra.txt"], "2_Normalize": ["note.txt"]}.items():
+        (src / folder).mkdir()
+        for name in files:
+            (src / folder / name).write_text(json.dumps({"file": f"{folder}/{name}"}))
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.txt").write_text("not the model's")
+    (src / "config_sentence_transformers.json").write_text(json.dumps({"similarity_fn_name": "cosine"}))
+    (src / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
+    dst = convert_to_long(src, tmp_path / "out" / "long", max_length=256)
+    for name in ("modules.json", "config_sentence_transformers.json", "1_Pooling/config.json",
+                 "1_Pooling/extra.txt", "2_Normalize/note.txt"):
+        assert (dst / name).read_text() == (src / name).read_text(), name
+    assert json.loads((dst / "sentence_bert_config.json").read_text()) == {"max_seq_length": 256,
+                                                                           "do_lower_case": False}
+    assert not (dst.parent / "outside").exists()  # a module path never leads out of the directory
+    # the source's tokenizer class is recorded: AutoTokenizer would otherwise pick Longformer's (RoBERTa's BPE)
+    settings = json.loads((dst / "tokenizer_config.json").read_text())
+    assert settings == {"model_max_length": 256, "tokenizer_class": "BertTokenizer"}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(dst)
+    assert tokenizer("w3 w4")["input_ids"] == [2, 8, 9, 3]
+    # a plain checkpoint gets none of these files
+    _bert(tmp_path / "bert")
+    plain = convert_to_long(tmp_path / "bert", tmp_path / "plain", max_length=128)
+    assert not (plain / "modules.json").exists() and not (plain / "1_Pooling").exists()
+
+
+def _dropout_longformer():
+    torch.manual_seed(0)
+    cfg = transformers.LongformerConfig(vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                        intermediate_size=48, attention_window=8, max_position_embeddings=130,
+                                        hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    folder = _save(transformers.LongformerModel(cfg))
+    return LongformerModel.from_pretrained(folder)
+
+
+def _save(model):
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    model = _dropout_longformer().train()
+    ids, mask = _short_batch(50, [50, 31], pad_id=1)
+    flags = torch.zeros_like(ids)
+    flags[:, 0] = 1
+    calls = []
+    for layer in model.encoder.layer:  # counted in forward itself: the recomputation runs no module hooks
+        layer.forward = lambda *a, _run=layer.forward, **k: calls.append(1) or _run(*a, **k)
+
+    def step():
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        out = model(ids, attention_mask=mask, global_attention_mask=flags)
+        loss = (out.last_hidden_state.square().mean(-1) * mask).sum() + out.pooler_output.sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step()
+    assert len(calls) == 3 and not model.is_gradient_checkpointing
+    model.gradient_checkpointing_enable()
+    calls.clear()
+    loss_ckpt, grads_ckpt = step()
+    assert len(calls) == 6  # each layer run again in the backward pass
+    assert torch.allclose(loss, loss_ckpt, rtol=1e-6, atol=0) and grads.keys() == grads_ckpt.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], grads_ckpt[name], rtol=1e-5, atol=1e-7), name
+    # inactive without grad and in evaluation: one pass per layer
+    calls.clear()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    model.eval()(ids, attention_mask=mask)
+    assert len(calls) == 6
+    model.gradient_checkpointing_disable()
+    assert not model.encoder.gradient_checkpointing

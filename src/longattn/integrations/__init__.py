@@ -1,6 +1,11 @@
 """Bridges to other libraries. Each submodule imports its library when it is imported itself (an optional
 extra), so ``import longattn`` never imports them: ``from longattn.integrations import hf`` needs
 ``pip install 'longattn[hf]'``.
+
+``SentenceEncoder`` (text -> embedding with a checkpoint directory's own pooling) is re-exported here; it
+imports ``transformers`` only when a model is loaded.
 """
 
-__all__: list[str] = []
+from .sentence_encoder import Chunks, Pooling, SentenceEncoder
+
+__all__ = ["Chunks", "Pooling", "SentenceEncoder"]

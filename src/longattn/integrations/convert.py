@@ -4,7 +4,9 @@ Beltagy et al. (2020, section 5) turn a RoBERTa checkpoint into a long-document 
 position table to the new length by copying the learned positions over and over, (2) replacing full
 attention by a sliding window and (3) initialising the global projections ``query_global/key_global/
 value_global`` from ``query/key/value``. The output is a Hugging Face Longformer directory that
-``longattn.models.LongformerModel`` (and ``transformers.LongformerModel``) load.
+``longattn.models.LongformerModel`` (and ``transformers.LongformerModel``) load. A sentence-transformers
+source keeps its ``modules.json``, pooling and normalisation, so ``SentenceEncoder`` embeds with the long model
+as the source did.
 
 Positions: Longformer counts positions from ``pad_token_id + 1`` (RoBERTa's convention). A RoBERTa-family
 source already does; for a BERT source (positions from 0) the table is shifted so that token ``t`` still
@@ -29,7 +31,12 @@ from ..models.longformer import LongformerConfig, LongformerModel
 SOURCES = {"bert": False, "roberta": True, "xlm-roberta": True, "camembert": True}
 _TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
                     "sentencepiece.bpe.model", "tokenizer_config.json")
+# what AutoTokenizer picks from a source's model_type; recorded in the copy, whose model_type is longformer
+_TOKENIZER_CLASS = {"bert": "BertTokenizer", "roberta": "RobertaTokenizer", "xlm-roberta": "XLMRobertaTokenizer",
+                    "camembert": "CamembertTokenizer"}
 _POSITIONS = "embeddings.position_embeddings.weight"
+# sentence-transformers' description of how a sentence embedding is made (pooling, normalisation)
+_SENTENCE_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
 
 
 def _encoder_weights(weights: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -58,7 +65,13 @@ def convert_to_long(src: str | Path, dst: str | Path, *, max_length: int = 4096,
     Args:
         max_length: tokens the converted model accepts (the new position table).
         window: ``attention_window`` of every layer (even); default twice the source's length.
-        copy_tokenizer: copy the tokenizer files and raise their ``model_max_length`` to ``max_length``.
+        copy_tokenizer: copy the tokenizer files and raise their ``model_max_length`` to ``max_length``
+            (recording the source's ``tokenizer_class``, which ``AutoTokenizer`` otherwise takes from the
+            ``model_type``, now ``longformer``).
+
+    A sentence-transformers source keeps ``modules.json``, the module folders it names (``1_Pooling/``,
+    ``2_Normalize/``, ...), ``config_sentence_transformers.json`` and ``sentence_bert_config.json`` (its
+    ``max_seq_length`` raised to ``max_length``), whatever ``copy_tokenizer`` says.
     """
     src, dst = Path(src), Path(dst)
     hf = ckpt.read_config(src)
@@ -94,16 +107,40 @@ def convert_to_long(src: str | Path, dst: str | Path, *, max_length: int = 4096,
     ckpt.load_into(model, weights, path=src)  # every parameter accounted for, shapes checked
     model.save_pretrained(dst)
     if copy_tokenizer:
-        _copy_tokenizer(src, dst, max_length)
+        _copy_tokenizer(src, dst, max_length, _TOKENIZER_CLASS[hf["model_type"]])
+    _copy_sentence_modules(src, dst, max_length)
     return dst
 
 
-def _copy_tokenizer(src: Path, dst: Path, max_length: int) -> None:
-    for name in _TOKENIZER_FILES:
+def _copy_tokenizer(src: Path, dst: Path, max_length: int, tokenizer_class: str) -> None:
+    copied = [name for name in _TOKENIZER_FILES if (src / name).is_file()]
+    if not copied:
+        return
+    for name in copied:
+        shutil.copy2(src / name, dst / name)
+    settings = dst / "tokenizer_config.json"
+    data = json.loads(settings.read_text()) if settings.is_file() else {}
+    data["model_max_length"] = max_length
+    # Without it AutoTokenizer would pick the tokenizer of model_type longformer (RoBERTa's BPE), not the source's.
+    data.setdefault("tokenizer_class", tokenizer_class)
+    write_json(settings, data, indent=2)
+
+
+def _copy_sentence_modules(src: Path, dst: Path, max_length: int) -> None:
+    """Keep a sentence-transformers model's pooling and normalisation (``modules.json`` and the module
+    folders it names), so the long model still says how to embed a text (``SentenceEncoder``)."""
+    for name in _SENTENCE_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-    settings = dst / "tokenizer_config.json"
+    if (src / "modules.json").is_file():
+        for module in json.loads((src / "modules.json").read_text()):
+            folder = Path(module.get("path") or ".")
+            # a module path names a folder inside the model directory, never one outside dst
+            inside = not folder.is_absolute() and ".." not in folder.parts and folder != Path(".")
+            if inside and (src / folder).is_dir():
+                shutil.copytree(src / folder, dst / folder, dirs_exist_ok=True)
+    settings = dst / "sentence_bert_config.json"
     if settings.is_file():
         data = json.loads(settings.read_text())
-        data["model_max_length"] = max_length
+        data["max_seq_length"] = max_length
         write_json(settings, data, indent=2)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # exact (erf)
@@ -191,11 +192,26 @@ class Layer(nn.Module):
 
 
 class LayerStack(nn.Module):
-    """``encoder.layer.{i}``."""
+    """``encoder.layer.{i}``, run in order: ``forward(x (B, N, C), **kwargs) -> (B, N, C)``, each layer called
+    as ``layer(x, **kwargs)``.
+
+    ``gradient_checkpointing = True`` keeps only each layer's input for the backward pass and recomputes the
+    layer there (``torch.utils.checkpoint``, non-reentrant, RNG state restored so dropout draws the same
+    masks): activation memory per layer drops from all its intermediates to one (B, N, C) tensor, for one
+    extra forward. It acts only while training with grad enabled, and is a flag of the module, not of the
+    config, so a saved model never records it.
+    """
 
     def __init__(self, layers: list[nn.Module]):
         super().__init__()
         self.layer = nn.ModuleList(layers)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layer:
+            x = checkpoint(layer, x, use_reentrant=False, **kwargs) if recompute else layer(x, **kwargs)
+        return x
 
 
 def init_bert_weights(module: nn.Module, std: float) -> None:

@@ -155,6 +155,8 @@ class LongformerModel(nn.Module):
     ``EncoderOutput(last_hidden_state (B, N, C), pooler_output (B, C))``, the same numbers as
     ``transformers.LongformerModel`` on the same weights (tested to 1e-4 in fp32). Any ``N`` works up to the
     position table (``max_position_embeddings - pad_token_id - 1`` tokens): no padding to the window.
+    ``gradient_checkpointing_enable()`` trades one extra forward for the layers' activation memory when
+    fine-tuning on 4K+ tokens.
     """
 
     model_types = ("longformer",)
@@ -197,10 +199,22 @@ class LongformerModel(nn.Module):
         x = self.embeddings(input_ids, inputs_embeds=inputs_embeds, token_type_ids=token_type_ids,
                             position_ids=position_ids)
         padding, globals_ = Padding.of(padding), None if flags is None else GlobalTokens.of(flags)
-        for layer in self.encoder.layer:
-            x = layer(x, padding=padding, globals_=globals_)
+        x = self.encoder(x, padding=padding, globals_=globals_)
         pooled = torch.tanh(self.pooler.dense(x[:, 0])) if self.pooler is not None else None
         return EncoderOutput(last_hidden_state=x, pooler_output=pooled)
+
+    # ---- fine-tuning on long inputs ----
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer in the backward pass instead of keeping its activations (Hugging Face's name):
+        the same loss and gradients for one extra forward, while training with grad enabled only."""
+        self.encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.encoder.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.encoder.gradient_checkpointing
 
     # ---- Hugging Face directories ----
     @classmethod
