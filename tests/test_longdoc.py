@@ -53,6 +53,10 @@ def write_db(root, *, extra_rules: dict | None = None):
     rules.update(extra_rules or {})
     for i in range(8, 11):
         rules[f"lic-{i}_{i}"] = (f"lic-{i}", "is_license_reference", f"See license number {i}.")
+    for i in range(11):  # notices quoting each license's middle: every split gets queries
+        words = _license_text(i).split()
+        for j in range(3):
+            rules[f"lic-{i}_n{j}"] = (f"lic-{i}", "is_license_notice", " ".join(words[10 + 7 * j:22 + 7 * j]))
     for name, (expression, kind, text) in rules.items():
         head = f"license_expression: {expression}\n" if expression else ""
         (root / "rules" / f"{name}.RULE").write_text(f"---\n{head}{kind}: yes\nrelevance: 100\n---\n\n{text}\n")
@@ -67,7 +71,7 @@ def db(tmp_path):
 
 # ---- parsing -------------------------------------------------------------------------------------------
 def test_front_matter_and_texts(db):
-    assert len(db.licenses) == 12 and len(db.rules) == 10  # inactive/ is not read
+    assert len(db.licenses) == 12 and len(db.rules) == 43  # inactive/ is not read
     lic = db.licenses["lic-3"]
     assert (lic.category, lic.name, lic.spdx) == ("Copyleft Limited", "License 3", "LicenseRef-3")
     assert lic.text.startswith("License number 3 grants rights.")  # {{ }} removed, edges stripped
@@ -243,7 +247,7 @@ def test_stats_json(tmp_path, capsys):
     root = write_db(tmp_path / "data")
     assert main(["longdoc", "stats", "--data-dir", str(root), "--json", "--words-only"]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats["licenses"] == 12 and stats["rules"] == 10
+    assert stats["licenses"] == 12 and stats["rules"] == 43
     assert stats["categories"] == {"Permissive": 6, "Copyleft": 2, "Copyleft Limited": 2, "Commercial": 1,
                                    "Proprietary Free": 1}
     assert stats["rule_kinds"]["reference"] == 5 and stats["licenses_without_text"] == 1

@@ -1,6 +1,6 @@
 """The ``longattn`` command: ``show`` draws a pattern, ``bench`` times every path, ``convert`` extends a
 checkpoint to long inputs, ``lra`` runs Long Range Arena, ``lm`` the Transformer-XL language model, ``vision``
-BoTNet and ResNet-50."""
+BoTNet and ResNet-50, ``longdoc`` the long legal documents of the ScanCode LicenseDB."""
 
 from __future__ import annotations
 
@@ -169,12 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_convert)
 
     from .lm.cli import add_parser as add_lm_parser
+    from .longdoc.cli import add_parser as add_longdoc_parser
     from .lra.cli import add_parser as add_lra_parser
     from .vision.cli import add_parser as add_vision_parser
 
     add_lra_parser(sub)
     add_lm_parser(sub)
     add_vision_parser(sub)
+    add_longdoc_parser(sub)
     return parser
 
 

@@ -1,0 +1,169 @@
+"""``longattn longdoc ...``: the ScanCode LicenseDB benchmark (stats, retrieve, classify, report, run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..training.setup import add_run_arguments
+
+
+def _db(args, rules: bool = True):
+    from .licensedb import load_licensedb
+
+    return load_licensedb(args.data_dir, rules=rules)
+
+
+def _settings(args):
+    from .retrieval import Settings
+
+    if args.max_length is not None and args.max_length < 512:
+        raise ValueError(f"--max-length must be >= 512 (the source model's positions), got {args.max_length}")
+    max_length = args.max_length or (4096 if args.quick else 16384)
+    out = Path(args.out) / ("quick" if args.quick else "full")
+    return Settings(out=out, quick=args.quick, max_length=max_length, progress=not args.no_progress,
+                    resume=not args.no_resume, paraformer_steps=args.paraformer_steps
+                    or (100 if args.quick else 600))
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .stats import database_stats
+
+    count = None
+    if not args.words_only:
+        from .encoders import short_encoder
+
+        count = short_encoder().count_tokens
+    stats = database_stats(_db(args), quick=args.quick, count_tokens=count)
+    if args.json:
+        print(json.dumps(stats, indent=1))
+        return 0
+    from .report import stats_text
+
+    print(stats_text(stats))
+    return 0
+
+
+def _retrieve(args, settings):
+    from .retrieval import RETRIEVAL_SYSTEMS, run_retrieval
+    from .tasks import retrieval_task
+
+    task = retrieval_task(_db(args), quick=settings.quick)
+    return task, run_retrieval(task, settings, args.systems or list(RETRIEVAL_SYSTEMS))
+
+
+def _cmd_retrieve(args: argparse.Namespace) -> int:
+    from .report import retrieval_summary
+
+    settings = _settings(args)
+    _, results = _retrieve(args, settings)
+    print(retrieval_summary(results))
+    return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from .classification import CLASSIFICATION_SYSTEMS, run_classification
+    from .report import classification_summary
+    from .retrieval import Context
+    from .tasks import classification_task, retrieval_task
+
+    settings = _settings(args)
+    db = _db(args)
+    ctx = Context(retrieval_task(db, quick=settings.quick), settings)
+    results = run_classification(classification_task(db, quick=settings.quick), ctx,
+                                 args.systems or list(CLASSIFICATION_SYSTEMS))
+    print(classification_summary(results))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    settings = _settings(args)
+    print(f"wrote {write_report(settings.out)}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .classification import CLASSIFICATION_SYSTEMS, run_classification
+    from .report import write_report
+    from .retrieval import RETRIEVAL_SYSTEMS, Context, run_retrieval
+    from .tasks import classification_task, retrieval_task
+
+    from ..io import write_json
+    from .encoders import long_model_dir
+    from .throughput import machine, measure_throughput
+
+    settings = _settings(args)
+    db = _db(args)
+    write_json(settings.out / "machine.json", machine())
+    ctx = Context(retrieval_task(db, quick=settings.quick), settings)
+    run_retrieval(ctx.task, settings, list(RETRIEVAL_SYSTEMS))
+    run_classification(classification_task(db, quick=settings.quick), ctx, list(CLASSIFICATION_SYSTEMS))
+    if not settings.quick and not (settings.out / "throughput.json").exists():
+        measure_throughput(long_model_dir(settings.out / "models", settings.max_length), settings.out,
+                           tokens=min(4096, settings.max_length))
+    print(f"wrote {write_report(settings.out)}")
+    return 0
+
+
+def _cmd_throughput(args: argparse.Namespace) -> int:
+    from .encoders import long_model_dir
+    from .throughput import measure_throughput
+
+    settings = _settings(args)
+    result = measure_throughput(long_model_dir(settings.out / "models", settings.max_length), settings.out,
+                                tokens=args.tokens)
+    for row in result["rows"]:
+        print(f"{row['attention']:40s} {row['mode']:10s} {row['ms']:8.0f} ms {row['tokens_per_s']:8.0f} tokens/s "
+              f"{row['peak_mb']:8.0f} MB")
+    return 0
+
+
+def _common(p, *, systems: bool = False) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="a LicenseDB data folder (licenses/, rules/); default: the installed licensedcode-data")
+    p.add_argument("--quick", action="store_true", help="a deterministic subset: under 5 minutes on 2 cores")
+    p.add_argument("--out", default="results/longdoc", help="output folder (full/ or quick/ inside)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens the long encoder reads (default: 16384; 4096 with --quick)")
+    p.add_argument("--paraformer-steps", type=int, default=None,
+                   help="training steps of the Paraformer retriever (default: 600; 100 with --quick)")
+    if systems:
+        p.add_argument("--systems", nargs="+", default=None, help="systems to run (default: all)")
+    add_run_arguments(p, stop_after=False)
+
+
+def add_parser(sub) -> None:
+    longdoc = sub.add_parser("longdoc", help="long legal documents: retrieval and classification on the ScanCode "
+                                             "LicenseDB")
+    cmds = longdoc.add_subparsers(dest="longdoc_command", required=True)
+
+    stats = cmds.add_parser("stats", help="counts per category and rule kind, length percentiles, split sizes")
+    stats.add_argument("--data-dir", default=None, help="a LicenseDB data folder (default: the installed one)")
+    stats.add_argument("--quick", action="store_true", help="split sizes of the --quick subset")
+    stats.add_argument("--json", action="store_true", help="print a JSON object")
+    stats.add_argument("--words-only", action="store_true", help="lengths in words only (no tokenizer)")
+    stats.set_defaults(func=_cmd_stats)
+
+    retrieve = cmds.add_parser("retrieve", help="task 1: rule text -> its licenses, every retrieval system")
+    _common(retrieve, systems=True)
+    retrieve.set_defaults(func=_cmd_retrieve)
+
+    classify = cmds.add_parser("classify", help="task 2: license text -> category, a probe per representation")
+    _common(classify, systems=True)
+    classify.set_defaults(func=_cmd_classify)
+
+    report = cmds.add_parser("report", help="write report.md and report.html from the saved results")
+    _common(report)
+    report.set_defaults(func=_cmd_report)
+
+    throughput = cmds.add_parser("throughput", help="the long encoder against dense attention on one document")
+    _common(throughput)
+    throughput.add_argument("--tokens", type=int, default=4096, help="document length")
+    throughput.set_defaults(func=_cmd_throughput)
+
+    run = cmds.add_parser("run", help="both tasks, every system, then the report")
+    _common(run)
+    run.set_defaults(func=_cmd_run)
