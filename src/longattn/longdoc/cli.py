@@ -167,3 +167,115 @@ def add_parser(sub) -> None:
     run = cmds.add_parser("run", help="both tasks, every system, then the report")
     _common(run)
     run.set_defaults(func=_cmd_run)
+
+    _add_training_parsers(cmds)
+
+
+def _budget_args(args, which: str, settings):
+    """``--steps``/``--batch-size``/``--max-tokens`` (``--seq-len``)/``--lr``, each defaulting to ``BUDGETS``."""
+    from .finetune import BUDGETS
+
+    default = BUDGETS[which]["quick" if settings.quick else "full"]
+    tokens = args.seq_len if which == "pretrain" else args.max_tokens
+    return dict(steps=args.steps or default.steps, batch_size=args.batch_size or default.batch_size,
+                lr=args.lr or default.lr, **{"seq_len" if which == "pretrain" else "max_tokens":
+                                             tokens or default.max_tokens})
+
+
+def _source(args, settings) -> Path:
+    from .encoders import long_model_dir
+
+    return Path(args.source) if args.source else long_model_dir(settings.out / "models", settings.max_length)
+
+
+def _print_run(path, out: Path, stop_after) -> None:
+    """Where the model went and its loss history (``out/result.json``), or that the run stopped early."""
+    if path is None:
+        print(f"stopped after {stop_after} steps; run again to resume")
+        return
+    result = json.loads((out / "result.json").read_text())
+    for row in result["history"]:
+        print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    budget = result["budget"]
+    print(f"wrote {path} ({budget['steps']} steps of {budget['batch_size']}, {budget['seconds']:.0f} s)")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune_classifier, finetune_retrieval
+    from .tasks import classification_task, retrieval_task
+
+    settings = _settings(args)
+    budget = _budget_args(args, args.task, settings)
+    run = dict(source=_source(args, settings), out=settings.out / f"finetune-{args.task}", stop_after=args.stop_after,
+               device=args.device, head_warmup=args.head_warmup, **budget)
+    if args.task == "retrieval":
+        run.pop("head_warmup")
+        path = finetune_retrieval(retrieval_task(_db(args), quick=settings.quick), settings, **run)
+        _print_run(path, run["out"], args.stop_after)
+        return 0
+    result = finetune_classifier(classification_task(_db(args, rules=False), quick=settings.quick), settings, **run)
+    if not result["finished"]:
+        print(f"stopped after {args.stop_after} steps; run again to resume")
+    else:
+        nan = float("nan")
+        print(f"micro-F1 {result.get('micro_f1', nan):.3f}  macro-F1 {result.get('macro_f1', nan):.3f}"
+              f"  ({result['budget']['steps']} steps, {result['budget']['max_tokens']} tokens per document, "
+              f"{result['budget']['seconds']:.0f} s); wrote {run['out'] / 'result.json'}")
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from .finetune import HEAD_LR
+    from .pretrain import pretrain_mlm
+    from .tasks import retrieval_task
+
+    settings = _settings(args)
+    # every license text of the corpus (the --quick corpus with --quick): label-free, transductive
+    texts = [lic.text for lic in retrieval_task(_db(args, rules=False), quick=settings.quick).corpus]
+    out = settings.out / "pretrain"
+    path = pretrain_mlm(texts, source=_source(args, settings), out=out,
+                        mask_prob=args.mask_prob, head_warmup=args.head_warmup, head_lr=HEAD_LR,
+                        stop_after=args.stop_after, device=args.device, progress=settings.progress,
+                        resume=settings.resume, **_budget_args(args, "pretrain", settings))
+    _print_run(path, out, args.stop_after)
+    return 0
+
+
+def _training_flags(p, *, budgets: list[str]) -> None:
+    from .finetune import BUDGETS
+
+    def default(field: str) -> str:
+        return "default: " + "; ".join(f"{w} {getattr(BUDGETS[w]['full'], field)}, "
+                                       f"{getattr(BUDGETS[w]['quick'], field)} with --quick" for w in budgets)
+
+    p.add_argument("--source", default=None, help="the model directory to start from (default: the converted "
+                                                  "MiniLM, out/models/minilm-long-<max-length>)")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps ({default('steps')})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"texts per step ({default('batch_size')})")
+    if budgets == ["pretrain"]:
+        p.add_argument("--seq-len", type=int, default=None,
+                       help=f"tokens per packed sequence, CLS and SEP included ({default('max_tokens')})")
+    else:
+        p.add_argument("--max-tokens", type=int, default=None,
+                       help=f"tokens each text is cut to, special tokens included ({default('max_tokens')})")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate ({default('lr')})")
+    p.add_argument("--head-warmup", type=int, default=None,
+                   help="classification and pretraining: first steps that train the new head alone, the "
+                        "encoder frozen (default: steps // 5)")
+    p.add_argument("--stop-after", type=int, default=None, help="end after this many steps in total (resume later)")
+
+
+def _add_training_parsers(cmds) -> None:
+    finetune = cmds.add_parser("finetune", help="fine-tune the long encoder: contrastive retrieval or a "
+                                                "classification head (resumable)")
+    _common(finetune)
+    finetune.add_argument("--task", required=True, choices=["retrieval", "classification"], help="which task")
+    _training_flags(finetune, budgets=["retrieval", "classification"])
+    finetune.set_defaults(func=_cmd_finetune)
+
+    pretrain = cmds.add_parser("pretrain", help="continued masked-LM pretraining of the long encoder on every "
+                                                "license text (resumable)")
+    _common(pretrain)
+    _training_flags(pretrain, budgets=["pretrain"])
+    pretrain.add_argument("--mask-prob", type=float, default=0.15, help="share of tokens masked (BERT: 80/10/10)")
+    pretrain.set_defaults(func=_cmd_pretrain)
