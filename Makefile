@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# The quick Long Range Arena suite: generated ListOps + Pathfinder, every attention variant, speed/memory
-# table, report in results/lra/report.md (and .html). Under 10 minutes on 2 CPU cores.
+# The quick Long Range Arena suite (generated ListOps + Pathfinder, every attention variant, speed/memory
+# table: results/lra/report.md and .html), then the quick legal benchmark on the ScanCode LicenseDB (retrieval
+# and classification, every system: results/longdoc/quick/report.md and .html). Under 12 minutes on 2 cores.
 demo: $(STAMP)
 	$(VENV)/bin/longattn lra suite --quick --out results/lra
+	$(VENV)/bin/longattn longdoc run --quick --out results/longdoc
 
 test: $(STAMP)
 	$(PY) -m pytest -q
