@@ -315,12 +315,18 @@ def finetune_retrieval(task: RetrievalTask, settings: Settings, *, source: Path 
 
     if not trainer.train(step, evaluate, eval_every=max(1, steps // EVALS), stop_after=stop_after):
         return None
+    return save_and_finish(trainer, model.encoder, source, out,
+                           budget=_budget(trainer, batch_size, max_tokens, lr, val_queries=len(val)))
+
+
+def save_and_finish(trainer, encoder, source: Path, out: Path, **result) -> Path:
+    """Write the trained encoder as a complete model directory (``out/model``, from the main process) and the
+    run's ``result.json``; returns the directory."""
     path = out / MODEL_DIR
     if trainer.world.main:
-        save_model_dir(model.encoder, source, path)
+        save_model_dir(encoder, source, path)
     trainer.finish({"finished": True, "config": trainer.identity, "model": str(path), "source": str(source),
-                    "history": trainer.run.history, "params": trainer.params,
-                    "budget": _budget(trainer, batch_size, max_tokens, lr, val_queries=len(val))})
+                    "history": trainer.run.history, "params": trainer.params, **result})
     return path
 
 

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..training.run import optimizer_step
-from ..training.setup import MODEL_DIR, RunSpec, start
+from ..training.setup import RunSpec, start
 from .finetune import (EVALS, GRAD_CLIP, HEAD_LR, WEIGHT_DECAY, check_head_warmup, complete_adam_state,
-                       encoder_states, load_source, one_process, save_model_dir, two_phase_lr)
+                       encoder_states, load_source, one_process, save_and_finish, two_phase_lr)
 
 IGNORE = -100  # label of a token that is not predicted (cross_entropy's ignore_index)
 FIXED_SEED = 12345  # the masking of the fixed evaluation batch
@@ -188,15 +188,10 @@ def pretrain_mlm(texts: list[str], *, source: Path | str, out: Path | str, steps
 
     if not trainer.train(step, evaluate, eval_every=max(1, steps // EVALS), stop_after=stop_after):
         return None
-    path = out / MODEL_DIR
-    if trainer.world.main:
-        save_model_dir(model.encoder, source, path)
-    trainer.finish({"finished": True, "config": trainer.identity, "model": str(path), "source": str(source),
-                    "history": trainer.run.history, "params": trainer.params, "sequences": len(sequences),
-                    "budget": {"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
-                               "head_warmup": head_warmup, "tokens": steps * batch_size * seq_len,
-                               "seconds": trainer.run.seconds}})
-    return path
+    return save_and_finish(trainer, model.encoder, source, out, sequences=len(sequences),
+                           budget={"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
+                                   "head_warmup": head_warmup, "tokens": steps * batch_size * seq_len,
+                                   "seconds": trainer.run.seconds})
 
 
 __all__ = ["IGNORE", "MLMHead", "MaskedLM", "mask_tokens", "pack_sequences", "pretrain_mlm"]
