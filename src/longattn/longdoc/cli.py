@@ -23,7 +23,7 @@ def _settings(args):
     max_length = args.max_length or (4096 if args.quick else 16384)
     out = Path(args.out) / ("quick" if args.quick else "full")
     return Settings(out=out, quick=args.quick, max_length=max_length, progress=not args.no_progress,
-                    resume=not args.no_resume, paraformer_steps=args.paraformer_steps
+                    resume=not args.no_resume, paraformer_steps=getattr(args, "paraformer_steps", None)
                     or (100 if args.quick else 600))
 
 
@@ -121,15 +121,16 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p, *, systems: bool = False) -> None:
+def _common(p, *, systems: bool = False, paraformer: bool = False) -> None:
     p.add_argument("--data-dir", default=None,
                    help="a LicenseDB data folder (licenses/, rules/); default: the installed licensedcode-data")
     p.add_argument("--quick", action="store_true", help="a deterministic subset: under 5 minutes on 2 cores")
     p.add_argument("--out", default="results/longdoc", help="output folder (full/ or quick/ inside)")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens the long encoder reads (default: 16384; 4096 with --quick)")
-    p.add_argument("--paraformer-steps", type=int, default=None,
-                   help="training steps of the Paraformer retriever (default: 600; 100 with --quick)")
+    if paraformer:
+        p.add_argument("--paraformer-steps", type=int, default=None,
+                       help="training steps of the Paraformer retriever (default: 600; 100 with --quick)")
     if systems:
         p.add_argument("--systems", nargs="+", default=None, help="systems to run (default: all)")
     add_run_arguments(p, stop_after=False)
@@ -148,7 +149,7 @@ def add_parser(sub) -> None:
     stats.set_defaults(func=_cmd_stats)
 
     retrieve = cmds.add_parser("retrieve", help="task 1: rule text -> its licenses, every retrieval system")
-    _common(retrieve, systems=True)
+    _common(retrieve, systems=True, paraformer=True)
     retrieve.set_defaults(func=_cmd_retrieve)
 
     classify = cmds.add_parser("classify", help="task 2: license text -> category, a probe per representation")
@@ -165,7 +166,7 @@ def add_parser(sub) -> None:
     throughput.set_defaults(func=_cmd_throughput)
 
     run = cmds.add_parser("run", help="both tasks, every system, then the report")
-    _common(run)
+    _common(run, paraformer=True)
     run.set_defaults(func=_cmd_run)
 
     _add_training_parsers(cmds)

@@ -41,7 +41,7 @@ class Settings:
     max_length: int = 16384  # the long encoder's positions
     progress: bool = True
     resume: bool = True
-    paraformer_steps: int = 400
+    paraformer_steps: int = 600  # training steps of the Paraformer-style retriever (--quick: 100)
 
     @property
     def cache(self) -> Path:
