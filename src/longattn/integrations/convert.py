@@ -29,8 +29,9 @@ from ..models.longformer import LongformerConfig, LongformerModel
 
 #: model_type of the sources this recipe applies to, and whether their positions start after the padding id
 SOURCES = {"bert": False, "roberta": True, "xlm-roberta": True, "camembert": True}
-_TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
-                    "sentencepiece.bpe.model", "tokenizer_config.json")
+#: the files of a Hugging Face tokenizer, whichever of them a directory has
+TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json",
+                   "added_tokens.json", "sentencepiece.bpe.model", "tokenizer_config.json")
 # what AutoTokenizer picks from a source's model_type; recorded in the copy, whose model_type is longformer
 _TOKENIZER_CLASS = {"bert": "BertTokenizer", "roberta": "RobertaTokenizer", "xlm-roberta": "XLMRobertaTokenizer",
                     "camembert": "CamembertTokenizer"}
@@ -108,12 +109,12 @@ def convert_to_long(src: str | Path, dst: str | Path, *, max_length: int = 4096,
     model.save_pretrained(dst)
     if copy_tokenizer:
         _copy_tokenizer(src, dst, max_length, _TOKENIZER_CLASS[hf["model_type"]])
-    _copy_sentence_modules(src, dst, max_length)
+    copy_sentence_modules(src, dst, max_length=max_length)
     return dst
 
 
 def _copy_tokenizer(src: Path, dst: Path, max_length: int, tokenizer_class: str) -> None:
-    copied = [name for name in _TOKENIZER_FILES if (src / name).is_file()]
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
     if not copied:
         return
     for name in copied:
@@ -126,9 +127,10 @@ def _copy_tokenizer(src: Path, dst: Path, max_length: int, tokenizer_class: str)
     write_json(settings, data, indent=2)
 
 
-def _copy_sentence_modules(src: Path, dst: Path, max_length: int) -> None:
+def copy_sentence_modules(src: Path, dst: Path, *, max_length: int | None = None) -> None:
     """Keep a sentence-transformers model's pooling and normalisation (``modules.json`` and the module
-    folders it names), so the long model still says how to embed a text (``SentenceEncoder``)."""
+    folders it names), so a model written from ``src`` still says how to embed a text (``SentenceEncoder``).
+    With ``max_length``, ``sentence_bert_config.json``'s ``max_seq_length`` becomes it."""
     for name in _SENTENCE_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
@@ -140,7 +142,7 @@ def _copy_sentence_modules(src: Path, dst: Path, max_length: int) -> None:
             if inside and (src / folder).is_dir():
                 shutil.copytree(src / folder, dst / folder, dirs_exist_ok=True)
     settings = dst / "sentence_bert_config.json"
-    if settings.is_file():
+    if max_length is not None and settings.is_file():
         data = json.loads(settings.read_text())
         data["max_seq_length"] = max_length
         write_json(settings, data, indent=2)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ..models import hf_checkpoint as ckpt
+from .convert import TOKENIZER_FILES
 from ..training.progress import progress_bar
 
 #: sentence-transformers' pooling flags (``1_Pooling/config.json``) -> our mode names
@@ -51,8 +52,6 @@ POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "m
 # other flags sentence-transformers knows; refused by name rather than ignored
 _UNSUPPORTED = ("pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
 _ROBERTA_POSITIONS = ("roberta", "xlm-roberta", "camembert")  # positions count from pad_token_id + 1
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model",
-                    "special_tokens_map.json", "tokenizer_config.json")
 
 
 # ---- what a directory says -----------------------------------------------------------------------------
@@ -136,7 +135,7 @@ def directory_fingerprint(path: Path | str, pooling: Pooling, max_length: int) -
     """sha256 (hex) over ``config.json``, the tokenizer files, ``pooling``, ``max_length`` and the weight files'
     bytes: what decides the embeddings, so a cache of embeddings keyed by it is never stale."""
     path, digest = Path(path), hashlib.sha256()
-    parts = [path / "config.json", *(path / f for f in _TOKENIZER_FILES if (path / f).is_file()), *_weight_files(path)]
+    parts = [path / "config.json", *(path / f for f in TOKENIZER_FILES if (path / f).is_file()), *_weight_files(path)]
     digest.update(f"pooling={pooling.mode},normalize={pooling.normalize},max_length={max_length}".encode())
     for file in parts:
         digest.update(f"\0{file.name}\0".encode())

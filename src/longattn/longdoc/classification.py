@@ -21,7 +21,7 @@ from ..io import write_json
 from .lexical import tfidf_features
 from .metrics import f1_scores
 from .probe import select_probe
-from .retrieval import Context, Settings
+from .retrieval import Context, Settings, chunk_means
 from .tasks import SPLITS, ClassificationTask
 
 EXCESS_TOKENS = 512
@@ -46,8 +46,7 @@ def _tfidf(ctx: Context, texts: dict[str, list[str]]) -> tuple[dict, float]:
 def _chunk_mean(ctx: Context):
     def view(ts):
         chunks, doc, seconds = ctx.views("short").chunks(ts)
-        means = torch.zeros(len(ts), chunks.shape[1]).index_add_(0, doc, chunks)
-        return means / torch.bincount(doc, minlength=len(ts)).clamp_min(1)[:, None], seconds
+        return chunk_means(chunks, doc, len(ts)), seconds
     return view
 
 

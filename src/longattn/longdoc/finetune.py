@@ -26,7 +26,6 @@ killed (or stopped on purpose with ``stop_after``) resumes to the weights an uni
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..integrations.convert import TOKENIZER_FILES, copy_sentence_modules
 from ..integrations.sentence_encoder import Pooling, SentenceEncoder
 from ..models.longformer import LongformerModel
 from ..training.distributed import World, init_world
@@ -54,10 +54,6 @@ WEIGHT_DECAY = 0.01
 GRAD_CLIP = 1.0
 HEAD_LR = 1e-3  # a new head's learning rate while it trains alone
 EVALS = 10  # evaluations (and checkpoints) per run
-# what a model directory holds besides config.json and the weights: the tokenizer and sentence-transformers' files
-_COPIED = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
-           "sentencepiece.bpe.model", "tokenizer_config.json", "modules.json", "config_sentence_transformers.json",
-           "sentence_bert_config.json")
 
 
 @dataclass(frozen=True)
@@ -117,15 +113,10 @@ def save_model_dir(model: nn.Module, source: Path | str, dst: Path | str) -> Pat
     source, dst = Path(source), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
-    for name in _COPIED:
+    for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, dst / name)
-    if (source / "modules.json").is_file():
-        for module in json.loads((source / "modules.json").read_text()):
-            folder = Path(module.get("path") or ".")
-            inside = not folder.is_absolute() and ".." not in folder.parts and folder != Path(".")
-            if inside and (source / folder).is_dir():  # a module folder of source, never one outside dst
-                shutil.copytree(source / folder, dst / folder, dirs_exist_ok=True)
+    copy_sentence_modules(source, dst)
     return dst
 
 

@@ -80,7 +80,7 @@ def _slice_rows(slices: dict) -> dict[str, list[int]]:
     return out
 
 
-def _plots(retrieval: list[dict], slices: dict, rows: dict[str, list[int]], out: Path) -> list[str]:
+def _plots(retrieval: list[dict], rows: dict[str, list[int]], out: Path) -> list[str]:
     try:
         plt = pyplot()
     except ImportError:
@@ -142,7 +142,7 @@ def _retrieval_sections(report: Report, retrieval: list[dict], slices: dict, out
         report.table("Margins with 95% paired bootstrap intervals (2,000 resamples of the queries)",
                      ["systems", "queries", "metric", "n", "margin", "low", "high"], margin_rows,
                      formats=["", "", "", "", "+.3f", "+.3f", "+.3f"])
-    for p in _plots(retrieval, slices, rows, out):
+    for p in _plots(retrieval, rows, out):
         report.image(p)
 
 

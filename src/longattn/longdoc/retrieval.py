@@ -107,9 +107,13 @@ def chunk_scores(queries: Tensor, chunks: Tensor, doc: Tensor, documents: int, r
         sims = queries @ chunks.T  # (Q, M)
         out = sims.new_full((queries.shape[0], documents), -torch.inf)
         return out.scatter_reduce(1, doc.expand_as(sims), sims, reduce="amax")
+    return queries @ chunk_means(chunks, doc, documents).T
+
+
+def chunk_means(chunks: Tensor, doc: Tensor, documents: int) -> Tensor:
+    """(D, C): the mean of each document's window vectors (zero for a document with none)."""
     means = torch.zeros(documents, chunks.shape[1]).index_add_(0, doc, chunks)
-    means /= torch.bincount(doc, minlength=documents).clamp_min(1)[:, None]
-    return queries @ means.T
+    return means / torch.bincount(doc, minlength=documents).clamp_min(1)[:, None]
 
 
 def _run_chunks(ctx: Context, reduce: str) -> SystemRun:
