@@ -249,8 +249,9 @@ def test_a_plain_bert_source_is_fine_tuned_too(tiny, tmp_path):
 def test_cli(tiny, tmp_path, command, capsys):
     tokens = ["--seq-len" if command == ["pretrain"] else "--max-tokens", str(TOKENS)]
     args = ["longdoc", *command, "--data-dir", str(tiny.data), "--out", str(tmp_path), "--source", str(tiny.source),
-            "--steps", "2", "--batch-size", "2", *tokens, "--no-progress"]
+            "--steps", "2", "--batch-size", "2", *tokens, "--evals", "1", "--no-progress"]
     assert main(args) == 0
     folder = "pretrain" if command == ["pretrain"] else f"finetune-{command[-1]}"
-    assert (tmp_path / "full" / folder / "result.json").is_file()
+    result = json.loads((tmp_path / "full" / folder / "result.json").read_text())
+    assert result["finished"] and len(result["history"]) == 1  # --evals 1
     assert "wrote" in capsys.readouterr().out

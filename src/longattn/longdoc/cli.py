@@ -172,21 +172,13 @@ def add_parser(sub) -> None:
     _add_training_parsers(cmds)
 
 
-def _budget_args(args, which: str, settings):
-    """``--steps``/``--batch-size``/``--max-tokens`` (``--seq-len``)/``--lr``, each defaulting to ``BUDGETS``."""
-    from .finetune import BUDGETS
-
-    default = BUDGETS[which]["quick" if settings.quick else "full"]
-    tokens = args.seq_len if which == "pretrain" else args.max_tokens
-    return dict(steps=args.steps or default.steps, batch_size=args.batch_size or default.batch_size,
-                lr=args.lr or default.lr, **{"seq_len" if which == "pretrain" else "max_tokens":
-                                             tokens or default.max_tokens})
-
-
-def _source(args, settings) -> Path:
-    from .encoders import long_model_dir
-
-    return Path(args.source) if args.source else long_model_dir(settings.out / "models", settings.max_length)
+def _budget_args(args, which: str) -> dict:
+    """The budget fields given on the command line (``--steps``, ``--batch-size``, ``--max-tokens`` or
+    ``--seq-len``, ``--lr``); the others come from ``BUDGETS``."""
+    tokens = "seq_len" if which == "pretrain" else "max_tokens"
+    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, tokens: getattr(args, tokens),
+             "evals": args.evals}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _print_run(path, out: Path, stop_after) -> None:
@@ -202,43 +194,37 @@ def _print_run(path, out: Path, stop_after) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import finetune_classifier, finetune_retrieval
     from .tasks import classification_task, retrieval_task
+    from .trained import run_dir, train_classification, train_retrieval
 
     settings = _settings(args)
-    budget = _budget_args(args, args.task, settings)
-    run = dict(source=_source(args, settings), out=settings.out / f"finetune-{args.task}", stop_after=args.stop_after,
-               device=args.device, head_warmup=args.head_warmup, **budget)
+    run = dict(source=args.source and Path(args.source), stop_after=args.stop_after, device=args.device,
+               **_budget_args(args, args.task))
     if args.task == "retrieval":
-        run.pop("head_warmup")
-        path = finetune_retrieval(retrieval_task(_db(args), quick=settings.quick), settings, **run)
-        _print_run(path, run["out"], args.stop_after)
+        path = train_retrieval(retrieval_task(_db(args), quick=settings.quick), settings, **run)
+        _print_run(path, run_dir(settings, "retrieval"), args.stop_after)
         return 0
-    result = finetune_classifier(classification_task(_db(args, rules=False), quick=settings.quick), settings, **run)
+    result = train_classification(classification_task(_db(args, rules=False), quick=settings.quick), settings,
+                                  head_warmup=args.head_warmup, **run)
     if not result["finished"]:
         print(f"stopped after {args.stop_after} steps; run again to resume")
     else:
         nan = float("nan")
         print(f"micro-F1 {result.get('micro_f1', nan):.3f}  macro-F1 {result.get('macro_f1', nan):.3f}"
               f"  ({result['budget']['steps']} steps, {result['budget']['max_tokens']} tokens per document, "
-              f"{result['budget']['seconds']:.0f} s); wrote {run['out'] / 'result.json'}")
+              f"{result['budget']['seconds']:.0f} s); wrote {run_dir(settings, 'classification') / 'result.json'}")
     return 0
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from .finetune import HEAD_LR
-    from .pretrain import pretrain_mlm
     from .tasks import retrieval_task
+    from .trained import run_dir, train_pretrain
 
     settings = _settings(args)
-    # every license text of the corpus (the --quick corpus with --quick): label-free, transductive
-    texts = [lic.text for lic in retrieval_task(_db(args, rules=False), quick=settings.quick).corpus]
-    out = settings.out / "pretrain"
-    path = pretrain_mlm(texts, source=_source(args, settings), out=out,
-                        mask_prob=args.mask_prob, head_warmup=args.head_warmup, head_lr=HEAD_LR,
-                        stop_after=args.stop_after, device=args.device, progress=settings.progress,
-                        resume=settings.resume, **_budget_args(args, "pretrain", settings))
-    _print_run(path, out, args.stop_after)
+    path = train_pretrain(retrieval_task(_db(args, rules=False), quick=settings.quick), settings,
+                          source=args.source and Path(args.source), stop_after=args.stop_after, device=args.device,
+                          mask_prob=args.mask_prob, head_warmup=args.head_warmup, **_budget_args(args, "pretrain"))
+    _print_run(path, run_dir(settings, "pretrain"), args.stop_after)
     return 0
 
 
@@ -260,6 +246,8 @@ def _training_flags(p, *, budgets: list[str]) -> None:
         p.add_argument("--max-tokens", type=int, default=None,
                        help=f"tokens each text is cut to, special tokens included ({default('max_tokens')})")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate ({default('lr')})")
+    p.add_argument("--evals", type=int, default=None,
+                   help=f"evaluations (and checkpoints) in the run ({default('evals')})")
     p.add_argument("--head-warmup", type=int, default=None,
                    help="classification and pretraining: first steps that train the new head alone, the "
                         "encoder frozen (default: steps // 5)")

@@ -20,7 +20,7 @@ and run without gradients, a linear probe), then everything at ``lr``: LP-FT (Ku
 keeps a random head from tearing the pretrained features. Validation: F1 on the val split.
 
 Both run in one process through the shared trainer (``training.setup``): gradient checkpointing, AdamW with
-gradient clipping, warm-up + cosine learning rate, a checkpoint at each of the ``EVALS`` evaluations; a run
+gradient clipping, warm-up + cosine learning rate, a checkpoint at each of the ``evals`` evaluations; a run
 killed (or stopped on purpose with ``stop_after``) resumes to the weights an uninterrupted run reaches.
 """
 
@@ -64,13 +64,16 @@ class Budget:
     batch_size: int  # texts (queries, documents, packed sequences) per step
     max_tokens: int  # tokens per text, special tokens included (pretraining: per packed sequence)
     lr: float
+    evals: int = EVALS  # evaluations (and checkpoints) in the run
 
 
-#: ``longattn longdoc finetune/pretrain``'s defaults; full runs are sized for an accelerator, --quick for 2 cores
+#: ``longattn longdoc finetune/pretrain``'s defaults and what ``longdoc run`` trains. "full": the 2-core CPU
+#: budget of the reported numbers, about 20 minutes each on a 2-core AMD EPYC (fp32 matmul ~190 GFLOP/s);
+#: "quick": seconds, for --quick
 BUDGETS = {
-    "retrieval": {"full": Budget(400, 16, 2048, 2e-5), "quick": Budget(10, 4, 512, 2e-5)},
-    "classification": {"full": Budget(300, 8, 4096, 2e-5), "quick": Budget(10, 4, 512, 2e-5)},
-    "pretrain": {"full": Budget(2000, 8, 4096, 3e-5), "quick": Budget(10, 2, 512, 3e-5)},
+    "retrieval": {"full": Budget(80, 16, 1024, 2e-5), "quick": Budget(6, 4, 256, 2e-5, evals=2)},
+    "classification": {"full": Budget(120, 8, 2048, 2e-5, evals=4), "quick": Budget(6, 4, 256, 2e-5, evals=2)},
+    "pretrain": {"full": Budget(80, 2, 4096, 5e-5), "quick": Budget(6, 2, 256, 5e-5, evals=2)},
 }
 
 
@@ -159,6 +162,13 @@ def complete_adam_state(optimizer: torch.optim.Optimizer) -> None:
             if p.requires_grad and not optimizer.state[p]:
                 optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                       "exp_avg_sq": torch.zeros_like(p)}
+
+
+def eval_interval(steps: int, evals: int) -> int:
+    """Steps between evaluations for ``evals`` of them in ``steps``; ``ValueError`` unless evals >= 1."""
+    if isinstance(evals, bool) or not isinstance(evals, int) or evals < 1:
+        raise ValueError(f"evals must be an int >= 1, got {evals!r}")
+    return max(1, steps // evals)
 
 
 def one_process(device) -> World:
@@ -250,8 +260,8 @@ def _budget(trainer: Trainer, batch_size: int, max_tokens: int, lr: float, **mor
 
 
 def finetune_retrieval(task: RetrievalTask, settings: Settings, *, source: Path | str, steps: int, batch_size: int,
-                       max_tokens: int, lr: float, out: Path | str, stop_after: int | None = None, seed: int = 0,
-                       device="cpu") -> Path | None:
+                       max_tokens: int, lr: float, out: Path | str, evals: int = EVALS, stop_after: int | None = None,
+                       seed: int = 0, device="cpu") -> Path | None:
     """Fine-tune ``source`` contrastively on ``task``'s train queries (see the module docstring) and write it to
     ``out/model``; returns that path, or None when ``stop_after`` ended the run early (run again to resume).
 
@@ -304,7 +314,7 @@ def finetune_retrieval(task: RetrievalTask, settings: Settings, *, source: Path 
             model.train()
         return {"train_loss": loss, "val_loss": val_loss, "lr": trainer.optimizer.param_groups[0]["lr"]}
 
-    if not trainer.train(step, evaluate, eval_every=max(1, steps // EVALS), stop_after=stop_after):
+    if not trainer.train(step, evaluate, eval_every=eval_interval(steps, evals), stop_after=stop_after):
         return None
     return save_and_finish(trainer, model.encoder, source, out,
                            budget=_budget(trainer, batch_size, max_tokens, lr, val_queries=len(val)))
@@ -340,8 +350,9 @@ def predict(model: PooledClassifier, windows: list[list[int]]) -> Tensor:
 
 
 def finetune_classifier(task: ClassificationTask, settings: Settings, *, source: Path | str, steps: int,
-                        batch_size: int, max_tokens: int, lr: float, out: Path | str, head_warmup: int | None = None,
-                        head_lr: float = HEAD_LR, stop_after: int | None = None, seed: int = 0, device="cpu") -> dict:
+                        batch_size: int, max_tokens: int, lr: float, out: Path | str, evals: int = EVALS,
+                        head_warmup: int | None = None, head_lr: float = HEAD_LR, stop_after: int | None = None,
+                        seed: int = 0, device="cpu") -> dict:
     """Fine-tune ``source`` with a linear head on ``task``'s train licenses (see the module docstring).
 
     ``head_warmup`` (default ``steps // 5``) steps train the head alone at ``head_lr``. Returns ``{"predicted":
@@ -391,7 +402,7 @@ def finetune_classifier(task: ClassificationTask, settings: Settings, *, source:
     def budget(**more) -> dict:
         return _budget(trainer, batch_size, max_tokens, lr, head_warmup=head_warmup, head_lr=head_lr, **more)
 
-    if not trainer.train(step, evaluate, eval_every=max(1, steps // EVALS), stop_after=stop_after):
+    if not trainer.train(step, evaluate, eval_every=eval_interval(steps, evals), stop_after=stop_after):
         return {"finished": False, "predicted": None, "history": trainer.run.history, "budget": budget()}
     began = time.perf_counter()
     predicted = predict(model, windows["test"])

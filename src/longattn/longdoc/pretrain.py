@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..training.run import optimizer_step
 from ..training.setup import RunSpec, start
 from .finetune import (EVALS, GRAD_CLIP, HEAD_LR, WEIGHT_DECAY, check_head_warmup, complete_adam_state,
-                       encoder_states, load_source, one_process, save_and_finish, two_phase_lr)
+                       encoder_states, eval_interval, load_source, one_process, save_and_finish, two_phase_lr)
 
 IGNORE = -100  # label of a token that is not predicted (cross_entropy's ignore_index)
 FIXED_SEED = 12345  # the masking of the fixed evaluation batch
@@ -137,7 +137,8 @@ class MaskedLM(nn.Module):
 
 # ---- the run -------------------------------------------------------------------------------------------
 def pretrain_mlm(texts: list[str], *, source: Path | str, out: Path | str, steps: int, seq_len: int, batch_size: int,
-                 lr: float, mask_prob: float = 0.15, head_warmup: int | None = None, head_lr: float = HEAD_LR,
+                 lr: float, evals: int = EVALS, mask_prob: float = 0.15, head_warmup: int | None = None,
+                 head_lr: float = HEAD_LR,
                  stop_after: int | None = None, seed: int = 0, device="cpu", progress: bool = True,
                  resume: bool = True) -> Path | None:
     """Continue ``source``'s masked-LM pretraining on ``texts`` (see the module docstring) and write the
@@ -186,7 +187,7 @@ def pretrain_mlm(texts: list[str], *, source: Path | str, out: Path | str, steps
         model.train()
         return {"train_loss": loss, "fixed_loss": fixed_loss, "lr": trainer.optimizer.param_groups[0]["lr"]}
 
-    if not trainer.train(step, evaluate, eval_every=max(1, steps // EVALS), stop_after=stop_after):
+    if not trainer.train(step, evaluate, eval_every=eval_interval(steps, evals), stop_after=stop_after):
         return None
     return save_and_finish(trainer, model.encoder, source, out, sequences=len(sequences),
                            budget={"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,

@@ -1,8 +1,8 @@
 """``report.md`` + ``report.html`` of the LicenseDB benchmark, from the saved results alone.
 
 Tables: retrieval overall (with each system's cost), by rule kind, by the length of the relevant license, the
-beyond-512 slices with paired bootstrap margins; classification micro/macro-F1 with the excess fraction;
-the long encoder's throughput and memory against dense attention. Plots: recall against the relevant
+beyond-512 slices with paired bootstrap margins; classification micro/macro-F1 with the excess fraction; the
+trained long encoders' budgets; the long encoder's throughput and memory against dense attention. Plots: recall against the relevant
 document's length per system, and quality against encoding time.
 """
 
@@ -21,7 +21,9 @@ from .retrieval import LENGTH_BUCKETS
 KINDS = ("notice", "reference", "text", "tag")
 #: (system, baseline) pairs whose margin on the beyond-512 slices the report bootstraps
 MARGINS = (("minilm-long", "minilm-512"), ("minilm-long", "minilm-chunks-max"), ("minilm-long", "minilm-chunks-mean"),
-           ("paraformer", "minilm-512"), ("paraformer", "minilm-chunks-max"), ("minilm-chunks-max", "minilm-512"))
+           ("minilm-long-ft", "minilm-long"), ("minilm-long-ft", "minilm-512"), ("minilm-long-ft", "minilm-chunks-max"),
+           ("minilm-long-mlm", "minilm-long"), ("paraformer", "minilm-512"), ("paraformer", "minilm-chunks-max"),
+           ("minilm-chunks-max", "minilm-512"))
 ATTRIBUTION = ("Data: ScanCode LicenseDB (licensedcode-data {version}), CC-BY-4.0, by nexB Inc. and the "
                "ScanCode contributors (https://scancode-licensedb.aboutcode.org). The license texts themselves "
                "are under their own terms.")
@@ -146,6 +148,42 @@ def _retrieval_sections(report: Report, retrieval: list[dict], slices: dict, out
         report.image(p)
 
 
+def _how(result: dict) -> str:
+    """A classification system's method: its probe, or its fine-tuning budget."""
+    if result.get("probe"):
+        return f"probe l2={result['probe']['l2']:g}{' balanced' if result['probe']['balanced'] else ''}"
+    b = result["budget"]
+    return f"fine-tuned {b['steps']} x {b['batch_size']}, {b['max_tokens']} tokens"
+
+
+def _budget_section(report: Report, out: Path) -> None:
+    """The budgets and loss histories of the trained long encoders (``longdoc.trained``' run folders)."""
+    from .trained import RUNS
+
+    rows, histories = [], []
+    for which, folder in RUNS.items():
+        path = out / folder / "result.json"
+        if not path.exists() or not json.loads(path.read_text()).get("finished"):
+            continue
+        r = json.loads(path.read_text())
+        b = r["budget"]
+        tokens = b.get("max_tokens", b.get("seq_len"))
+        rows.append([folder, b["steps"], b["batch_size"], tokens, f"{b['lr']:g}", b["seconds"] / 60])
+        first, last = r["history"][0], r["history"][-1]
+        watched = next((k for k in ("val_loss", "val_macro_f1", "fixed_loss") if last.get(k) is not None), None)
+        if watched:  # a run without validation data has none
+            histories.append([folder, watched, first["step"], first.get(watched), last["step"], last[watched]])
+    if not rows:
+        return
+    report.table("Trained long encoders: the budget (one process, 2-core CPU unless the machine line says "
+                 "otherwise)", ["run", "steps", "texts per step", "tokens per text", "peak lr", "minutes"], rows,
+                 formats=["", "", "", "", "", ".1f"])
+    if histories:
+        report.table("Their validation signal, first and last evaluation",
+                     ["run", "measure", "step", "value", "step", "value"], histories,
+                     formats=["", "", "", ".3f", "", ".3f"])
+
+
 def write_report(out: Path | str) -> Path:
     """Write ``report.md``/``report.html`` (and the plots) into ``out`` from ``out/retrieval``,
     ``out/classification`` and ``out/throughput.json``."""
@@ -172,11 +210,13 @@ def write_report(out: Path | str) -> Path:
         c = classification[0]
         report.table(f"Classification: license text -> one of {len(c['task']['labels'])} categories "
                      f"({c['task']['sizes']['test']} test licenses)",
-                     ["system", "micro-F1", "macro-F1", "excess fraction", "val macro-F1", "features s", "probe"],
+                     ["system", "micro-F1", "macro-F1", "excess fraction", "val macro-F1", "seconds", "how"],
                      [[r["system"], r["micro_f1"], r["macro_f1"], r["excess_fraction"], (r["val"] or {}).get("macro_f1"),
-                       r["seconds"]["features"], f"l2={r['probe']['l2']:g}{' balanced' if r['probe']['balanced'] else ''}"]
-                      for r in classification],
+                       sum(r["seconds"].values()), _how(r)] for r in classification],
                      formats=["", ".3f", ".3f", ".2f", ".3f", ".0f", ""])
+        report.text("seconds: features + probe for a probe (features from the embedding cache's recorded "
+                    "encoding time), training + test prediction for a fine-tuned model.")
+    _budget_section(report, out)
     throughput = out / "throughput.json"
     if throughput.exists():
         t = json.loads(throughput.read_text())

@@ -7,6 +7,10 @@ Systems (``RETRIEVAL_SYSTEMS``), all on the same corpus and queries:
   a document scored by its best window or by the mean of its windows' vectors.
 - ``minilm-long``: the same weights converted to a long encoder (window 512 + global CLS), whole documents up
   to ``max_length`` tokens, zero-shot.
+- ``minilm-long-ft``: the long encoder fine-tuned contrastively on the train rules at a 2-core CPU budget
+  (``longdoc.trained``), whole documents as ``minilm-long``.
+- ``minilm-long-mlm``: the long encoder after continued masked-LM pretraining on the license texts (the second
+  half of the Longformer recipe), whole documents as ``minilm-long``.
 - ``paraformer``: the hierarchical attentive retriever trained on the train rules (``longdoc.paraformer``).
 Each system's result is ``<out>/retrieval/<system>.json``; a system whose result exists for the same task
 is not run again (``resume=False`` reruns it; embeddings still come from the cache).
@@ -23,6 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..integrations.sentence_encoder import SentenceEncoder
 from ..io import write_json
 from .encoders import Views, long_encoder, short_encoder
 from .lexical import BM25Index
@@ -30,6 +35,7 @@ from .metrics import retrieval_metrics, top_k
 from .tasks import RetrievalTask
 
 RANK_DEPTH = 10
+TRAINED_VIEWS = {"long-ft": "retrieval", "long-mlm": "pretrain"}  # view -> its training run (``longdoc.trained``)
 
 
 @dataclass
@@ -68,10 +74,18 @@ class Context:
         return [[index[k] for k in q.relevant] for q in self.task.queries[split]]
 
     def views(self, which: str) -> Views:
-        """``short`` or ``long`` (loaded once)."""
+        """``short``, ``long`` or a trained long encoder, ``long-ft`` or ``long-mlm`` (loaded once; trained first
+        if its run has not finished)."""
         if which not in self._views:
             s = self.settings
-            encoder = short_encoder() if which == "short" else long_encoder(Path(s.out) / "models", s.max_length)
+            if which == "short":
+                encoder = short_encoder()
+            elif which == "long":
+                encoder = long_encoder(Path(s.out) / "models", s.max_length)
+            else:
+                from .trained import trained_model_dir
+
+                encoder = SentenceEncoder.load(trained_model_dir(self.task, s, TRAINED_VIEWS[which]))
             self._views[which] = Views(encoder, s.cache, progress=s.progress, label=f"minilm-{which}")
         return self._views[which]
 
@@ -124,12 +138,18 @@ def _run_chunks(ctx: Context, reduce: str) -> SystemRun:
                      {"windows": len(chunks)})
 
 
-def run_long(ctx: Context) -> SystemRun:
-    views = ctx.views("long")
+def run_long(ctx: Context, which: str = "long") -> SystemRun:
+    """A long encoder (``Context.views``) on whole documents; a trained one adds its training seconds."""
+    views = ctx.views(which)
     docs, corpus = views.full(ctx.documents)
     queries, query = views.trunc(ctx.queries())
-    return SystemRun(queries @ docs.T, {"corpus": corpus, "queries": query},
-                     {"max_length": views.encoder.max_length})
+    seconds, info = {"corpus": corpus, "queries": query}, {"max_length": views.encoder.max_length}
+    if which != "long":
+        from .trained import finished
+
+        result = finished(ctx.settings, TRAINED_VIEWS[which])
+        seconds["train"], info["budget"] = result["budget"]["seconds"], result["budget"]
+    return SystemRun(queries @ docs.T, seconds, info)
 
 
 def run_paraformer(ctx: Context) -> SystemRun:
@@ -144,6 +164,8 @@ RETRIEVAL_SYSTEMS: dict[str, Callable[[Context], SystemRun]] = {
     "minilm-chunks-max": lambda ctx: _run_chunks(ctx, "max"),
     "minilm-chunks-mean": lambda ctx: _run_chunks(ctx, "mean"),
     "minilm-long": run_long,
+    "minilm-long-ft": lambda ctx: run_long(ctx, "long-ft"),
+    "minilm-long-mlm": lambda ctx: run_long(ctx, "long-mlm"),
     "paraformer": run_paraformer,
 }
 
