@@ -48,3 +48,30 @@ def test_run_end_to_end_and_resume(tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.safetensors")}
     assert main(args) == 0
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "cache").glob("*.safetensors")}
+
+
+def test_throughput_rows_and_the_fair_dense_baseline_computes_the_same_function(tmp_path):
+    import torch
+
+    from longattn.integrations.convert import convert_to_long
+    from longattn.longdoc.encoders import minilm_path
+    from longattn.longdoc.throughput import dense_bert, measure_throughput
+    from longattn.models.longformer import LongformerConfig, LongformerModel
+
+    model_dir = convert_to_long(minilm_path(), tmp_path / "long", max_length=1024, window=64)
+    result = measure_throughput(model_dir, tmp_path, tokens=96, min_run_time=0.01)
+    assert [(r["attention"].split(" ")[0], r["mode"]) for r in result["rows"]] == [
+        ("window", "forward"), ("longattn", "forward"), ("transformers", "forward"), ("window", "train step"),
+        ("window", "train step"), ("longattn", "train step"), ("transformers", "train step")]
+    assert all(r["ms"] > 0 and r["peak_mb"] > 0 for r in result["rows"])
+    assert (tmp_path / "throughput.json").exists()
+    # within the source's 512 positions, full attention through longattn and through transformers agree
+    ids = torch.randint(1000, 30000, (1, 96), generator=torch.Generator().manual_seed(0))
+    long = LongformerModel.from_pretrained(model_dir)
+    dense = LongformerModel(LongformerConfig.from_hf({**long.config.to_hf(), "attention_window": 256}),
+                            add_pooling_layer=long.pooler is not None).eval()
+    dense.load_state_dict(long.state_dict())
+    with torch.no_grad():
+        ours = dense(ids, global_attention_mask=torch.zeros_like(ids)).last_hidden_state
+        theirs = dense_bert(96)(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)

@@ -116,7 +116,7 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     result = measure_throughput(long_model_dir(settings.out / "models", settings.max_length), settings.out,
                                 tokens=args.tokens)
     for row in result["rows"]:
-        print(f"{row['attention']:40s} {row['mode']:10s} {row['ms']:8.0f} ms {row['tokens_per_s']:8.0f} tokens/s "
+        print(f"{row['attention']:48s} {row['mode']:10s} {row['ms']:8.0f} ms {row['tokens_per_s']:8.0f} tokens/s "
               f"{row['peak_mb']:8.0f} MB")
     return 0
 

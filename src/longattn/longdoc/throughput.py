@@ -1,11 +1,18 @@
 """The long encoder's cost against the same weights with dense attention, on one long input.
 
-The converted MiniLM (window 512 + global CLS) and the same model with a window covering the whole input
-(every query sees every key: dense attention, which ``auto`` runs through PyTorch's SDPA) read the same
-``tokens``-token document, batch 1: forward (inference) time, tokens per second and the peak of tensor memory
-(``tools.measure.peak_mb``, exact on CPU), then a training step (forward + backward) with and without gradient
-checkpointing. The machine's matmul rates are measured in the same run, so the numbers can be compared across
-machines.
+Three models read the same ``tokens``-token document, batch 1:
+
+- the converted MiniLM (longattn's Longformer, window 512 + global CLS);
+- its dense twin in longattn: the same model with a window covering the whole input, so every query sees
+  every key (``auto`` sends it to PyTorch's SDPA with the pattern's mask);
+- the fair dense baseline a user would reach for: transformers' ``BertModel`` with SDPA attention and no mask
+  at all (PyTorch's fused kernel, forward and backward), the MiniLM weights with the position table
+  extended as ``convert`` extends it (the timing does not depend on the values).
+
+For each: forward (inference) time, tokens per second and the peak of tensor memory
+(``tools.measure.peak_mb``, exact on CPU), then a training step (forward + backward of a mean-square loss on
+the last hidden states), the long encoder also with gradient checkpointing. The machine's matmul rates are
+measured in the same run, so the numbers can be compared across machines.
 """
 
 from __future__ import annotations
@@ -35,9 +42,31 @@ def machine() -> dict:
             "fp32_gflops": matmul_gflops(torch.float32, device), "bf16_gflops": matmul_gflops(torch.bfloat16, device)}
 
 
+def dense_bert(tokens: int):
+    """all-MiniLM-L6-v2 as transformers' ``BertModel`` with SDPA attention and ``tokens`` positions (the
+    learned 512 repeated, as ``convert.extend_positions`` does), in evaluation mode."""
+    import transformers
+
+    from .encoders import minilm_path
+
+    model = transformers.BertModel.from_pretrained(minilm_path(), attn_implementation="sdpa")
+    table = model.embeddings.position_embeddings.weight.detach()  # (512, C)
+    config = model.config
+    config.max_position_embeddings = tokens
+    config._attn_implementation = "sdpa"  # the constructor takes no attn_implementation; the config carries it
+    bert = transformers.BertModel(config, add_pooling_layer=False)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("pooler")
+             and not k.endswith(("position_ids", "token_type_ids"))}
+    state["embeddings.position_embeddings.weight"] = table.repeat(-(-tokens // len(table)), 1)[:tokens]
+    missing, unexpected = bert.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith(("position_ids", "token_type_ids")) for k in missing), (missing, unexpected)
+    assert bert.config._attn_implementation == "sdpa", bert.config._attn_implementation
+    return bert.eval()
+
+
 def measure_throughput(model_dir: Path | str, out: Path | str, *, tokens: int = 4096, min_run_time: float = 2.0
                        ) -> dict:
-    """Time and memory of the long encoder and its dense twin at ``tokens`` tokens; written to
+    """Time and memory of the long encoder and the two dense baselines at ``tokens`` tokens; written to
     ``out/throughput.json``."""
     from ..models.longformer import LongformerConfig
 
@@ -51,30 +80,37 @@ def measure_throughput(model_dir: Path | str, out: Path | str, *, tokens: int = 
     ids = torch.randint(1000, config.vocab_size, (1, tokens), generator=gen)
     flags = torch.zeros(1, tokens, dtype=torch.long)
     flags[:, 0] = 1
+    bert = dense_bert(tokens)
+    twin = f"longattn dense twin (window {2 * tokens}, masked SDPA)"
+    fair = "transformers BERT, SDPA without a mask"
+    calls = {"window 512 + global CLS": lambda m: m(ids, global_attention_mask=flags),
+             twin: lambda m: m(ids, global_attention_mask=flags), fair: lambda m: m(input_ids=ids)}
     rows = []
-    for name, model in (("window 512 + global CLS", sparse), (f"dense (window {2 * tokens})", dense)):
+    for name, model in (("window 512 + global CLS", sparse), (twin, dense), (fair, bert)):
         def forward():
             with torch.inference_mode():
-                model(ids, global_attention_mask=flags)
+                calls[name](model)
 
         ms = median_ms(forward, device, min_run_time)
         rows.append({"attention": name, "mode": "forward", "tokens": tokens, "ms": ms,
                      "tokens_per_s": tokens / (ms / 1e3), "peak_mb": peak_mb(forward, device, False)})
     for name, model, checkpointing in (("window 512 + global CLS", sparse, False),
                                        ("window 512 + global CLS, checkpointed", sparse, True),
-                                       (f"dense (window {2 * tokens})", dense, False)):
+                                       (twin, dense, False), (fair, bert, False)):
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable()
+        call = calls[name.removesuffix(", checkpointed")]
 
         def train_step():
-            model(ids, global_attention_mask=flags).last_hidden_state.square().mean().backward()
+            call(model).last_hidden_state.square().mean().backward()
             model.zero_grad(set_to_none=True)
 
         ms = median_ms(train_step, device, min_run_time)
         rows.append({"attention": name, "mode": "train step", "tokens": tokens, "ms": ms,
                      "tokens_per_s": tokens / (ms / 1e3), "peak_mb": peak_mb(train_step, device, False)})
-        model.gradient_checkpointing_disable()
+        if checkpointing:
+            model.gradient_checkpointing_disable()
         model.eval()
     result = {"machine": machine(), "rows": rows}
     write_json(Path(out) / "throughput.json", result)
