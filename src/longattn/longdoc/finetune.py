@@ -71,8 +71,8 @@ class Budget:
 #: budget of the reported numbers, about 20 minutes each on a 2-core AMD EPYC (fp32 matmul ~190 GFLOP/s);
 #: "quick": seconds, for --quick
 BUDGETS = {
-    "retrieval": {"full": Budget(80, 16, 1024, 2e-5), "quick": Budget(6, 4, 256, 2e-5, evals=2)},
-    "classification": {"full": Budget(120, 8, 2048, 2e-5, evals=4), "quick": Budget(6, 4, 256, 2e-5, evals=2)},
+    "retrieval": {"full": Budget(60, 8, 1024, 2e-5), "quick": Budget(6, 4, 256, 2e-5, evals=2)},
+    "classification": {"full": Budget(80, 8, 2048, 2e-5, evals=2), "quick": Budget(6, 4, 256, 2e-5, evals=2)},
     "pretrain": {"full": Budget(80, 2, 4096, 5e-5), "quick": Budget(6, 2, 256, 5e-5, evals=2)},
 }
 
