@@ -60,17 +60,13 @@ def _sentence_mean(ctx: Context):
     return view
 
 
-def _long_mlm(ctx: Context):
-    return ctx.views("long-mlm").full
-
-
 PROBES = {
     "tfidf": _tfidf,
     "minilm-512": _dense(lambda ctx: ctx.views("short").trunc),
     "minilm-chunks-mean": _dense(_chunk_mean),
     "minilm-sentences-mean": _dense(_sentence_mean),
     "minilm-long": _dense(lambda ctx: ctx.views("long").full),
-    "minilm-long-mlm": _dense(_long_mlm),
+    "minilm-long-mlm": _dense(lambda ctx: ctx.views("long-mlm").full),
 }
 FINE_TUNED = ("minilm-long-ft",)  # the long encoder fine-tuned with a classification head (``longdoc.trained``)
 CLASSIFICATION_SYSTEMS = [*PROBES, *FINE_TUNED]
