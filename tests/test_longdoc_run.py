@@ -19,7 +19,7 @@ from test_longdoc import write_db  # noqa: E402
 def test_run_end_to_end_and_resume(tmp_path, capsys):
     root = write_db(tmp_path / "data")
     args = ["longdoc", "run", "--data-dir", str(root), "--out", str(tmp_path / "out"), "--max-length", "1024",
-            "--paraformer-steps", "4", "--no-progress", "--quick"]
+            "--paraformer-steps", "4", "--no-progress", "--quick", "--trained"]
     assert main(args) == 0
     out = tmp_path / "out" / "quick"
     retrieval = {p.stem: json.loads(p.read_text()) for p in (out / "retrieval").glob("*.json")}

@@ -30,6 +30,7 @@ from .pretrain import pretrain_mlm
 from .tasks import ClassificationTask, RetrievalTask
 
 RUNS = {"retrieval": "finetune-retrieval", "classification": "finetune-classification", "pretrain": "pretrain"}
+TRAINED_SYSTEMS = ("minilm-long-ft", "minilm-long-mlm")  # the systems (in either task) these runs feed
 
 
 def run_dir(settings, which: str) -> Path:
@@ -101,5 +102,5 @@ def classifier_result(task: ClassificationTask, settings) -> dict:
     return finished(settings, "classification") or train_classification(task, settings)
 
 
-__all__ = ["RUNS", "classifier_result", "default_budget", "finished", "pretrain_texts", "run_dir", "source_dir",
+__all__ = ["RUNS", "TRAINED_SYSTEMS", "classifier_result", "default_budget", "finished", "pretrain_texts", "run_dir", "source_dir",
            "train_classification", "train_pretrain", "train_retrieval", "trained_model_dir"]
