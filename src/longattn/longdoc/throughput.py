@@ -6,7 +6,8 @@ Three models read the same ``tokens``-token document, batch 1:
 - its dense twin in longattn: the same model with a window covering the whole input, so every query sees
   every key (``auto`` sends it to PyTorch's SDPA with the pattern's mask);
 - the fair dense baseline a user would reach for: transformers' ``BertModel`` with SDPA attention and no mask
-  at all (PyTorch's fused kernel, forward and backward), the MiniLM weights with the position table
+  at all (measured on CPU: the fused kernel in inference; in training, with attention dropout on, a step holds
+  the full probabilities as the masked twin does), the MiniLM weights with the position table
   extended as ``convert`` extends it (the timing does not depend on the values).
 
 For each: forward (inference) time, tokens per second and the peak of tensor memory
