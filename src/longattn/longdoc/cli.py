@@ -209,7 +209,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                **_budget_args(args, args.task))
     if args.task == "retrieval":
         path = train_retrieval(retrieval_task(_db(args), quick=settings.quick), settings, **run)
-        _print_run(path, run_dir(settings, "retrieval"), args.stop_after)
+        _print_run(path, run_dir(settings.out, "retrieval"), args.stop_after)
         return 0
     result = train_classification(classification_task(_db(args, rules=False), quick=settings.quick), settings,
                                   head_warmup=args.head_warmup, **run)
@@ -219,7 +219,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         nan = float("nan")
         print(f"micro-F1 {result.get('micro_f1', nan):.3f}  macro-F1 {result.get('macro_f1', nan):.3f}"
               f"  ({result['budget']['steps']} steps, {result['budget']['max_tokens']} tokens per document, "
-              f"{result['budget']['seconds']:.0f} s); wrote {run_dir(settings, 'classification') / 'result.json'}")
+              f"{result['budget']['seconds']:.0f} s); wrote {run_dir(settings.out, 'classification') / 'result.json'}")
     return 0
 
 
@@ -231,7 +231,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     path = train_pretrain(retrieval_task(_db(args, rules=False), quick=settings.quick), settings,
                           source=args.source and Path(args.source), stop_after=args.stop_after, device=args.device,
                           mask_prob=args.mask_prob, head_warmup=args.head_warmup, **_budget_args(args, "pretrain"))
-    _print_run(path, run_dir(settings, "pretrain"), args.stop_after)
+    _print_run(path, run_dir(settings.out, "pretrain"), args.stop_after)
     return 0
 
 

@@ -158,14 +158,13 @@ def _how(result: dict) -> str:
 
 def _budget_section(report: Report, out: Path) -> None:
     """The budgets and loss histories of the trained long encoders (``longdoc.trained``' run folders)."""
-    from .trained import RUNS
+    from .trained import RUNS, finished
 
     rows, histories = [], []
     for which, folder in RUNS.items():
-        path = out / folder / "result.json"
-        if not path.exists() or not json.loads(path.read_text()).get("finished"):
+        r = finished(out, which)
+        if r is None:
             continue
-        r = json.loads(path.read_text())
         b = r["budget"]
         tokens = b.get("max_tokens", b.get("seq_len"))
         rows.append([folder, b["steps"], b["batch_size"], tokens, f"{b['lr']:g}", b["seconds"] / 60])

@@ -147,7 +147,7 @@ def run_long(ctx: Context, which: str = "long") -> SystemRun:
     if which != "long":
         from .trained import finished
 
-        result = finished(ctx.settings, TRAINED_VIEWS[which])
+        result = finished(ctx.settings.out, TRAINED_VIEWS[which])
         seconds["train"], info["budget"] = result["budget"]["seconds"], result["budget"]
     return SystemRun(queries @ docs.T, seconds, info)
 

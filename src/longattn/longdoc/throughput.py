@@ -81,35 +81,40 @@ def measure_throughput(model_dir: Path | str, out: Path | str, *, tokens: int = 
     ids = torch.randint(1000, config.vocab_size, (1, tokens), generator=gen)
     flags = torch.zeros(1, tokens, dtype=torch.long)
     flags[:, 0] = 1
-    bert = dense_bert(tokens)
-    twin = f"longattn dense twin (window {2 * tokens}, masked SDPA)"
-    fair = "transformers BERT, SDPA without a mask"
-    calls = {"window 512 + global CLS": lambda m: m(ids, global_attention_mask=flags),
-             twin: lambda m: m(ids, global_attention_mask=flags), fair: lambda m: m(input_ids=ids)}
+    def longformer(m):
+        return m(ids, global_attention_mask=flags)
+
+    def plain(m):
+        return m(input_ids=ids)
+
+    sparse_name = "window 512 + global CLS"
+    models = [(sparse_name, sparse, longformer),
+              (f"longattn dense twin (window {2 * tokens}, masked SDPA)", dense, longformer),
+              ("transformers BERT, SDPA without a mask", dense_bert(tokens), plain)]
     rows = []
-    for name, model in (("window 512 + global CLS", sparse), (twin, dense), (fair, bert)):
+
+    def measure(name: str, mode: str, fn) -> None:
+        ms = median_ms(fn, device, min_run_time)
+        rows.append({"attention": name, "mode": mode, "tokens": tokens, "ms": ms,
+                     "tokens_per_s": tokens / (ms / 1e3), "peak_mb": peak_mb(fn, device, False)})
+
+    for name, model, call in models:
         def forward():
             with torch.inference_mode():
-                calls[name](model)
+                call(model)
 
-        ms = median_ms(forward, device, min_run_time)
-        rows.append({"attention": name, "mode": "forward", "tokens": tokens, "ms": ms,
-                     "tokens_per_s": tokens / (ms / 1e3), "peak_mb": peak_mb(forward, device, False)})
-    for name, model, checkpointing in (("window 512 + global CLS", sparse, False),
-                                       ("window 512 + global CLS, checkpointed", sparse, True),
-                                       (twin, dense, False), (fair, bert, False)):
+        measure(name, "forward", forward)
+    for name, model, call in [models[0], (f"{sparse_name}, checkpointed", sparse, longformer), *models[1:]]:
         model.train()
+        checkpointing = name.endswith("checkpointed")
         if checkpointing:
             model.gradient_checkpointing_enable()
-        call = calls[name.removesuffix(", checkpointed")]
 
         def train_step():
             call(model).last_hidden_state.square().mean().backward()
             model.zero_grad(set_to_none=True)
 
-        ms = median_ms(train_step, device, min_run_time)
-        rows.append({"attention": name, "mode": "train step", "tokens": tokens, "ms": ms,
-                     "tokens_per_s": tokens / (ms / 1e3), "peak_mb": peak_mb(train_step, device, False)})
+        measure(name, "train step", train_step)
         if checkpointing:
             model.gradient_checkpointing_disable()
         model.eval()

@@ -33,14 +33,15 @@ RUNS = {"retrieval": "finetune-retrieval", "classification": "finetune-classific
 TRAINED_SYSTEMS = ("minilm-long-ft", "minilm-long-mlm")  # the systems (in either task) these runs feed
 
 
-def run_dir(settings, which: str) -> Path:
-    """The folder of run ``which`` (``retrieval``, ``classification`` or ``pretrain``)."""
-    return Path(settings.out) / RUNS[which]
+def run_dir(out: Path | str, which: str) -> Path:
+    """The folder of run ``which`` (``retrieval``, ``classification`` or ``pretrain``) in the benchmark's
+    output folder ``out``."""
+    return Path(out) / RUNS[which]
 
 
-def finished(settings, which: str) -> dict | None:
-    """The finished run's ``result.json``, or None."""
-    path = run_dir(settings, which) / RESULT
+def finished(out: Path | str, which: str) -> dict | None:
+    """The finished run's ``result.json`` (in the output folder ``out``), or None."""
+    path = run_dir(out, which) / RESULT
     if not path.exists():
         return None
     result = json.loads(path.read_text())
@@ -66,15 +67,15 @@ def pretrain_texts(task: RetrievalTask) -> list[str]:
 
 def train_retrieval(task: RetrievalTask, settings, *, source: Path | None = None, stop_after: int | None = None,
                     device="cpu", **budget) -> Path | None:
-    """``finetune_retrieval`` into ``run_dir(settings, "retrieval")``; ``budget`` overrides the default's fields."""
-    return finetune_retrieval(task, settings, source=source or source_dir(settings), out=run_dir(settings, "retrieval"),
+    """``finetune_retrieval`` into ``run_dir(settings.out, "retrieval")``; ``budget`` overrides the default's fields."""
+    return finetune_retrieval(task, settings, source=source or source_dir(settings), out=run_dir(settings.out, "retrieval"),
                               stop_after=stop_after, device=device, **{**default_budget(settings, "retrieval"), **budget})
 
 
 def train_pretrain(task: RetrievalTask, settings, *, source: Path | None = None, stop_after: int | None = None,
                    device="cpu", mask_prob: float = 0.15, head_warmup: int | None = None, **budget) -> Path | None:
-    """``pretrain_mlm`` on ``pretrain_texts(task)`` into ``run_dir(settings, "pretrain")``."""
-    return pretrain_mlm(pretrain_texts(task), source=source or source_dir(settings), out=run_dir(settings, "pretrain"),
+    """``pretrain_mlm`` on ``pretrain_texts(task)`` into ``run_dir(settings.out, "pretrain")``."""
+    return pretrain_mlm(pretrain_texts(task), source=source or source_dir(settings), out=run_dir(settings.out, "pretrain"),
                         mask_prob=mask_prob, head_warmup=head_warmup, head_lr=HEAD_LR, stop_after=stop_after,
                         device=device, progress=settings.progress, resume=settings.resume,
                         **{**default_budget(settings, "pretrain"), **budget})
@@ -83,23 +84,23 @@ def train_pretrain(task: RetrievalTask, settings, *, source: Path | None = None,
 def train_classification(task: ClassificationTask, settings, *, source: Path | None = None,
                          stop_after: int | None = None, device="cpu", head_warmup: int | None = None,
                          **budget) -> dict:
-    """``finetune_classifier`` into ``run_dir(settings, "classification")``."""
+    """``finetune_classifier`` into ``run_dir(settings.out, "classification")``."""
     return finetune_classifier(task, settings, source=source or source_dir(settings),
-                               out=run_dir(settings, "classification"), head_warmup=head_warmup,
+                               out=run_dir(settings.out, "classification"), head_warmup=head_warmup,
                                stop_after=stop_after, device=device,
                                **{**default_budget(settings, "classification"), **budget})
 
 
 def trained_model_dir(task: RetrievalTask, settings, which: str) -> Path:
     """The model directory of the finished ``retrieval`` or ``pretrain`` run, trained first if need be."""
-    if finished(settings, which) is None:
+    if finished(settings.out, which) is None:
         (train_retrieval if which == "retrieval" else train_pretrain)(task, settings)
-    return run_dir(settings, which) / MODEL_DIR
+    return run_dir(settings.out, which) / MODEL_DIR
 
 
 def classifier_result(task: ClassificationTask, settings) -> dict:
     """The finished classification fine-tuning's result (trained first if need be)."""
-    return finished(settings, "classification") or train_classification(task, settings)
+    return finished(settings.out, "classification") or train_classification(task, settings)
 
 
 __all__ = ["RUNS", "TRAINED_SYSTEMS", "classifier_result", "default_budget", "finished", "pretrain_texts", "run_dir", "source_dir",
