@@ -6,12 +6,28 @@ PyTorch's own error (SDPA in the same dtype, same mask) plus a small floor for r
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import pytest
 import torch
 
 import longattn as la
+from longattn.backends import machine
 
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-3, torch.float64: 1e-10}
+
+
+@contextlib.contextmanager
+def forced_compute(name):
+    """Run with the blocked path multiplying bf16/fp16 inputs in ``name`` ("fp32" or their own dtype,
+    "bf16"), whatever this machine's profile would choose; None leaves the profile alone."""
+    if name is None:
+        yield
+        return
+    compute = {"bf16": name, "fp16": "fp16" if name != "fp32" else "fp32"}
+    with machine.use(dataclasses.replace(machine.DEFAULTS, source=f"test: {name} compute", compute=compute)):
+        yield
 
 
 def reference(q, k, v, keep, *, scale=None, bias=None):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import longattn as la
-from conftest import DEVICES, assert_close_to_reference, qkv
+from conftest import DEVICES, assert_close_to_reference, forced_compute, qkv
 
 
 def _per_example_globals(batch, n):
@@ -65,13 +65,21 @@ def _case(pattern_name, scenario, dtype, device):
     return pattern, q, k, v, kpm, keep
 
 
+# bf16 inputs run twice on CPU: multiplied in float32 (machines whose bf16 matmul is slower) and in bf16
+# with float32 softmax and accumulation (machines with a fast bf16 unit), whatever this machine would pick.
+PRECISIONS = {"fp32": (torch.float32, None), "bf16-fp32-compute": (torch.bfloat16, "fp32"),
+              "bf16-bf16-compute": (torch.bfloat16, "bf16")}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize("pattern_name", list(PATTERNS))
-def test_blocked_matches_oracle(pattern_name, scenario, dtype, device):
+def test_blocked_matches_oracle(pattern_name, scenario, precision, device):
+    dtype, compute = PRECISIONS[precision]
     pattern, q, k, v, kpm, keep = _case(pattern_name, scenario, dtype, device)
-    assert_close_to_reference("blocked", q, k, v, keep, pattern=pattern, key_padding_mask=kpm)
+    with forced_compute(compute):
+        assert_close_to_reference("blocked", q, k, v, keep, pattern=pattern, key_padding_mask=kpm)
 
 
 @pytest.mark.parametrize("pattern_name", ["window", "causal_window", "global_per_example", "bigbird"])
@@ -203,6 +211,46 @@ def test_blocked_gradcheck_with_dropout_reseeded():
         return la.attention(q, k, v, pattern=la.sliding_window(3), dropout_p=0.3, backend="blocked")
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_low_precision_row_offsets_are_exact(dropout_p, monkeypatch):
+    """The extra columns that keep bf16 scores and dP accurate (row maxima, -delta) change nothing exactly:
+    gradcheck in float64 with them forced on, with dropout, key padding and a float bias with its gradient."""
+    monkeypatch.setattr("longattn.backends.blocked.kernel.ROW_OFFSETS_ALWAYS", True)
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, 21, 21, 4, torch.float64))
+    bias = torch.randn(1, 2, 21, 21, dtype=torch.float64, requires_grad=True)
+    kpm = torch.ones(2, 21, dtype=torch.bool)
+    kpm[1, 10:] = False
+    pattern = la.sliding_window(4) | la.global_tokens([20])
+
+    def fn(q, k, v, bias):
+        torch.manual_seed(0)
+        return la.attention(q, k, v, pattern=pattern, attn_mask=bias, key_padding_mask=kpm, dropout_p=dropout_p,
+                            backend="blocked")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+    if dropout_p == 0:
+        expected = la.attention(q, k, v, pattern=pattern, attn_mask=bias, key_padding_mask=kpm, backend="dense")
+        torch.testing.assert_close(fn(q, k, v, bias), expected)
+
+
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+def test_bf16_attn_mask_and_dropout_in_each_compute_dtype(compute):
+    """bf16 inputs with a float mask, and with dropout, whichever dtype the matmuls run in."""
+    b, h, n, d = 2, 2, 97, 40
+    q, k, v = qkv(b, h, n, n, d, torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    extra = torch.rand(b, 1, n, n, generator=gen) > 0.3
+    pattern = la.sliding_window(9) | la.global_tokens([3])
+    bias = torch.randn(b, 1, n, n, generator=gen).masked_fill(~extra, float("-inf")).bfloat16()
+    with forced_compute(compute):
+        assert_close_to_reference("blocked", q, k, v, pattern.dense(n, num_heads=h), pattern=pattern, bias=bias)
+        torch.manual_seed(0)
+        a = la.attention(q, k, v, pattern=pattern, dropout_p=0.5, backend="blocked")
+        torch.manual_seed(0)
+        assert torch.equal(a, la.attention(q, k, v, pattern=pattern, dropout_p=0.5, backend="blocked"))
+        assert not a.isnan().any()
 
 
 def test_blocked_gradcheck_float_bias_with_grad():

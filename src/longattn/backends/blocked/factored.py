@@ -47,6 +47,7 @@ from ...patterns.compose import Intersection, PerHead, Union
 from ...patterns.sparse_transformer import StrideColumns, SummaryColumns
 from ..dense import dense_attention
 from ..inputs import AttentionInputs
+from ..machine import compute_dtype
 from .kernel import tiled_attention
 from .schedule import DEFAULT_BLOCK
 
@@ -396,7 +397,7 @@ def factored_plan(pattern: Pattern, geo: Geometry, device: torch.device) -> Fact
 
 def factored_attention(plan: FactoredPlan, inp: AttentionInputs) -> Tensor:
     """Run every head group (dense SDPA or the tiles) and put heads and rows back in order."""
-    compute = torch.float32 if inp.q.dtype in (torch.float16, torch.bfloat16) else inp.q.dtype
+    compute = compute_dtype(inp.q.dtype, inp.q.device)  # the tiles' matmul dtype (float32 where bf16 is slower)
     q, k, v = (t.to(compute) for t in (inp.q, inp.k, inp.v))
     am = inp.attn_mask
     if am is not None:

@@ -10,8 +10,10 @@ heads at a time), so the mask addition, the in-place softmax and the two matmuls
 no fresh pages. Backward recomputes each tile's probabilities instead of storing them (FlashAttention's
 trade), so training memory is O(N * d) plus one tile; dK and dV of views accumulate transposed
 (``q^T @ dS`` is the faster matmul form on CPU); dropout masks are regenerated from a per-group seed.
-Low-precision inputs are computed in float32 and cast back: on CPUs without AMX a bf16 matmul runs at
-half the fp32 rate (see ``longattn bench``).
+Low-precision inputs (bf16, fp16) multiply in their own dtype where the machine's matmul is faster in it
+(``machine.compute_dtype``: AVX512-BF16, AMX, GPUs), with softmax, its backward and every accumulation
+across tiles in float32; elsewhere (bf16 at half the fp32 rate without a bf16 unit) they are computed in
+float32 and cast back.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from torch import Tensor
 
 from ...patterns.full import Full
 from ..inputs import AttentionInputs
+from ..machine import compute_dtype
 from .schedule import Schedule, Tile, bias_and_dead, choose_block, get_schedule
 
 TILE_BYTES = 4 << 20  # wider tiles run a few heads at a time: scores stay in cache, no fresh pages
+ROW_OFFSETS_ALWAYS = False  # tests: the low-precision path's extra columns in any dtype (gradcheck in float64)
 
 
 # ---- one call ---------------------------------------------------------------------------------------------
@@ -100,12 +104,16 @@ class _Workspace:
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         numel = math.prod(shape)
         buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel:
-            buf = self._buffers[name] = like.new_empty(numel)
+        if buf is None or buf.numel() < numel or (dtype is not None and buf.dtype != dtype):
+            buf = self._buffers[name] = like.new_empty(numel, dtype=dtype)
         return buf[:numel].view(shape)
+
+    def cast(self, name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """``t`` in ``dtype``, converted into a reused buffer when it is not already."""
+        return t if t.dtype == dtype else self.get(name, tuple(t.shape), t, dtype).copy_(t)
 
 
 def _scores(q: Tensor, parts: list[Part], operand: str, out: Tensor) -> Tensor:
@@ -139,6 +147,13 @@ class BlockedCall:
     scale: float
     dropout_p: float
     seed: int
+    acc: torch.dtype  # softmax and accumulation dtype (float32 when the matmuls run in bf16/fp16)
+    # Low-precision matmuls round each score to 8 bits, an error relative to its magnitude (3.5x SDPA's
+    # error, which keeps scores in fp32). With one extra column (q: -m_i, k: 1) the product gives
+    # s_ij - m_i, m_i the row's maximum score (from a first product), accumulated in fp32 before the rounding:
+    # the scores that carry the softmax's weight are then near 0 and keep their digits (1.5-1.9x SDPA's
+    # error). The shift leaves softmax unchanged and is not differentiated.
+    row_offsets: bool
 
     def groups(self, tile: Tile) -> list[tuple[slice, slice]]:
         """(example, head) groups whose scores fit TILE_BYTES; one group for all but the widest tiles."""
@@ -176,15 +191,13 @@ class BlockedCall:
             bias = picked if bias is None else bias + picked
         return bias, dead
 
-    def probabilities(self, qg: Tensor, parts: list[Part], bias: Tensor | None, dead: Tensor | None,
-                      out: Tensor) -> Tensor:
-        """Softmax probabilities (b, h, r*s, C) of a tile (group) from pre-scaled queries, computed in
-        ``out``; dead rows are 0.
+    def probabilities(self, scores: Tensor, bias: Tensor | None, dead: Tensor | None) -> Tensor:
+        """Softmax probabilities (b, h, r*s, C) of a tile (group), in place over its scores (float32 for
+        low-precision inputs); dead rows are 0.
 
         Backward recomputes them the same way rather than storing them or a log-sum-exp: one fused
         softmax over cached scores is cheaper on CPU than log-sum-exp plus exp passes.
         """
-        scores = _scores(qg, parts, "k", out)
         if bias is not None:
             scores += bias
         if scores.device.type == "cpu":  # the CPU kernel finishes each row before the next: safe in place
@@ -216,94 +229,123 @@ class BlockedCall:
                 n += 1
 
     def tile_probabilities(self, ws: _Workspace, q: Tensor, n: int, tile: Tile, g: tuple[slice, slice],
-                           parts: list[Part], bias: Tensor | None, dead: Tensor | None
-                           ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """A group's scaled queries, probabilities (in the workspace) and dropout mask: the forward pass,
-        and its recomputation in backward."""
+                           parts: list[Part], bias: Tensor | None, dead: Tensor | None, offsets: Tensor | None,
+                           measure: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A group's scaled queries, probabilities (in the workspace) and dropout mask: the forward pass
+        (``measure``: find the row offsets), and its recomputation in backward (reuse them)."""
         qt = q[g][:, :, tile.rows] * self.scale
         scores = ws.get("scores", (*qt.shape[:-1], parts[-1].cols.stop), q)
-        probs = self.probabilities(qt, parts, bias, dead, scores)
+        if offsets is not None:
+            rows = offsets[g][:, :, tile.rows]  # (b, h, r*s, 1)
+            if measure:  # the last query column is 0 here: these are the plain scores
+                plain = _scores(qt, parts, "k", scores)
+                if bias is not None:  # the maximum over allowed keys: a masked key's larger score would waste digits
+                    plain = torch.add(plain, bias, out=ws.get("scores_acc", plain.shape, plain, self.acc))
+                rows.copy_(plain.amax(dim=-1, keepdim=True).clamp_(min=-1e30))  # rows with no key: finite
+            qt[..., -1:] = -rows
+        scores = _scores(qt, parts, "k", scores)
+        probs = self.probabilities(ws.cast("scores_acc", scores, self.acc), bias, dead)
         return qt, probs, self.dropout_keep(n, probs)
 
 
-def _mix(weights: Tensor, parts: list[Part], operand: str) -> Tensor:
-    """sum over parts of weights[..., part columns] @ part.<operand>."""
+def _mix(weights: Tensor, parts: list[Part], operand: str, acc: torch.dtype) -> Tensor:
+    """sum over parts of weights[..., part columns] @ part.<operand>, summed in ``acc`` (low-precision
+    products are each rounded once, not once per partial sum)."""
     out = None
     for p in parts:
         term = torch.matmul(weights[..., p.cols], getattr(p, operand))
-        out = term if out is None else out.add_(term)
+        out = term if out is None else out.add_(term) if out.dtype == term.dtype else out.add_(term.to(acc))
+        if len(parts) > 1 and out.dtype != acc:
+            out = out.to(acc)
     return out
 
 
 class _BlockedAttention(torch.autograd.Function):
     """Tile-by-tile forward that keeps only the output; backward recomputes each tile's probabilities
     (FlashAttention's trade) and accumulates dk/dv in place, so training memory is O(N * d) beyond the
-    tile being processed."""
+    tile being processed. q, k, v arrive in the matmul dtype; the output and the float-mask bias are in
+    ``call.acc``."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, call: BlockedCall) -> Tensor:
         ops = _Operands.of(call.sched, k, v)
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=call.acc)
+        offsets = q.new_zeros(*q.shape[:-1], 1) if call.row_offsets else None  # (b, h, Nq_pad, 1)
         ws = _Workspace()
         for n, tile, g, parts, tile_bias, dead in call.work(ops):
             o = out[g][:, :, tile.rows]
             if not parts:  # no key at all: the rows output zeros
                 o.zero_()
                 continue
-            _, probs, keep = call.tile_probabilities(ws, q, n, tile, g, parts, tile_bias, dead)
+            _, probs, keep = call.tile_probabilities(ws, q, n, tile, g, parts, tile_bias, dead, offsets, True)
             if keep is not None:
                 probs *= keep
-            o.copy_(_mix(probs, parts, "v"))
-        ctx.save_for_backward(q, k, v, out)
+            o.copy_(_mix(ws.cast("probs_mm", probs, q.dtype), parts, "v", call.acc))
+        ctx.save_for_backward(q, k, v, out, offsets)
         ctx.call, ctx.bias_shape = call, None if bias is None else bias.shape
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        q, k, v, out = ctx.saved_tensors
+        q, k, v, out, offsets = ctx.saved_tensors
         call: BlockedCall = ctx.call
-        sched, block = call.sched, call.sched.block
+        sched, block, acc, mm = call.sched, call.sched.block, call.acc, q.dtype
         ops = _Operands.of(sched, k, v)
         ws = _Workspace()
-        dq = torch.empty_like(q)
+        dq = torch.empty_like(q, dtype=acc)
+        dout_mm = dout.to(mm, copy=call.row_offsets)  # (its extra column is written per tile)
         # Views accumulate into transposed gradients: q^T @ dS runs ~1.3x faster than dS^T @ q on CPU.
-        dkt, dvt = q.new_zeros(*k.shape[:2], k.shape[3], k.shape[2]), q.new_zeros(*v.shape[:2], v.shape[3], v.shape[2])
+        dkt = q.new_zeros(*k.shape[:2], k.shape[3], k.shape[2], dtype=acc)
+        dvt = q.new_zeros(*v.shape[:2], v.shape[3], v.shape[2], dtype=acc)
         # Copied columns (shared, gathered) scatter back into row-layout gradients.
-        dk, dv = (torch.zeros_like(k), torch.zeros_like(v)) if sched.copies else (None, None)
+        dk, dv = (torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)) if sched.copies else (None, None)
         dkst = dvst = None
         if ops.shared is not None:
-            dkst, dvst = (x.new_zeros(*x.shape[:2], x.shape[3], x.shape[2]) for x in ops.shared)
+            dkst, dvst = (x.new_zeros(*x.shape[:2], x.shape[3], x.shape[2], dtype=acc) for x in ops.shared)
         want_bias = ctx.bias_shape is not None and ctx.needs_input_grad[3]
-        dbias = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if want_bias else None
+        dbias = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=acc) if want_bias else None
         for n, tile, g, parts, tile_bias, dead in call.work(ops):
             dq_t = dq[g][:, :, tile.rows]
             if not parts:
                 dq_t.zero_()
                 continue
-            qt, probs, keep = call.tile_probabilities(ws, q, n, tile, g, parts, tile_bias, dead)
-            dout_t = dout[g][:, :, tile.rows]
-            dropped = probs * keep if keep is not None else probs
+            qt, probs, keep = call.tile_probabilities(ws, q, n, tile, g, parts, tile_bias, dead, offsets, False)
+            dout_t = dout_mm[g][:, :, tile.rows]
+            dropped = ws.cast("dropped_mm", probs * keep if keep is not None else probs, mm)
+            delta = (dout[g][:, :, tile.rows] * out[g][:, :, tile.rows]).sum(-1, keepdim=True)  # rowsum(dO * O)
+            taken = None
+            if call.row_offsets:  # dO's extra column holds -delta: the product gives dP - delta before rounding
+                dout_t[..., -1:] = -delta
+                taken = -dout_t[..., -1:].to(acc)  # the delta the product took (rounded to the matmul dtype)
             dp = _scores(dout_t, parts, "v", ws.get("dp", probs.shape, q))
-            if keep is not None:
-                dp *= keep
-            delta = (dout_t * out[g][:, :, tile.rows]).sum(-1, keepdim=True)  # rowsum(dO * O)
-            ds = dp.sub_(delta).mul_(probs)  # softmax backward, in place
-            dq_t.copy_(_mix(ds, parts, "k").mul_(call.scale))
+            dp = ws.cast("dp_acc", dp, acc)
+            if keep is not None:  # dropout scales dP, not delta: give the product's shift back first
+                dp.mul_(keep)
+                if taken is not None:
+                    dp.addcmul_(keep, taken)
+                    taken = None
+            ds_acc = dp.sub_(delta if taken is None else delta - taken).mul_(probs)  # softmax backward, in place
+            ds = ws.cast("ds_mm", ds_acc, mm)
+            dq_acc = _mix(ds, parts, "k", acc)
+            if ds is not ds_acc:
+                # dQ sums a whole row of dS, which sums to 0: the rounding of dS to the matmul dtype would
+                # survive the cancellation (4x SDPA's error on global rows), so its remainder is multiplied too.
+                rest = ws.cast("ds_rest", ds_acc - ds.to(acc), mm)
+                dq_acc = dq_acc.to(acc).add_(_mix(rest, parts, "k", acc))
+            dq_t.copy_(dq_acc.mul_(call.scale))
             for p in parts:
                 if p.rows is None:  # views and the shared copy: transposed accumulators
                     acc_k, acc_v = (dkt, dvt) if p.view is not None else (dkst, dvst)
                     a, z = p.view if p.view is not None else (0, acc_k.shape[-1])
-                    grad = ws.get("grad", (*qt.shape[:2], qt.shape[-1], z - a), q)
-                    acc_k[g][..., a:z] += torch.matmul(qt.transpose(-1, -2), ds[..., p.cols], out=grad)
-                    grad = ws.get("grad", (*dout_t.shape[:2], dout_t.shape[-1], z - a), q)
-                    acc_v[g][..., a:z] += torch.matmul(dout_t.transpose(-1, -2), dropped[..., p.cols], out=grad)
+                    _accumulate(acc_k[g][..., a:z], qt.transpose(-1, -2), ds[..., p.cols], ws)
+                    _accumulate(acc_v[g][..., a:z], dout_t.transpose(-1, -2), dropped[..., p.cols], ws)
                     continue
                 _scatter_blocks(dk, p.rows.reshape(-1), torch.matmul(ds[..., p.cols].transpose(-1, -2), qt), block)
                 _scatter_blocks(dv, p.rows.reshape(-1), torch.matmul(dropped[..., p.cols].transpose(-1, -2), dout_t),
                                 block)
             if dbias is not None:
                 cols = _select(call.cols(tile), g)
-                dbias[g][:, :, tile.rows].scatter_add_(-1, cols.expand(ds.shape), ds)
+                dbias[g][:, :, tile.rows].scatter_add_(-1, cols.expand(probs.shape), ds_acc)
         if dkst is not None:
             _scatter_blocks(dk, sched.shared, dkst.transpose(-1, -2), block)
             _scatter_blocks(dv, sched.shared, dvst.transpose(-1, -2), block)
@@ -312,12 +354,27 @@ class _BlockedAttention(torch.autograd.Function):
         if dbias is not None:  # back to the bias's own (broadcast, padded) shape
             dims = [d for d in range(4) if ctx.bias_shape[d] == 1]
             dbias = dbias.sum(dim=dims, keepdim=True) if dims else dbias  # sum(dim=[]) would sum everything
-        return dq, dk, dv, dbias, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, None
+
+
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor, ws: _Workspace) -> None:
+    """acc += a @ b for (b, h, m, n) views: one BLAS call with beta = 1 where the dtypes agree and the view
+    allows (no product buffer, no separate add pass); otherwise a product added in acc's dtype."""
+    if acc.dtype == a.dtype:
+        try:
+            acc3 = acc.view(-1, *acc.shape[-2:])
+        except RuntimeError:  # the leading dims do not merge in place
+            acc3 = None
+        if acc3 is not None:
+            acc3.baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+            return
+    acc += torch.matmul(a, b, out=ws.get("grad", (*a.shape[:-1], b.shape[-1]), a))
 
 
 def _scatter_blocks(target: Tensor, rows: Tensor, grad: Tensor, block: int) -> None:
     """Add the gradient of gathered blocks (b, h, G * block, d) into target (b, h, Nk_pad, d)."""
-    target.view(-1, block, target.shape[-1]).index_add_(0, rows, grad.reshape(-1, block, grad.shape[-1]))
+    grad = grad.reshape(-1, block, grad.shape[-1]).to(target.dtype)
+    target.view(-1, block, target.shape[-1]).index_add_(0, rows, grad)
 
 
 def tiled_attention(inp: AttentionInputs, *, block: int | None = None) -> Tensor:
@@ -330,13 +387,19 @@ def tiled_attention(inp: AttentionInputs, *, block: int | None = None) -> Tensor
     b, h, nq, d = inp.q.shape
     nk = inp.k.shape[2]
     nqb, nkb = -(-nq // block), -(-nk // block)
-    compute = torch.float32 if inp.q.dtype in (torch.float16, torch.bfloat16) else inp.q.dtype
-    q = _pad_rows(inp.q.to(compute), nqb * block)  # (b, h, Nq_pad, d)
-    k = _pad_rows(inp.k.to(compute), nkb * block)  # (b, h, Nk_pad, d)
-    v = _pad_rows(inp.v.to(compute), nkb * block)  # (b, h, Nk_pad, dv)
+    mm = compute_dtype(inp.q.dtype, device)  # the matmuls' dtype
+    acc = torch.float32 if mm in (torch.float16, torch.bfloat16) else mm  # softmax and accumulation
+    offsets = acc != mm or ROW_OFFSETS_ALWAYS
+    q = _pad_rows(inp.q.to(mm), nqb * block)  # (b, h, Nq_pad, d)
+    k = _pad_rows(inp.k.to(mm), nkb * block)  # (b, h, Nk_pad, d)
+    v = _pad_rows(inp.v.to(mm), nkb * block)  # (b, h, Nk_pad, dv)
+    if offsets:  # the row-offset columns (BlockedCall.row_offsets); their gradients are dropped by the cat
+        q = torch.cat([q, q.new_zeros(*q.shape[:-1], 1)], dim=-1)  # (b, h, Nq_pad, d + 1)
+        k = torch.cat([k, k.new_ones(*k.shape[:-1], 1)], dim=-1)  # (b, h, Nk_pad, d + 1)
+        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # (b, h, Nk_pad, dv + 1)
     am, bias = inp.attn_mask, None
     if am is not None:
-        am = am.to(compute) if am.is_floating_point() else am
+        am = am.to(acc) if am.is_floating_point() else am
         while am.dim() < 4:
             am = am.unsqueeze(0)
         pad_k, pad_q = (nkb * block - nk) * (am.shape[3] > 1), (nqb * block - nq) * (am.shape[2] > 1)
@@ -345,6 +408,6 @@ def tiled_attention(inp: AttentionInputs, *, block: int | None = None) -> Tensor
     kpm = None if inp.key_padding_mask is None else F.pad(inp.key_padding_mask, (0, nkb * block - nk))
     seed = int(torch.randint(0, 2**62, (1,))) if inp.dropout_p > 0 else 0
     call = BlockedCall(sched=sched, b=b, h=h, kpm=kpm, attn_mask=am, scale=inp.scale, dropout_p=inp.dropout_p,
-                       seed=seed)
+                       seed=seed, acc=acc, row_offsets=offsets)
     out = _BlockedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias, call)
-    return out[:, :, :nq].to(inp.q.dtype)
+    return out[:, :, :nq, :inp.v.shape[-1]].to(inp.q.dtype)
