@@ -215,8 +215,8 @@ def test_blocked_gradcheck_with_dropout_reseeded():
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_low_precision_row_offsets_are_exact(dropout_p, monkeypatch):
-    """The extra columns that keep bf16 scores and dP accurate (row maxima, -delta) change nothing exactly:
-    gradcheck in float64 with them forced on, with dropout, key padding and a float bias with its gradient."""
+    """The extra columns that keep bf16 scores accurate (row maxima) change nothing exactly: float64 with
+    them forced on equals the oracle and passes gradcheck, with dropout, key padding and a float bias."""
     monkeypatch.setattr("longattn.backends.blocked.kernel.ROW_OFFSETS_ALWAYS", True)
     q, k, v = (t.requires_grad_() for t in qkv(2, 2, 21, 21, 4, torch.float64))
     bias = torch.randn(1, 2, 21, 21, dtype=torch.float64, requires_grad=True)

@@ -10,16 +10,16 @@ heads at a time), so the mask addition, the in-place softmax and the two matmuls
 no fresh pages. Backward recomputes each tile's probabilities instead of storing them (FlashAttention's
 trade), so training memory is O(N * d) plus one tile; dK and dV of views accumulate transposed
 (``q^T @ dS`` is the faster matmul form on CPU); dropout masks are regenerated from a per-group seed.
-Low-precision inputs (bf16, fp16) multiply in their own dtype where the machine's matmul is faster in it
-(``machine.compute_dtype``: AVX512-BF16, AMX, GPUs), with softmax, its backward and every accumulation
-across tiles in float32; elsewhere (bf16 at half the fp32 rate without a bf16 unit) they are computed in
-float32 and cast back.
+Low-precision inputs (bf16, fp16) multiply in their own dtype in the forward where the machine's matmul
+is faster in it (``machine.compute_dtype``: AVX512-BF16, AMX, GPUs), with softmax in float32 and a row
+offset that keeps the scores' digits (``BlockedCall.row_offsets``); their backward, and both directions
+elsewhere (bf16 at half the fp32 rate without a bf16 unit), compute in float32 and cast back.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -147,12 +147,12 @@ class BlockedCall:
     scale: float
     dropout_p: float
     seed: int
-    acc: torch.dtype  # softmax and accumulation dtype (float32 when the matmuls run in bf16/fp16)
-    # Low-precision matmuls round each score to 8 bits, an error relative to its magnitude (3.5x SDPA's
-    # error, which keeps scores in fp32). With one extra column (q: -m_i, k: 1) the product gives
-    # s_ij - m_i, m_i the row's maximum score (from a first product), accumulated in fp32 before the rounding:
+    acc: torch.dtype  # softmax and accumulation dtype (float32 when the forward's matmuls run in bf16/fp16)
+    # A low-precision matmul rounds each score to 8 bits, an error relative to the score's size (3.5x
+    # SDPA's error: SDPA keeps its scores in fp32). With one extra column (q: -m_i, k: 1) the product gives
+    # s_ij - m_i, m_i the row's largest score (from a first product), summed in fp32 before the rounding:
     # the scores that carry the softmax's weight are then near 0 and keep their digits (1.5-1.9x SDPA's
-    # error). The shift leaves softmax unchanged and is not differentiated.
+    # error). The shift leaves softmax unchanged and is not differentiated. Backward runs in acc.
     row_offsets: bool
 
     def groups(self, tile: Tile) -> list[tuple[slice, slice]]:
@@ -229,146 +229,147 @@ class BlockedCall:
                 n += 1
 
     def tile_probabilities(self, ws: _Workspace, q: Tensor, n: int, tile: Tile, g: tuple[slice, slice],
-                           parts: list[Part], bias: Tensor | None, dead: Tensor | None, offsets: Tensor | None,
-                           measure: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """A group's scaled queries, probabilities (in the workspace) and dropout mask: the forward pass
-        (``measure``: find the row offsets), and its recomputation in backward (reuse them)."""
-        qt = q[g][:, :, tile.rows] * self.scale
-        scores = ws.get("scores", (*qt.shape[:-1], parts[-1].cols.stop), q)
-        if offsets is not None:
-            rows = offsets[g][:, :, tile.rows]  # (b, h, r*s, 1)
-            if measure:  # the last query column is 0 here: these are the plain scores
-                plain = _scores(qt, parts, "k", scores)
-                if bias is not None:  # the maximum over allowed keys: a masked key's larger score would waste digits
-                    plain = torch.add(plain, bias, out=ws.get("scores_acc", plain.shape, plain, self.acc))
-                rows.copy_(plain.amax(dim=-1, keepdim=True).clamp_(min=-1e30))  # rows with no key: finite
-            qt[..., -1:] = -rows
-        scores = _scores(qt, parts, "k", scores)
-        probs = self.probabilities(ws.cast("scores_acc", scores, self.acc), bias, dead)
+                           parts: list[Part], bias: Tensor | None, dead: Tensor | None
+                           ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A group's queries, probabilities (in the workspace) and dropout mask: the forward pass, and its
+        recomputation in backward.
+
+        The queries come back scaled, except with row offsets: there the scale is applied to the float32
+        scores, since a non-power-of-2 scale would round every query to 8 bits."""
+        if not self.row_offsets:
+            qt = q[g][:, :, tile.rows] * self.scale
+            scores = _scores(qt, parts, "k", ws.get("scores", (*qt.shape[:-1], parts[-1].cols.stop), q))
+        else:
+            qt = q[g][:, :, tile.rows].clone()  # (b, h, r*s, d + 1), unscaled; the last column is 0
+            shape = (*qt.shape[:-1], parts[-1].cols.stop)
+            raw, scores = ws.get("scores", shape, q), ws.get("scores_acc", shape, q, self.acc)
+            plain = torch.mul(_scores(qt, parts, "k", raw), self.scale, out=scores)
+            if bias is not None:  # the maximum over allowed keys: a masked key's larger score would waste digits
+                plain += bias
+            top = plain.amax(dim=-1, keepdim=True).clamp_(min=-1e30)  # (b, h, r*s, 1); rows with no key: finite
+            qt[..., -1:] = top.div_(-self.scale)
+            torch.mul(_scores(qt, parts, "k", raw), self.scale, out=scores)
+        probs = self.probabilities(scores, bias, dead)
         return qt, probs, self.dropout_keep(n, probs)
 
 
-def _mix(weights: Tensor, parts: list[Part], operand: str, acc: torch.dtype) -> Tensor:
-    """sum over parts of weights[..., part columns] @ part.<operand>, summed in ``acc`` (low-precision
-    products are each rounded once, not once per partial sum)."""
+def _mix(weights: Tensor, parts: list[Part], operand: str, acc: torch.dtype | None = None) -> Tensor:
+    """sum over parts of weights[..., part columns] @ part.<operand>, summed in ``acc`` when given
+    (low-precision products are then rounded once each, not once per partial sum)."""
     out = None
     for p in parts:
         term = torch.matmul(weights[..., p.cols], getattr(p, operand))
-        out = term if out is None else out.add_(term) if out.dtype == term.dtype else out.add_(term.to(acc))
-        if len(parts) > 1 and out.dtype != acc:
-            out = out.to(acc)
+        if out is None:
+            out = term if acc is None or len(parts) == 1 else term.to(acc)
+        else:
+            out.add_(term)
     return out
 
 
 class _BlockedAttention(torch.autograd.Function):
     """Tile-by-tile forward that keeps only the output; backward recomputes each tile's probabilities
     (FlashAttention's trade) and accumulates dk/dv in place, so training memory is O(N * d) beyond the
-    tile being processed. q, k, v arrive in the matmul dtype; the output and the float-mask bias are in
-    ``call.acc``."""
+    tile being processed. q, k, v arrive in the forward's matmul dtype (with the offset column when
+    ``call.row_offsets``); the output and the float-mask bias are in ``call.acc``."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, call: BlockedCall) -> Tensor:
         ops = _Operands.of(call.sched, k, v)
         out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=call.acc)
-        offsets = q.new_zeros(*q.shape[:-1], 1) if call.row_offsets else None  # (b, h, Nq_pad, 1)
         ws = _Workspace()
         for n, tile, g, parts, tile_bias, dead in call.work(ops):
             o = out[g][:, :, tile.rows]
             if not parts:  # no key at all: the rows output zeros
                 o.zero_()
                 continue
-            _, probs, keep = call.tile_probabilities(ws, q, n, tile, g, parts, tile_bias, dead, offsets, True)
+            _, probs, keep = call.tile_probabilities(ws, q, n, tile, g, parts, tile_bias, dead)
             if keep is not None:
                 probs *= keep
             o.copy_(_mix(ws.cast("probs_mm", probs, q.dtype), parts, "v", call.acc))
-        ctx.save_for_backward(q, k, v, out, offsets)
+        ctx.save_for_backward(q, k, v, out)
         ctx.call, ctx.bias_shape = call, None if bias is None else bias.shape
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        q, k, v, out, offsets = ctx.saved_tensors
+        q, k, v, out = ctx.saved_tensors
         call: BlockedCall = ctx.call
-        sched, block, acc, mm = call.sched, call.sched.block, call.acc, q.dtype
-        ops = _Operands.of(sched, k, v)
-        ws = _Workspace()
-        dq = torch.empty_like(q, dtype=acc)
-        dout_mm = dout.to(mm, copy=call.row_offsets)  # (its extra column is written per tile)
-        # Views accumulate into transposed gradients: q^T @ dS runs ~1.3x faster than dS^T @ q on CPU.
-        dkt = q.new_zeros(*k.shape[:2], k.shape[3], k.shape[2], dtype=acc)
-        dvt = q.new_zeros(*v.shape[:2], v.shape[3], v.shape[2], dtype=acc)
-        # Copied columns (shared, gathered) scatter back into row-layout gradients.
-        dk, dv = (torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)) if sched.copies else (None, None)
-        dkst = dvst = None
-        if ops.shared is not None:
-            dkst, dvst = (x.new_zeros(*x.shape[:2], x.shape[3], x.shape[2], dtype=acc) for x in ops.shared)
         want_bias = ctx.bias_shape is not None and ctx.needs_input_grad[3]
-        dbias = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=acc) if want_bias else None
-        for n, tile, g, parts, tile_bias, dead in call.work(ops):
-            dq_t = dq[g][:, :, tile.rows]
-            if not parts:
-                dq_t.zero_()
-                continue
-            qt, probs, keep = call.tile_probabilities(ws, q, n, tile, g, parts, tile_bias, dead, offsets, False)
-            dout_t = dout_mm[g][:, :, tile.rows]
-            dropped = ws.cast("dropped_mm", probs * keep if keep is not None else probs, mm)
-            delta = (dout[g][:, :, tile.rows] * out[g][:, :, tile.rows]).sum(-1, keepdim=True)  # rowsum(dO * O)
-            taken = None
-            if call.row_offsets:  # dO's extra column holds -delta: the product gives dP - delta before rounding
-                dout_t[..., -1:] = -delta
-                taken = -dout_t[..., -1:].to(acc)  # the delta the product took (rounded to the matmul dtype)
-            dp = _scores(dout_t, parts, "v", ws.get("dp", probs.shape, q))
-            dp = ws.cast("dp_acc", dp, acc)
-            if keep is not None:  # dropout scales dP, not delta: give the product's shift back first
-                dp.mul_(keep)
-                if taken is not None:
-                    dp.addcmul_(keep, taken)
-                    taken = None
-            ds_acc = dp.sub_(delta if taken is None else delta - taken).mul_(probs)  # softmax backward, in place
-            ds = ws.cast("ds_mm", ds_acc, mm)
-            dq_acc = _mix(ds, parts, "k", acc)
-            if ds is not ds_acc:
-                # dQ sums a whole row of dS, which sums to 0: the rounding of dS to the matmul dtype would
-                # survive the cancellation (4x SDPA's error on global rows), so its remainder is multiplied too.
-                rest = ws.cast("ds_rest", ds_acc - ds.to(acc), mm)
-                dq_acc = dq_acc.to(acc).add_(_mix(rest, parts, "k", acc))
-            dq_t.copy_(dq_acc.mul_(call.scale))
-            for p in parts:
-                if p.rows is None:  # views and the shared copy: transposed accumulators
-                    acc_k, acc_v = (dkt, dvt) if p.view is not None else (dkst, dvst)
-                    a, z = p.view if p.view is not None else (0, acc_k.shape[-1])
-                    _accumulate(acc_k[g][..., a:z], qt.transpose(-1, -2), ds[..., p.cols], ws)
-                    _accumulate(acc_v[g][..., a:z], dout_t.transpose(-1, -2), dropped[..., p.cols], ws)
-                    continue
-                _scatter_blocks(dk, p.rows.reshape(-1), torch.matmul(ds[..., p.cols].transpose(-1, -2), qt), block)
-                _scatter_blocks(dv, p.rows.reshape(-1), torch.matmul(dropped[..., p.cols].transpose(-1, -2), dout_t),
-                                block)
-            if dbias is not None:
-                cols = _select(call.cols(tile), g)
-                dbias[g][:, :, tile.rows].scatter_add_(-1, cols.expand(probs.shape), ds_acc)
-        if dkst is not None:
-            _scatter_blocks(dk, sched.shared, dkst.transpose(-1, -2), block)
-            _scatter_blocks(dv, sched.shared, dvst.transpose(-1, -2), block)
-        dk = dkt.transpose(-1, -2) if dk is None else dk.add_(dkt.transpose(-1, -2))
-        dv = dvt.transpose(-1, -2) if dv is None else dv.add_(dvt.transpose(-1, -2))
+        if not call.row_offsets:
+            dq, dk, dv, dbias = _backward(q, k, v, out, dout, call, want_bias)
+        else:
+            # A low-precision forward: gradients are formed in acc from the same inputs. In bf16 every
+            # product's rounding (scores, dP, dS) survives the softmax backward's cancellations: 3x SDPA's
+            # error on dQ and dK at best, where float32 products stay within its tolerance.
+            d = q.shape[-1] - 1
+            exact = replace(call, row_offsets=False)
+            dq, dk, dv, dbias = _backward(q[..., :d].to(call.acc), k[..., :d].to(call.acc), v.to(call.acc), out,
+                                          dout, exact, want_bias)
+            dq, dk = F.pad(dq, (0, 1)), F.pad(dk, (0, 1))  # the offset columns get no gradient
         if dbias is not None:  # back to the bias's own (broadcast, padded) shape
             dims = [d for d in range(4) if ctx.bias_shape[d] == 1]
             dbias = dbias.sum(dim=dims, keepdim=True) if dims else dbias  # sum(dim=[]) would sum everything
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, None
 
 
+def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, call: BlockedCall, want_bias: bool
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """dq, dk, dv and the float mask's gradient (b, h, Nq_pad, Nk_pad), recomputing each tile's probabilities."""
+    sched, block = call.sched, call.sched.block
+    ops = _Operands.of(sched, k, v)
+    ws = _Workspace()
+    dq = torch.empty_like(q)
+    # Views accumulate into transposed gradients: q^T @ dS runs ~1.3x faster than dS^T @ q on CPU.
+    dkt, dvt = q.new_zeros(*k.shape[:2], k.shape[3], k.shape[2]), q.new_zeros(*v.shape[:2], v.shape[3], v.shape[2])
+    # Copied columns (shared, gathered) scatter back into row-layout gradients.
+    dk, dv = (torch.zeros_like(k), torch.zeros_like(v)) if sched.copies else (None, None)
+    dkst = dvst = None
+    if ops.shared is not None:
+        dkst, dvst = (x.new_zeros(*x.shape[:2], x.shape[3], x.shape[2]) for x in ops.shared)
+    dbias = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if want_bias else None
+    for n, tile, g, parts, tile_bias, dead in call.work(ops):
+        dq_t = dq[g][:, :, tile.rows]
+        if not parts:
+            dq_t.zero_()
+            continue
+        qt, probs, keep = call.tile_probabilities(ws, q, n, tile, g, parts, tile_bias, dead)
+        dout_t = dout[g][:, :, tile.rows]
+        dropped = probs * keep if keep is not None else probs
+        dp = _scores(dout_t, parts, "v", ws.get("dp", probs.shape, q))
+        if keep is not None:
+            dp *= keep
+        delta = (dout_t * out[g][:, :, tile.rows]).sum(-1, keepdim=True)  # rowsum(dO * O)
+        ds = dp.sub_(delta).mul_(probs)  # softmax backward, in place
+        dq_t.copy_(_mix(ds, parts, "k").mul_(call.scale))
+        for p in parts:
+            if p.rows is None:  # views and the shared copy: transposed accumulators
+                acc_k, acc_v = (dkt, dvt) if p.view is not None else (dkst, dvst)
+                a, z = p.view if p.view is not None else (0, acc_k.shape[-1])
+                _accumulate(acc_k[g][..., a:z], qt.transpose(-1, -2), ds[..., p.cols], ws)
+                _accumulate(acc_v[g][..., a:z], dout_t.transpose(-1, -2), dropped[..., p.cols], ws)
+                continue
+            _scatter_blocks(dk, p.rows.reshape(-1), torch.matmul(ds[..., p.cols].transpose(-1, -2), qt), block)
+            _scatter_blocks(dv, p.rows.reshape(-1), torch.matmul(dropped[..., p.cols].transpose(-1, -2), dout_t), block)
+        if dbias is not None:
+            cols = _select(call.cols(tile), g)
+            dbias[g][:, :, tile.rows].scatter_add_(-1, cols.expand(ds.shape), ds)
+    if dkst is not None:
+        _scatter_blocks(dk, sched.shared, dkst.transpose(-1, -2), block)
+        _scatter_blocks(dv, sched.shared, dvst.transpose(-1, -2), block)
+    dk = dkt.transpose(-1, -2) if dk is None else dk.add_(dkt.transpose(-1, -2))
+    dv = dvt.transpose(-1, -2) if dv is None else dv.add_(dvt.transpose(-1, -2))
+    return dq, dk, dv, dbias
+
+
 def _accumulate(acc: Tensor, a: Tensor, b: Tensor, ws: _Workspace) -> None:
-    """acc += a @ b for (b, h, m, n) views: one BLAS call with beta = 1 where the dtypes agree and the view
-    allows (no product buffer, no separate add pass); otherwise a product added in acc's dtype."""
-    if acc.dtype == a.dtype:
-        try:
-            acc3 = acc.view(-1, *acc.shape[-2:])
-        except RuntimeError:  # the leading dims do not merge in place
-            acc3 = None
-        if acc3 is not None:
-            acc3.baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
-            return
-    acc += torch.matmul(a, b, out=ws.get("grad", (*a.shape[:-1], b.shape[-1]), a))
+    """acc += a @ b for (b, h, m, n) views: one BLAS call with beta = 1 where the view allows (no product
+    buffer, no separate add pass), otherwise a product then an add."""
+    try:
+        acc3 = acc.view(-1, *acc.shape[-2:])
+    except RuntimeError:  # the leading dims do not merge in place
+        acc += torch.matmul(a, b, out=ws.get("grad", (*a.shape[:-1], b.shape[-1]), a))
+        return
+    acc3.baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
 
 
 def _scatter_blocks(target: Tensor, rows: Tensor, grad: Tensor, block: int) -> None:
@@ -396,7 +397,6 @@ def tiled_attention(inp: AttentionInputs, *, block: int | None = None) -> Tensor
     if offsets:  # the row-offset columns (BlockedCall.row_offsets); their gradients are dropped by the cat
         q = torch.cat([q, q.new_zeros(*q.shape[:-1], 1)], dim=-1)  # (b, h, Nq_pad, d + 1)
         k = torch.cat([k, k.new_ones(*k.shape[:-1], 1)], dim=-1)  # (b, h, Nk_pad, d + 1)
-        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # (b, h, Nk_pad, dv + 1)
     am, bias = inp.attn_mask, None
     if am is not None:
         am = am.to(acc) if am.is_floating_point() else am
@@ -410,4 +410,4 @@ def tiled_attention(inp: AttentionInputs, *, block: int | None = None) -> Tensor
     call = BlockedCall(sched=sched, b=b, h=h, kpm=kpm, attn_mask=am, scale=inp.scale, dropout_p=inp.dropout_p,
                        seed=seed, acc=acc, row_offsets=offsets)
     out = _BlockedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias, call)
-    return out[:, :, :nq, :inp.v.shape[-1]].to(inp.q.dtype)
+    return out[:, :, :nq].to(inp.q.dtype)
