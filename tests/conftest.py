@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import tempfile
 
 import pytest
 import torch
 
-import longattn as la
-from longattn.backends import machine
+# Tests never read this machine's `longattn calibrate` results: dispatch and tile choices stay the defaults.
+os.environ["LONGATTN_CACHE_DIR"] = tempfile.mkdtemp(prefix="longattn-test-cache-")
+
+import longattn as la  # noqa: E402
+from longattn.backends import machine  # noqa: E402
 
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-3, torch.float64: 1e-10}
 

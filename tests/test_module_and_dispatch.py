@@ -7,6 +7,7 @@ import logging
 import torch
 
 import longattn as la
+from longattn.backends import machine
 from conftest import qkv
 from longattn.backends import CROSSOVER
 
@@ -72,9 +73,19 @@ def test_auto_sends_plain_causal_to_sdpa_at_any_length():
     assert la.explain(q, q, q, pattern=la.causal(la.sliding_window(64))).backend == "blocked"
 
 
-def test_auto_moves_the_crossover_for_low_precision_on_cpu():
-    """bf16 SDPA on CPU runs at half the fp32 rate; the blocked path computes in fp32."""
+def test_auto_thresholds_come_from_the_machine_profile():
+    """Without a calibration the defaults decide (bf16 moves the crossover: measured where bf16 SDPA runs at
+    half the fp32 rate) and the choice says so; a calibration's own thresholds replace them."""
     q = torch.randn(1, 2, 512, 16)
     pattern = la.longformer(256)
-    assert la.explain(q, q, q, pattern=pattern).backend == "dense"
+    choice = la.explain(q, q, q, pattern=pattern)
+    assert choice.backend == "dense" and choice.profile.startswith("defaults") and "defaults" in str(choice)
     assert la.explain(*(t.bfloat16() for t in (q, q, q)), pattern=pattern).backend == "blocked"
+    limits = {"fp32": machine.DispatchLimits(crossover=256, dense_fraction=0.8),
+              "bf16": machine.DispatchLimits(crossover=1024, dense_fraction=0.8)}
+    with machine.use(machine.MachineProfile(source="calibration test.json", limits=limits)):
+        choice = la.explain(q, q, q, pattern=pattern)
+        assert choice.backend == "blocked" and choice.profile == "calibration test.json"
+        assert la.explain(*(t.bfloat16() for t in (q, q, q)), pattern=pattern).backend == "dense"
+
+

@@ -1,4 +1,5 @@
-"""The ``longattn`` command: ``show`` draws a pattern, ``bench`` times every path, ``convert`` extends a
+"""The ``longattn`` command: ``show`` draws a pattern, ``bench`` times every path, ``calibrate`` measures the
+machine for ``auto`` and the kernel, ``convert`` extends a
 checkpoint to long inputs, ``lra`` runs Long Range Arena, ``lm`` the Transformer-XL language model, ``vision``
 BoTNet and ResNet-50, ``longdoc`` the long legal documents of the ScanCode LicenseDB."""
 
@@ -61,6 +62,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         except ImportError:  # matplotlib is the optional `viz` extra
             pass
         print("wrote " + ", ".join(written))
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .backends import machine
+    from .tools import calibrate
+
+    if args.show:
+        print("\n".join(calibrate.describe(machine.current())))
+        return 0
+    stored = machine.load_calibration()
+    if stored is not None and not args.force:
+        print("\n".join(calibrate.describe(stored)))
+        print("already calibrated for this machine and torch version (--force measures again)")
+        return 0
+    profile = calibrate.calibrate(progress=not args.no_progress)
+    path = calibrate.save(profile)
+    print("\n".join(calibrate.describe(machine.current())))
+    print(f"wrote {path}")
     return 0
 
 
@@ -158,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     _renamed(b, "--hidden", "dim", type=int)
     b.add_argument("--repeats", type=int, default=3, help="--hf: timed forwards per model")
     b.set_defaults(func=_cmd_bench)
+
+    cal = sub.add_parser("calibrate", help="measure this machine once (matmul rates, SDPA and blocked costs, "
+                         "bf16 compute) for `auto` and the kernel; stored under the user's cache directory")
+    cal.add_argument("--show", action="store_true", help="print the profile in force (calibration or defaults)")
+    cal.add_argument("--force", action="store_true", help="measure again even if this machine is calibrated")
+    cal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cal.set_defaults(func=_cmd_calibrate)
 
     c = sub.add_parser("convert", help="extend a BERT/RoBERTa-family checkpoint to long inputs (Longformer recipe)")
     c.add_argument("--to-long", type=int, required=True, metavar="N", help="new maximum length, e.g. 4096")

@@ -5,11 +5,12 @@ that; an AMD Zen 4 with fp32 ~190 and bf16 ~410), so no constant measured on one
 other. ``longattn calibrate`` (``tools/calibrate.py``) measures a profile once per machine and torch
 version and stores it as JSON under the user's cache directory; this module reads it.
 
-Without a stored calibration the profile is ``DEFAULTS`` (the dispatch constants measured on the
-project's first machine) plus a quick in-process probe of the matmul rates (~0.1 s, once per process),
-enough to decide the one thing a wrong guess makes 2x slower: whether the blocked path multiplies bf16/fp16
-inputs in their own dtype (with float32 softmax and accumulation) or in float32. ``explain()`` says which
-profile decided.
+Without a stored calibration the profile is ``DEFAULTS``: the dispatch constants measured on the
+project's first machine, and float32 compute for bf16/fp16 inputs. A matmul rate alone does not say
+whether the blocked path gains from bf16 compute (on the AMD Zen 4 machine bf16 matmuls run 2.2x faster
+than fp32, yet the blocked forward in bf16 ran 1.2x slower: strided bf16 operands are copied, and the
+row offsets cost a product), so only the calibration, which times the kernel both ways, switches it on.
+``explain()`` says which profile set the thresholds.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import json
 import os
 import platform
 import threading
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -31,8 +31,8 @@ import torch
 #: dtype names as the profile and ``longattn bench`` write them
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-#: a low-precision matmul must beat fp32 by this much before the probe trusts it (noise, conversions)
-PROBE_MARGIN = 1.2
+#: a tile's fixed cost (Python, ~40 op launches) in scores of work, all heads together (2 Intel-like cores)
+DEFAULT_TILE_OVERHEAD_SCORES = 150_000
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,11 @@ class DispatchLimits:
 class MachineProfile:
     """What was measured on this machine (or assumed, when ``source`` is ``"defaults"``)."""
 
-    source: str  # "calibration <path>", "probe" (matmul rates only) or "defaults"
+    source: str  # "calibration <path>" or "defaults"
     matmul_gflops: dict[str, float] = field(default_factory=dict)  # dtype name -> dense matmul rate
     limits: dict[str, DispatchLimits] = field(default_factory=dict)  # input dtype name -> auto's thresholds
     compute: dict[str, str] = field(default_factory=dict)  # low-precision input dtype -> blocked matmul dtype
+    tile_overhead_scores: int = DEFAULT_TILE_OVERHEAD_SCORES  # the schedule's fixed cost per tile, in scores
     measured: dict[str, float] = field(default_factory=dict)  # the raw timings behind the choices (ns/score)
     machine: dict[str, str] = field(default_factory=dict)  # CPU, threads, torch version
 
@@ -74,8 +75,9 @@ class MachineProfile:
     def from_json(data: dict, source: str) -> "MachineProfile":
         limits = {name: DispatchLimits(**value) for name, value in data.get("limits", {}).items()}
         return MachineProfile(source=source, matmul_gflops=dict(data.get("matmul_gflops", {})), limits=limits,
-                              compute=dict(data.get("compute", {})), measured=dict(data.get("measured", {})),
-                              machine=dict(data.get("machine", {})))
+                              compute=dict(data.get("compute", {})),
+                              tile_overhead_scores=int(data.get("tile_overhead_scores", DEFAULT_TILE_OVERHEAD_SCORES)),
+                              measured=dict(data.get("measured", {})), machine=dict(data.get("machine", {})))
 
 
 # Measured on the project's first machine (Intel-like, fp32 ~320 GFLOP/s, bf16 ~160; `longattn bench
@@ -160,35 +162,15 @@ def load_calibration(path: Path | None = None) -> MachineProfile | None:
         return None
 
 
-def probe_matmul_gflops(dtype: torch.dtype, n: int = 512, repeats: int = 3) -> float:
-    """A quick dense matmul rate (best of a few n^3 products): enough to rank dtypes, not to report."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)  # first call: library setup
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
-
-
-def probed_profile() -> MachineProfile:
-    """DEFAULTS with low-precision compute chosen from a quick probe of the matmul rates."""
-    rates = {DTYPE_NAMES[dt]: probe_matmul_gflops(dt) for dt in (torch.float32, *LOW_PRECISION)}
-    compute = {name: (name if rates[name] >= PROBE_MARGIN * rates["fp32"] else "fp32")
-               for name in ("bf16", "fp16")}
-    return replace(DEFAULTS, source="probe", matmul_gflops=rates, compute=compute, machine=machine_key())
-
-
 def current() -> MachineProfile:
-    """The profile in force: an override (``use``), else this machine's calibration, else the probe."""
+    """The profile in force: an override (``use``), else this machine's calibration, else ``DEFAULTS``."""
     profile = _override.get()
     if profile is not None:
         return profile
     key = str(calibration_path())
     with _lock:
         if key not in _loaded:
-            _loaded[key] = load_calibration() or probed_profile()
+            _loaded[key] = load_calibration() or DEFAULTS
         return _loaded[key]
 
 

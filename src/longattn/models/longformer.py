@@ -20,15 +20,17 @@ is never attended the outputs of real tokens are the same.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ..functional import attention
-from ..patterns import Pattern, dilated, global_tokens, sliding_window
+from ..patterns import Pattern, dilated, documents, global_tokens, sliding_window
+from ..patterns.documents import PAD
 from . import hf_checkpoint as ckpt
+from .packing import document_positions
 from ._bert_blocks import (BertShape, Embeddings, EncoderOutput, Layer, LayerStack, Padding, check_ids, check_mask,
                            init_bert_weights, merge_heads, split_heads)
 
@@ -72,6 +74,12 @@ class GlobalTokens:
     pattern: Pattern  # global_tokens(...) for the local attention call
     slots: Tensor  # (B, G) positions of each example's global tokens, padded with 0
     valid: Tensor  # (B, G) bool: the slot is a real global token
+    keys: Tensor | None = None  # (B, G, N) bool: the keys each global row attends (packed: its document's)
+
+    def within(self, segment_ids: Tensor, real: Tensor) -> "GlobalTokens":
+        """The same tokens in a packed batch: each global row attends its own document's keys only."""
+        own = segment_ids.gather(1, self.slots)  # (B, G)
+        return replace(self, keys=(own[:, :, None] == segment_ids[:, None, :]) & real[:, None, :])
 
     @classmethod
     def of(cls, flags: Tensor) -> "GlobalTokens":
@@ -102,10 +110,13 @@ class LongformerSelfAttention(nn.Module):
         self.local_pattern: Pattern = sliding_window(half) if self.dilation == 1 else dilated(self.window,
                                                                                               self.dilation)
 
-    def forward(self, x: Tensor, *, padding: Padding, globals_: GlobalTokens | None) -> Tensor:
+    def forward(self, x: Tensor, *, padding: Padding, globals_: GlobalTokens | None,
+                documents: Pattern | None = None) -> Tensor:
         h, p = self.heads, (self.dropout if self.training else 0.0)
         q, k, v = (split_heads(proj(x), h) for proj in (self.query, self.key, self.value))  # (B, H, N, D)
         pattern = self.local_pattern if globals_ is None else self.local_pattern | globals_.pattern
+        if documents is not None:  # a packed batch: nothing crosses a document boundary
+            pattern = documents & pattern
         out = merge_heads(attention(q, k, v, pattern=pattern, key_padding_mask=padding.keys, dropout_p=p,
                                     backend=self.backend))  # (B, N, C)
         if globals_ is not None:
@@ -119,18 +130,19 @@ class LongformerSelfAttention(nn.Module):
         g = slots.shape[1]
         xg = x.gather(1, slots[..., None].expand(b, g, c))  # (B, G, C)
         qg = split_heads(self.query_global(xg), h) * d ** -0.5  # (B, H, G, D)
+        keys = padding[:, None, :] if globals_.keys is None else globals_.keys  # (B, 1 | G, N)
         if g * h < c:
-            ctx = self._absorbed(x, qg, padding, p)
+            ctx = self._absorbed(x, qg, keys, p)
         else:
             kg, vg = split_heads(self.key_global(x), h), split_heads(self.value_global(x), h)
-            ctx = attention(qg, kg, vg, key_padding_mask=padding, scale=1.0, dropout_p=p, backend="dense")
+            ctx = attention(qg, kg, vg, attn_mask=keys[:, None], scale=1.0, dropout_p=p, backend="dense")
         ctx = merge_heads(ctx)  # (B, G, C)
         rows = torch.arange(b, device=x.device)[:, None].expand(b, g)
         out = out.clone()
         out[rows[valid], slots[valid]] = ctx[valid].to(out.dtype)
         return out
 
-    def _absorbed(self, x: Tensor, qg: Tensor, padding: Tensor, p: float) -> Tensor:
+    def _absorbed(self, x: Tensor, qg: Tensor, keys: Tensor, p: float) -> Tensor:
         """Global rows without projecting all n tokens: the key/value projections move to the g queries."""
         h, d = self.heads, self.head_dim
         wk = self.key_global.weight.view(h, d, -1)  # (H, D, C)
@@ -138,7 +150,7 @@ class LongformerSelfAttention(nn.Module):
         q_in = torch.einsum("bhgd,hdc->bhgc", qg, wk)  # (B, H, G, C)
         bias = torch.einsum("bhgd,hd->bhg", qg, self.key_global.bias.view(h, d))  # (B, H, G)
         scores = torch.einsum("bhgc,bnc->bhgn", q_in, x) + bias[..., None]  # (B, H, G, N)
-        scores = scores.masked_fill(~padding[:, None, None, :], float("-inf"))
+        scores = scores.masked_fill(~keys[:, None], float("-inf"))  # keys: (B, 1 | G, N)
         probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)
         probs = nn.functional.dropout(probs, p=p, training=p > 0)
         mixed = torch.einsum("bhgn,bnc->bhgc", probs, x)  # (B, H, G, C)
@@ -155,6 +167,11 @@ class LongformerModel(nn.Module):
     ``EncoderOutput(last_hidden_state (B, N, C), pooler_output (B, C))``, the same numbers as
     ``transformers.LongformerModel`` on the same weights (tested to 1e-4 in fp32). Any ``N`` works up to the
     position table (``max_position_embeddings - pad_token_id - 1`` tokens): no padding to the window.
+
+    Packed batches (``models.packing.pack``): ``segment_ids=(B, N)`` names each position's document (-1
+    after the last); attention, global tokens and positions then stay inside each document, and every
+    document's states equal those of running it alone (``unpack`` gives them back). ``pooler_output`` is
+    position 0's, as always: pool per document from ``PackedBatch.first_tokens``.
     ``gradient_checkpointing_enable()`` trades one extra forward for the layers' activation memory when
     fine-tuning on 4K+ tokens.
     """
@@ -183,11 +200,15 @@ class LongformerModel(nn.Module):
 
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 global_attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> EncoderOutput:
+                position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                segment_ids: Tensor | None = None) -> EncoderOutput:
         shape = check_ids(input_ids, inputs_embeds, self.config.hidden_size)
         padding = check_mask(attention_mask, "attention_mask", shape)
         device = (input_ids if input_ids is not None else inputs_embeds).device
         padding = torch.ones(shape, dtype=torch.bool, device=device) if padding is None else padding
+        documents = None
+        if segment_ids is not None:
+            documents, padding, position_ids = self._packed(segment_ids, shape, padding, position_ids)
         flags = check_mask(global_attention_mask, "global_attention_mask", shape)
         if attention_mask is not None and bool((attention_mask == 2).any()):
             # Longformer's original API: 2 in attention_mask marks a global token (Hugging Face keeps it).
@@ -199,9 +220,26 @@ class LongformerModel(nn.Module):
         x = self.embeddings(input_ids, inputs_embeds=inputs_embeds, token_type_ids=token_type_ids,
                             position_ids=position_ids)
         padding, globals_ = Padding.of(padding), None if flags is None else GlobalTokens.of(flags)
-        x = self.encoder(x, padding=padding, globals_=globals_)
+        if globals_ is not None and documents is not None:
+            globals_ = globals_.within(segment_ids, padding.real)
+        x = self.encoder(x, padding=padding, globals_=globals_, documents=documents)
         pooled = torch.tanh(self.pooler.dense(x[:, 0])) if self.pooler is not None else None
         return EncoderOutput(last_hidden_state=x, pooler_output=pooled)
+
+    def _packed(self, segment_ids: Tensor, shape: tuple[int, int], padding: Tensor, position_ids: Tensor | None
+                ) -> tuple[Pattern, Tensor, Tensor]:
+        """The documents pattern, the padding (PAD positions included) and RoBERTa positions restarting at
+        every document, for ``segment_ids``."""
+        if not isinstance(segment_ids, Tensor) or segment_ids.is_floating_point() or segment_ids.dtype == torch.bool:
+            raise TypeError("segment_ids must be an integer tensor of shape (B, N)")
+        if tuple(segment_ids.shape) != tuple(shape):
+            raise ValueError(f"segment_ids must have shape (B, N) = {tuple(shape)}, got {tuple(segment_ids.shape)}")
+        segment_ids = segment_ids.long()
+        real = padding & (segment_ids != PAD)
+        if position_ids is None:
+            position_ids = torch.where(real, document_positions(segment_ids) + self.config.pad_token_id + 1,
+                                       torch.full_like(segment_ids, self.config.pad_token_id))
+        return documents(segment_ids=segment_ids), real, position_ids
 
     # ---- fine-tuning on long inputs ----
     def gradient_checkpointing_enable(self) -> None:

@@ -9,6 +9,7 @@ from ._base import AllowedFn, Geometry, Pattern, Snapshot, block_ranges, dense_m
 from .bigbird import bigbird
 from .causal import causal
 from .compose import per_head
+from .documents import documents, segment_ids
 from .full import full
 from .global_tokens import global_tokens
 from .layout import BlockPlan, get_plan
@@ -35,6 +36,7 @@ __all__ = [
     "causal",
     "dense_mask",
     "dilated",
+    "documents",
     "fixed",
     "full",
     "get_plan",
@@ -44,6 +46,7 @@ __all__ = [
     "pattern_dataclass",
     "per_head",
     "random_blocks",
+    "segment_ids",
     "sliding_window",
     "sparse_transformer",
     "strided",

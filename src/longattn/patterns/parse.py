@@ -13,6 +13,7 @@ from ._base import Pattern
 from .bigbird import bigbird
 from .causal import causal
 from .compose import per_head
+from .documents import documents
 from .full import full
 from .global_tokens import global_tokens
 from .longformer import longformer
@@ -24,7 +25,7 @@ from .window_2d import window_2d
 CONSTRUCTORS: dict[str, Callable[..., Pattern]] = {
     f.__name__: f
     for f in (full, sliding_window, dilated, global_tokens, random_blocks, bigbird, strided, fixed, causal,
-              per_head, longformer, sparse_transformer, window_2d)
+              per_head, longformer, sparse_transformer, window_2d, documents)
 }
 
 

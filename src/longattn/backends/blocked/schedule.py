@@ -27,13 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...caches import named_cache
+from .. import machine
 from ...patterns import Geometry, Pattern
 from ...patterns.layout import compact, evaluate_blocks, get_plan, real_pairs
 
 DEFAULT_BLOCK = 64
 MIN_VIEW_BLOCKS = 2  # shorter runs of common blocks are gathered: a one-block matmul is too small to pay
 MERGE_VIEW_KEYS = 1024  # views up to this wide are copied into a tile's gather when it has one
-TILE_OVERHEAD_SCORES = 150_000  # a tile's fixed cost (Python, ~40 op launches) in scores of work, all heads together
+TILE_OVERHEAD_SCORES: int | None = None  # a tile's fixed cost in scores of work; None: the machine profile's
 MAX_TILE_BLOCKS = 8
 SCHEDULE_MASK_BYTES = 1 << 30  # larger masks are not kept but evaluated tile by tile, every call
 SCHEDULE_CACHE_BYTES = 2 << 30  # all cached schedules together
@@ -109,7 +110,12 @@ def _runs(flags: Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, stops))
 
 
-def _tile_blocks(layout: Tensor, geo: Geometry, block: int) -> int:
+def tile_overhead_scores() -> int:
+    """A tile's fixed cost in scores of work: measured by ``longattn calibrate`` (``machine.py``)."""
+    return TILE_OVERHEAD_SCORES if TILE_OVERHEAD_SCORES is not None else machine.current().tile_overhead_scores
+
+
+def _tile_blocks(layout: Tensor, geo: Geometry, block: int, overhead: int) -> int:
     """r minimising the scores computed plus a per-tile overhead (wider tiles read more unused keys)."""
     bp, hp, nqb, nkb = layout.shape
     best, best_cost = 1, None
@@ -120,7 +126,7 @@ def _tile_blocks(layout: Tensor, geo: Geometry, block: int) -> int:
         padded = F.pad(layout, (0, 0, 0, tiles * r - nqb))
         width = padded.view(bp, hp, tiles, r, nkb).any(3).sum(-1).amax(dim=(0, 1))  # (tiles,) key blocks
         scores = int(width.sum()) * r * block * block * geo.batch * geo.num_heads
-        cost = scores + TILE_OVERHEAD_SCORES * tiles
+        cost = scores + overhead * tiles
         if best_cost is None or cost < best_cost:
             best, best_cost = r, cost
     return best
@@ -163,12 +169,12 @@ def bias_and_dead(keep: Tensor) -> tuple[Tensor | None, Tensor | None]:
     return torch.zeros(drop.shape, device=keep.device).masked_fill_(drop, float("-inf")), dead
 
 
-def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> Schedule:
+def build_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.device, overhead: int) -> Schedule:
     plan = get_plan(pattern, geo, block, device)
     layout = plan.layout()  # (B', H', nQB, nKB)
     bp, hp, nqb, nkb = layout.shape
     exact_layout = layout if plan.block_exact else None
-    r = _tile_blocks(layout, geo, block)
+    r = _tile_blocks(layout, geo, block, overhead)
     spans = [(t, min(nqb, t + r)) for t in range(0, nqb, r)]
     unions = [layout[:, :, a:z].any(2) for a, z in spans]  # (B', H', nKB) per tile
     commons = [u.all(0).all(0) for u in unions]  # (nKB,): needed in every example and head
@@ -234,5 +240,6 @@ SCHEDULES = named_cache("blocked_schedules", 64, max_bytes=SCHEDULE_CACHE_BYTES,
 
 
 def get_schedule(pattern: Pattern, geo: Geometry, block: int, device: torch.device) -> Schedule:
-    key = None if pattern.key is None else (pattern.key, geo, block, str(device))
-    return SCHEDULES.get_or_build(key, lambda: build_schedule(pattern, geo, block, device))
+    overhead = tile_overhead_scores()
+    key = None if pattern.key is None else (pattern.key, geo, block, str(device), overhead)
+    return SCHEDULES.get_or_build(key, lambda: build_schedule(pattern, geo, block, device, overhead))
