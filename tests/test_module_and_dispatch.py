@@ -81,7 +81,7 @@ def test_auto_thresholds_come_from_the_machine_profile():
     choice = la.explain(q, q, q, pattern=pattern)
     assert choice.backend == "dense" and choice.profile.startswith("defaults") and "defaults" in str(choice)
     assert la.explain(*(t.bfloat16() for t in (q, q, q)), pattern=pattern).backend == "blocked"
-    limits = {"fp32": machine.DispatchLimits(crossover=256, dense_fraction=0.8),
+    limits = {"fp32": machine.DispatchLimits(crossover=256, dense_fraction=2.5),
               "bf16": machine.DispatchLimits(crossover=1024, dense_fraction=0.8)}
     with machine.use(machine.MachineProfile(source="calibration test.json", limits=limits)):
         choice = la.explain(q, q, q, pattern=pattern)

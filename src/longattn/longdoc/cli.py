@@ -124,6 +124,23 @@ def _cmd_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_packed(args: argparse.Namespace) -> int:
+    from .packed import PackedSettings, packed_table, run_packed
+
+    settings = PackedSettings(documents=args.documents, max_len=args.max_len, layers=args.depth, dim=args.dim,
+                              heads=args.heads, window=args.window, seed=args.seed, min_run_time=args.min_run_time)
+    for name, value in (("--documents", args.documents), ("--max-len", args.max_len), ("--depth", args.depth),
+                        ("--dim", args.dim), ("--heads", args.heads), ("--window", args.window)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    result = run_packed(settings, out=Path(args.out) if args.out else None,
+                        data_dir=Path(args.data_dir) if args.data_dir else None)
+    print(packed_table(result))
+    print(f"packed {result['speedup']}x faster, {result['memory_ratio']}x less memory; largest difference on real "
+          f"tokens {result['max_abs_diff']:.2e} ({result['threads']} threads)")
+    return 0
+
+
 def _common(p, *, systems: bool = False, paraformer: bool = False) -> None:
     p.add_argument("--data-dir", default=None,
                    help="a LicenseDB data folder (licenses/, rules/); default: the installed licensedcode-data")
@@ -167,6 +184,20 @@ def add_parser(sub) -> None:
     _common(throughput)
     throughput.add_argument("--tokens", type=int, default=4096, help="document length")
     throughput.set_defaults(func=_cmd_throughput)
+
+    packed = cmds.add_parser("packed", help="a padded against a packed batch of license texts (bytes): time, "
+                             "memory, equal outputs")
+    packed.add_argument("--data-dir", default=None, help="a LicenseDB data folder; default: licensedcode-data")
+    packed.add_argument("--documents", type=int, default=32, help="license texts in the batch")
+    packed.add_argument("--max-len", type=int, default=4096, help="bytes kept per text, and the packed row length")
+    packed.add_argument("--depth", type=int, default=2, help="Longformer layers")
+    packed.add_argument("--dim", type=int, default=256, help="model width")
+    packed.add_argument("--heads", type=int, default=4, help="attention heads")
+    packed.add_argument("--window", type=int, default=256, help="Longformer window w (w/2 keys each side)")
+    packed.add_argument("--seed", type=int, default=0, help="which texts are drawn")
+    packed.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per batch")
+    packed.add_argument("--out", default=None, help="folder for packed.json (default: print only)")
+    packed.set_defaults(func=_cmd_packed)
 
     run = cmds.add_parser("run", help="both tasks, every system, then the report")
     _common(run, paraformer=True)
