@@ -48,6 +48,7 @@ def test_bench_tiny_run_writes_json_and_csv(tmp_path):
     assert blocked["sdpa_paired_ms"] > 0  # short inputs: SDPA timed alternately with the path
     summary = (tmp_path / "summary.txt").read_text()
     assert "longformer_512 fwd N=1100 fp32" in summary and "x SDPA" in summary and "of matmul rate" in summary
+    assert "goals on this machine" in summary
 
 
 def test_bench_summary_states_each_headline_ratio():
@@ -64,6 +65,33 @@ def test_bench_summary_states_each_headline_ratio():
     assert "1.50x compiled flex" in line16 and "4.0x SDPA" in line16 and "50% of matmul rate" in line16
     assert "peak 2.10x N=8" in line16
     assert "bf16 1.25x fp32" in next(x for x in lines if "bf16" in x)
+
+
+def test_bench_verdicts_judge_each_goal_on_its_worst_case():
+    from longattn.tools.bench import Experiment, Result, verdict_table, verdicts
+
+    def result(pattern, path, mode, n, dtype, ms, peak=None, gflops=None):
+        return Result(Experiment(pattern, path, mode, n, dtype), ms, 1.0, gflops, peak, 0.1)
+
+    rows = [result("longformer_512", "blocked", "fwd", 4096, "fp32", 10.0),
+            result("longformer_512", "flex_plain", "fwd", 4096, "fp32", 20.0),
+            result("bigbird_64", "blocked", "fwd", 8192, "fp32", 10.0),
+            result("bigbird_64", "flex_plain", "fwd", 8192, "fp32", 12.0),
+            result("bigbird_64", "blocked", "fwd+bwd", 8192, "fp32", 100.0, 100.0, 60.0),
+            result("bigbird_64", "sdpa", "fwd+bwd", 8192, "fp32", 900.0),
+            result("bigbird_64", "blocked", "fwd+bwd", 16384, "fp32", 200.0, 210.0, 60.0),
+            result("bigbird_64", "blocked", "fwd+bwd", 8192, "bf16", 120.0)]
+    machine = {"matmul_gflops": {"fp32": 100.0, "bf16": 200.0}, "device": "cpu", "threads": 2}
+    by_goal = {v.goal.split(" (")[0]: v for v in verdicts(rows, machine)}
+    flex = by_goal["CPU forward vs compiled FlexAttention"]
+    assert flex.met is False and flex.measured.startswith("1.20 (bigbird_64 N=8192")  # the worst of 2.0 and 1.2
+    assert by_goal["CPU forward+backward vs SDPA"].met is True
+    assert by_goal["useful throughput, forward+backward"].met is True  # 60 of 100 GFLOP/s
+    assert by_goal["bf16 faster than fp32"].met is False  # 120 ms against fp32's 100
+    assert by_goal["memory linear in N"].met is True  # 2.1x
+    assert by_goal["short inputs: auto vs SDPA"].met is None
+    table = verdict_table(verdicts(rows, machine), machine)
+    assert "NOT MET" in table and "matmul GFLOP/s fp32 100" in table
 
 
 @pytest.mark.slow

@@ -303,10 +303,10 @@ def run(cfg: BenchConfig, out_dir: Path | None = None, progress: bool = True) ->
     bar.close()
     print(format_table(results, machine=machine), flush=True)
     lines = summary(results, machine)
-    if lines:
-        print("\n".join(lines), flush=True)
-        if out_dir is not None:
-            write_text(out_dir / "summary.txt", "\n".join(lines) + "\n")
+    goals = verdict_table(verdicts(results, machine), machine)
+    print("\n".join([*lines, "", goals]), flush=True)
+    if out_dir is not None:
+        write_text(out_dir / "summary.txt", "\n".join([*lines, "", goals]) + "\n")
     return results
 
 
@@ -336,3 +336,87 @@ def summary(results: list[Result], machine: dict, path: str = "blocked") -> list
             bits.append(f"peak {r.peak_mb / half.peak_mb:.2f}x N={n // 2}")
         lines.append(", ".join(bits))
     return lines
+
+
+# ---- the goals (DESIGN.md's performance targets) -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Verdict:
+    goal: str
+    target: str
+    measured: str  # the figure behind the verdict, with where it was worst
+    met: bool | None  # None: this run did not measure it
+
+
+GOAL_PATTERNS = ("longformer_512", "bigbird_64")
+
+
+def _worst(items: list[tuple[float, str]], higher_is_better: bool = True) -> tuple[float, str] | None:
+    if not items:
+        return None
+    return min(items) if higher_is_better else max(items)
+
+
+def verdicts(results: list[Result], machine: dict, path: str = "blocked") -> list[Verdict]:
+    """Each performance goal as met / not met on this run, with its worst figure (where the run measured it)."""
+    by = {(r.experiment.pattern, r.experiment.path, r.experiment.mode, r.experiment.seq_len, r.experiment.dtype): r
+          for r in results if r.time_ms is not None}
+    mine = [r for r in results if r.experiment.path == path and r.time_ms is not None]
+    out = []
+
+    def ratio(r: Result, other_path: str) -> float | None:
+        e = r.experiment
+        other = by.get((e.pattern, other_path, e.mode, e.seq_len, e.dtype))
+        if other_path == "sdpa" and r.sdpa_paired_ms:
+            return r.sdpa_paired_ms / r.time_ms
+        return None if other is None else other.time_ms / r.time_ms
+
+    def verdict(goal: str, target: str, items: list[tuple[float, str]], limit: float, fmt: str,
+                higher_is_better: bool = True) -> Verdict:
+        worst = _worst(items, higher_is_better)
+        if worst is None:
+            return Verdict(goal, target, "not measured in this run", None)
+        value, where = worst
+        met = value >= limit if higher_is_better else value <= limit
+        return Verdict(goal, target, f"{format(value, fmt)} ({where})", met)
+
+    key = lambda r: f"{r.experiment.pattern} N={r.experiment.seq_len} {r.experiment.dtype}"  # noqa: E731
+    flex = [(x, key(r)) for r in mine if r.experiment.mode == "fwd" and r.experiment.dtype == "fp32"
+            and r.experiment.pattern in GOAL_PATTERNS and r.experiment.seq_len >= 4096
+            and (x := ratio(r, "flex_plain")) is not None]
+    out.append(verdict("CPU forward vs compiled FlexAttention", ">= 1.5x at 4K-16K, Longformer-512 and BigBird-64",
+                       flex, 1.5, ".2f"))
+    sdpa = [(x, key(r)) for r in mine if r.experiment.mode == "fwd+bwd" and r.experiment.seq_len == 8192
+            and r.experiment.pattern in GOAL_PATTERNS and (x := ratio(r, "sdpa")) is not None]
+    out.append(verdict("CPU forward+backward vs SDPA", ">= 8x at N=8192", sdpa, 8.0, ".1f"))
+    share = [(x, key(r)) for r in mine if r.experiment.mode == "fwd+bwd" and r.experiment.seq_len >= 4096
+             and r.experiment.pattern in GOAL_PATTERNS and (x := _of_matmul(r, machine)) is not None]
+    out.append(verdict("useful throughput, forward+backward", ">= 50% of the matmul rate", share, 0.5, ".0%"))
+    rates = machine.get("matmul_gflops", {})
+    if rates.get("bf16") and rates.get("fp32") and rates["bf16"] > rates["fp32"]:
+        faster = [(fp32.time_ms / r.time_ms, f"{key(r)} {r.experiment.mode}") for r in mine
+                  if r.experiment.dtype == "bf16"
+                  and (fp32 := by.get((r.experiment.pattern, path, r.experiment.mode, r.experiment.seq_len, "fp32")))]
+        out.append(verdict("bf16 faster than fp32 (bf16 matmul is faster here)", "bf16 time < fp32 time", faster,
+                           1.0 + 1e-9, ".2f"))
+    elif rates.get("bf16") and rates.get("fp32"):
+        out.append(Verdict("bf16 faster than fp32", "only where bf16 matmul is faster",
+                           f"bf16 matmul {rates['bf16']:.0f} <= fp32 {rates['fp32']:.0f} GFLOP/s: not a goal here", None))
+    growth = [(r.peak_mb / half.peak_mb, key(r) + " " + r.experiment.mode) for r in mine
+              if r.peak_mb and (half := by.get((r.experiment.pattern, path, r.experiment.mode, r.experiment.seq_len // 2,
+                                                r.experiment.dtype))) is not None and half.peak_mb
+              and r.experiment.seq_len >= 16384]
+    out.append(verdict("memory linear in N", "peak(16384) <= 2.2x peak(8192)", growth, 2.2, ".2f",
+                       higher_is_better=False))
+    short = [(1 / x, key(r)) for r in results if r.experiment.path == "auto" and r.time_ms is not None
+             and r.experiment.seq_len <= 512 and (x := ratio(r, "sdpa")) is not None]
+    out.append(verdict("short inputs: auto vs SDPA", "<= 1.1x SDPA's time at N <= 512", short, 1.1, ".2f",
+                       higher_is_better=False))
+    return out
+
+
+def verdict_table(items: list[Verdict], machine: dict) -> str:
+    rates = ", ".join(f"{k} {v:.0f}" for k, v in machine.get("matmul_gflops", {}).items())
+    rows = [[v.goal, v.target, v.measured, {True: "met", False: "NOT MET", None: "-"}[v.met]] for v in items]
+    head = f"goals on this machine ({machine.get('device')}, {machine.get('threads')} threads, matmul GFLOP/s {rates}):"
+    return head + "\n" + markdown_table(["goal", "target", "measured (worst case)", "verdict"], rows, pad=True)
