@@ -122,3 +122,21 @@ def test_longdoc_packed_benchmark_small(tmp_path):
     assert result["packed"]["tokens"] <= result["padded"]["tokens"]
     assert result["real_tokens"] == sum(result["lengths"])
     assert "packed" in packed_table(result)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_packed_lra_encoder_equals_each_document_alone(pooling):
+    from longattn.models.encoder import EncoderConfig, SparseEncoderClassifier
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(vocab_size=20, num_classes=3, max_len=64, dim=16, heads=2, depth=2, qkv_dim=16, ffn_dim=32,
+                        pooling=pooling)
+    model = SparseEncoderClassifier(cfg, la.causal(la.sliding_window(4)) | la.sliding_window(2)).eval()
+    docs = [torch.randint(1, 20, (n,)) for n in (9, 40, 3, 64, 17)]
+    with torch.no_grad():
+        packed = model.encode_documents(docs, row_len=70)
+        for doc, got in zip(docs, packed):
+            alone = model.encode(doc[None], torch.tensor([doc.numel()]))[0]
+            torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="absolute positions"):
+        SparseEncoderClassifier(cfg, la.global_tokens([0]) | la.sliding_window(2)).encode_documents(docs)

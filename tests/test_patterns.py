@@ -187,7 +187,7 @@ IDENTITY_SAMPLES = [
     la.global_tokens(_mask((0, 1), (1, 5))), la.random_blocks(2, 8, seed=1), la.bigbird(8, random_blocks=1),
     StrideColumns(4), SameBlock(8), SummaryColumns(16, 3), la.window_2d(1, 2, 4),
     la.sliding_window(1) | la.global_tokens([0]), la.sliding_window(2) & la.dilated(8, 2),
-    la.per_head([la.causal(), la.sliding_window(1)], name="two_heads"),
+    la.per_head([la.causal(), la.sliding_window(1)], name="two_heads"), la.documents([3, 4]),
 ]
 
 

@@ -97,3 +97,12 @@ def test_bench_verdicts_judge_each_goal_on_its_worst_case():
 @pytest.mark.slow
 def test_bench_quick_finishes(tmp_path):
     assert main(["bench", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+
+
+def test_bench_under_load_times_idle_and_busy(capsys):
+    from longattn.tools.contention import load_table, under_load
+
+    results = under_load(["longformer_512"], [300], heads=2, head_dim=16, repeats=2, competitors=1)
+    assert [r.path for r in results] == ["blocked longformer_512", "sdpa"]
+    assert all(r.idle_ms > 0 and r.busy_ms > 0 and r.worst_slowdown >= r.slowdown for r in results)
+    assert "slowdown" in load_table(results)

@@ -40,6 +40,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         bench_hf.run(args.hf, args.lengths or [4096], depth=args.depth, dim=args.dim, heads=args.heads,
                      repeats=args.repeats, out_dir=Path(args.out) if args.out else None)
         return 0
+    if args.under_load:
+        from .tools.contention import load_table, under_load
+
+        results = under_load(args.patterns or ["longformer_512", "bigbird_64"], args.lengths or [4096],
+                             heads=args.heads, head_dim=args.head_dim)
+        print(load_table(results))
+        return 0
     from .tools import bench
 
     cfg = bench.BenchConfig(device=args.device, heads=args.heads, head_dim=args.head_dim, batch=args.batch_size)
@@ -177,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dim", type=int, default=768, help="--hf: model width (heads from --heads)")
     _renamed(b, "--hidden", "dim", type=int)
     b.add_argument("--repeats", type=int, default=3, help="--hf: timed forwards per model")
+    b.add_argument("--under-load", action="store_true", help="instead: blocked and SDPA forwards idle, then beside "
+                   "one busy process per core (default patterns longformer_512 bigbird_64, length 4096)")
     b.set_defaults(func=_cmd_bench)
 
     cal = sub.add_parser("calibrate", help="measure this machine once (matmul rates, SDPA and blocked costs, "

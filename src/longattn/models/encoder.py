@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..modules import SparseSelfAttention
 from ..patterns import Pattern
+from ..patterns import documents as documents_pattern
+from ..patterns.documents import PAD
+from . import packing
 
 POOLINGS = ("cls", "mean")
 
@@ -79,8 +83,8 @@ class Block(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim, **factory))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), key_padding_mask=key_padding_mask))
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None, documents: Pattern | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), key_padding_mask=key_padding_mask, documents=documents))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -153,6 +157,36 @@ class SparseEncoderClassifier(nn.Module):
             return x[:, 0]
         weights = real.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
         return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def encode_documents(self, documents: Sequence[Tensor], *, row_len: int | None = None) -> Tensor:
+        """Pooled features ``(D, C)`` of 1-D token tensors of any lengths, packed into rows of at most
+        ``row_len`` positions (default ``cfg.seq_len``) instead of padded to the longest: each equals
+        ``encode`` of that document alone. The pattern must mean the same in every document (a window,
+        causal, full: ``Pattern.shift_invariant``); positions, CLS and pooling are per document."""
+        if self.pattern is not None and not self.pattern.shift_invariant:
+            raise ValueError(f"pattern {self.pattern.name} depends on absolute positions (global tokens, blocks): "
+                             "packed documents would see another pattern than alone; pad them instead")
+        cls = int(self.cls is not None)
+        lengths = [int(d.numel()) + cls for d in documents]
+        if max(lengths, default=0) > self.cfg.seq_len:
+            raise ValueError(f"a document of {max(lengths) - cls} tokens is longer than max_len={self.cfg.max_len}")
+        rows, starts, count, width = packing.layout(lengths, row_len or self.cfg.seq_len)
+        x = self.positions.new_zeros(count, width, self.cfg.dim)  # (R, L, C)
+        for doc, row, start, n in zip(documents, rows, starts, lengths):
+            e = self.embed(doc.long().to(x.device))  # (n - cls, C)
+            if cls:
+                e = torch.cat([self.cls[0], e])
+            x[row, start:start + n] = e + self.positions[:n]
+        seg = packing.segments(rows, starts, lengths, (count, width), x.device)
+        real = seg != PAD
+        x, pattern = self.drop(x), documents_pattern(segment_ids=seg)
+        mask = None if bool(real.all()) else real
+        for block in self.blocks:
+            x = block(x, mask, pattern)
+        x = self.norm(x)
+        pooled = [x[row, start] if cls else x[row, start:start + n].mean(0)
+                  for row, start, n in zip(rows, starts, lengths)]
+        return torch.stack(pooled)
 
     def forward(self, tokens: Tensor, lengths: Tensor, tokens2: Tensor | None = None,
                 lengths2: Tensor | None = None) -> Tensor:

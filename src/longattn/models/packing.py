@@ -43,17 +43,14 @@ class PackedBatch:
         return torch.tensor(self.rows), torch.tensor(self.starts)
 
 
-def pack(documents: Sequence[Tensor], *, row_len: int | None = None, pad_id: int = 0) -> PackedBatch:
-    """Pack 1-D token tensors into rows of at most ``row_len`` tokens (default: all in one row), each
-    document into the first row with room for it (first fit, the order kept within a row)."""
-    if not documents:
-        raise ValueError("pack: no documents")
-    lengths = [int(d.numel()) for d in documents]
-    if any(d.dim() != 1 for d in documents) or min(lengths) < 1:
-        raise ValueError("pack: every document must be a non-empty 1-D token tensor")
+def layout(lengths: Sequence[int], row_len: int | None = None) -> tuple[list[int], list[int], int, int]:
+    """First fit of documents of ``lengths`` into rows of at most ``row_len`` positions (default: one row):
+    each document's row and start, the number of rows and the longest row."""
+    if not lengths or min(lengths) < 1:
+        raise ValueError("pack: every document must be non-empty")
     row_len = sum(lengths) if row_len is None else row_len
     if max(lengths) > row_len:
-        raise ValueError(f"pack: a document of {max(lengths)} tokens does not fit row_len={row_len}")
+        raise ValueError(f"pack: a document of {max(lengths)} positions does not fit row_len={row_len}")
     fill: list[int] = []
     rows, starts = [], []
     for n in lengths:
@@ -64,14 +61,33 @@ def pack(documents: Sequence[Tensor], *, row_len: int | None = None, pad_id: int
         rows.append(row)
         starts.append(fill[row])
         fill[row] += n
-    width = max(fill)
-    ids = torch.full((len(fill), width), pad_id, dtype=documents[0].dtype)
-    seg = torch.full((len(fill), width), PAD, dtype=torch.long)
-    pos = torch.zeros((len(fill), width), dtype=torch.long)
-    for d, (doc, row, start, n) in enumerate(zip(documents, rows, starts, lengths)):
-        ids[row, start:start + n] = doc
+    return rows, starts, len(fill), max(fill)
+
+
+def segments(rows: Sequence[int], starts: Sequence[int], lengths: Sequence[int], shape: tuple[int, int],
+             device: torch.device | str = "cpu") -> Tensor:
+    """(R, L) long segment ids of a layout: the document number, PAD where there is none."""
+    seg = torch.full(shape, PAD, dtype=torch.long, device=device)
+    for d, (row, start, n) in enumerate(zip(rows, starts, lengths)):
         seg[row, start:start + n] = d
+    return seg
+
+
+def pack(documents: Sequence[Tensor], *, row_len: int | None = None, pad_id: int = 0) -> PackedBatch:
+    """Pack 1-D token tensors into rows of at most ``row_len`` tokens (default: all in one row), each
+    document into the first row with room for it (first fit, the order kept within a row)."""
+    if not documents:
+        raise ValueError("pack: no documents")
+    if any(d.dim() != 1 for d in documents):
+        raise ValueError("pack: every document must be a 1-D token tensor")
+    lengths = [int(d.numel()) for d in documents]
+    rows, starts, count, width = layout(lengths, row_len)
+    ids = torch.full((count, width), pad_id, dtype=documents[0].dtype)
+    pos = torch.zeros((count, width), dtype=torch.long)
+    for doc, row, start, n in zip(documents, rows, starts, lengths):
+        ids[row, start:start + n] = doc
         pos[row, start:start + n] = torch.arange(n)
+    seg = segments(rows, starts, lengths, (count, width))
     return PackedBatch(ids, seg, pos, tuple(rows), tuple(starts), tuple(lengths))
 
 

@@ -45,14 +45,17 @@ class SparseSelfAttention(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
-    def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None
-                ) -> Tensor:
+    def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
+                documents: Pattern | None = None) -> Tensor:
+        """``x: (B, N, C)``; ``documents``: a packed batch's ``documents(...)`` pattern, intersected with this
+        module's pattern (nothing crosses a document boundary)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, C={self.dim}), got {tuple(x.shape)}")
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)  # (B, N, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
-        out = attention(q, k, v, pattern=self.pattern, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+        pattern = self.pattern if documents is None else documents if self.pattern is None else documents & self.pattern
+        out = attention(q, k, v, pattern=pattern, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                         dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, C)
 

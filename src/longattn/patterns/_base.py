@@ -70,6 +70,9 @@ class Pattern:
     head_period: int | None = None
     #: the block size a block-structured pattern is defined on (BigBird), or None
     preferred_block: int | None = None
+    #: True when ``allowed(i, j)`` depends only on ``j - i`` (and the head): the pattern means the same in
+    #: every packed document, so ``documents(...) & pattern`` equals running each document alone
+    shift_invariant: bool = False
     #: False when the mask of a head depends on the number of heads (tables drawn for H heads);
     #: otherwise head h behaves as head h % head_period, which lets plans evaluate one period only
     head_count_free: bool = True

@@ -10,6 +10,7 @@ from ._base import AllowedFn, Geometry, Pattern, _check_pattern, block_ranges, p
 
 @pattern_dataclass
 class CausalMask(Pattern):
+    shift_invariant = True
     _name_format = "causal"
 
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:

@@ -46,6 +46,10 @@ class _Parts:
     def head_count_free(self) -> bool:
         return all(p.head_count_free for p in self.parts)
 
+    @property
+    def shift_invariant(self) -> bool:
+        return all(p.shift_invariant for p in self.parts)
+
     def block_exact(self, geo: Geometry, block: int) -> bool:
         # Unions and intersections of entirely-allowed blocks are entirely allowed; per-head parts too.
         return all(p.block_exact(geo, block) for p in self.parts)

@@ -9,6 +9,7 @@ from ._base import AllowedFn, Geometry, Pattern, pattern_dataclass
 
 @pattern_dataclass
 class Full(Pattern):
+    shift_invariant = True
     _name_format = "full"
 
     def block_exact(self, geo: Geometry, block: int) -> bool:

@@ -20,6 +20,7 @@ def _band_candidates(geo: Geometry, block: int, device: torch.device, left: int,
 
 @pattern_dataclass
 class SlidingWindow(Pattern):
+    shift_invariant = True
     left: int  # keys attended before the query
     right: int  # keys attended after the query
 
@@ -61,6 +62,7 @@ def check_window(window: object, name: str = "window") -> int:
 
 @pattern_dataclass
 class Dilated(Pattern):
+    shift_invariant = True
     window: int  # Longformer's w: w/2 keys on each side of the query, spaced `dilation` apart
     dilation: int
     _name_format = "dilated_{window}_{dilation}"

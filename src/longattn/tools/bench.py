@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from ..backends import clear_caches
 from ..backends import flex as flex_backend
+from ..backends import machine as machine_profile
 from ..backends.blocked import choose_block
+from ..backends.machine import DTYPE_NAMES, compute_dtype
 from ..functional import attention
 from ..io import atomic_path, markdown_table, write_json, write_text
 from ..patterns import PRESETS, Geometry, Pattern, build_preset, get_plan
@@ -223,8 +225,12 @@ def _speedups(results: list[Result], base_path: str = "sdpa") -> dict[Experiment
 
 
 def _of_matmul(r: Result, machine: dict) -> float | None:
-    """Useful GFLOP/s as a share of the machine's measured matmul rate in the same dtype."""
-    rate = machine.get("matmul_gflops", {}).get(r.experiment.dtype)
+    """Useful GFLOP/s as a share of the machine's measured matmul rate in the dtype the path multiplies in
+    (the blocked path may multiply bf16 inputs in fp32: ``machine["compute"]``, from the machine profile)."""
+    dtype = r.experiment.dtype
+    if r.experiment.path in ("blocked", "auto"):
+        dtype = machine.get("compute", {}).get(dtype, dtype)
+    rate = machine.get("matmul_gflops", {}).get(dtype)
     return None if r.useful_gflops is None or not rate else r.useful_gflops / rate
 
 
@@ -271,6 +277,11 @@ QUICK = dict(patterns=["longformer_512", "bigbird_64"], paths=["sdpa", "blocked"
              lengths=[1024, 4096], min_run_time=0.2)
 
 
+def _compute_dtypes(dtypes: Iterable[str], device: torch.device) -> dict[str, str]:
+    """The dtype the blocked path multiplies each benchmarked dtype in (``longattn calibrate`` decides)."""
+    return {name: DTYPE_NAMES[compute_dtype(DTYPES[name], device)] for name in dtypes}
+
+
 def run(cfg: BenchConfig, out_dir: Path | None = None, progress: bool = True) -> list[Result]:
     device = torch.device(cfg.device)
     machine = {
@@ -278,11 +289,16 @@ def run(cfg: BenchConfig, out_dir: Path | None = None, progress: bool = True) ->
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         # only the dtypes being timed: a CPU without bf16 kernels multiplies bf16 at ~1 GFLOP/s (minutes here)
-        "matmul_gflops": {name: round(matmul_gflops(DTYPES[name], device), 1) for name in dict.fromkeys(cfg.dtypes)},
+        "matmul_gflops": {name: round(matmul_gflops(DTYPES[name], device), 1)
+                          for name in dict.fromkeys([*cfg.dtypes, *_compute_dtypes(cfg.dtypes, device)])},
+        "compute": _compute_dtypes(cfg.dtypes, device),
+        "profile": machine_profile.current().source,
     }
     rates = " ".join(f"{name}={rate}" for name, rate in machine["matmul_gflops"].items())
+    compute = " ".join(f"{k}->{v}" for k, v in machine["compute"].items() if k != v)
     header = (f"device={machine['device']} threads={machine['threads']} torch={machine['torch']} "
-              f"matmul GFLOP/s {rates}")
+              f"matmul GFLOP/s {rates}" + (f"; blocked multiplies {compute}" if compute else "")
+              + f"; profile: {machine['profile']}")
     print(header, flush=True)
     todo = experiments(cfg.patterns, cfg.paths, cfg.modes, cfg.lengths, cfg.dtypes, cfg.heads, cfg.head_dim, cfg.batch)
     bar = progress_bar(progress, total=len(todo), desc="bench", unit="run")
@@ -391,7 +407,8 @@ def verdicts(results: list[Result], machine: dict, path: str = "blocked") -> lis
     out.append(verdict("CPU forward+backward vs SDPA", ">= 8x at N=8192", sdpa, 8.0, ".1f"))
     share = [(x, key(r)) for r in mine if r.experiment.mode == "fwd+bwd" and r.experiment.seq_len >= 4096
              and r.experiment.pattern in GOAL_PATTERNS and (x := _of_matmul(r, machine)) is not None]
-    out.append(verdict("useful throughput, forward+backward", ">= 50% of the matmul rate", share, 0.5, ".0%"))
+    out.append(verdict("useful throughput, forward+backward", ">= 50% of the compute dtype's matmul rate", share,
+                       0.5, ".0%"))
     rates = machine.get("matmul_gflops", {})
     if rates.get("bf16") and rates.get("fp32") and rates["bf16"] > rates["fp32"]:
         faster = [(fp32.time_ms / r.time_ms, f"{key(r)} {r.experiment.mode}") for r in mine

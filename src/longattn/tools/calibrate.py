@@ -1,7 +1,7 @@
 """``longattn calibrate``: measure, once per machine and torch version, what ``auto`` and the blocked kernel
 need, and store it where ``backends/machine.py`` reads it.
 
-Measured (about 15-30 s on 2 cores):
+Measured (about 12 s on 2 cores):
 
 - matmul rates per dtype (fp32, bf16, fp16), the ceiling benchmarks compare with;
 - for bf16 inputs, the blocked path's forward with its matmuls in float32 and in bf16 (row offsets,
@@ -39,7 +39,7 @@ LENGTHS = (256, 512, 1024, 2048)  # the crossover is one of these (or 0: blocked
 WINDOW = 128  # +-128 keys: a Longformer-256 window, sparse enough from 1024 keys to show the blocked path's rate
 BF16_MARGIN = 1.05  # bf16 compute must win by this much (timing noise)
 FP16_MARGIN = 1.2  # an fp16 matmul must beat fp32 by this much before fp16 inputs compute in fp16
-MIN_RUN_TIME = 0.2
+MIN_RUN_TIME = 0.4  # per timing: ~12 s in all on 2 cores; 0.2 moved the tile overhead by 1.6x between runs
 
 
 def _qkv(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

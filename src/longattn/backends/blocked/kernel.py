@@ -8,8 +8,8 @@ softmax and index_select), so every device and dtype works, forward and backward
 A tile's scores (b, h, r*s, C) live in a reused workspace that stays in cache (wider tiles run a few
 heads at a time), so the mask addition, the in-place softmax and the two matmuls touch cached memory and
 no fresh pages. Backward recomputes each tile's probabilities instead of storing them (FlashAttention's
-trade), so training memory is O(N * d) plus one tile; dK and dV of views accumulate transposed
-(``q^T @ dS`` is the faster matmul form on CPU); dropout masks are regenerated from a per-group seed.
+trade), so training memory is O(N * d) plus one tile; dK and dV of views accumulate in place in row
+layout with one BLAS call each (beta = 1); dropout masks are regenerated from a per-group seed.
 Low-precision inputs (bf16, fp16) multiply in their own dtype in the forward where the machine's matmul
 is faster in it (``machine.compute_dtype``: AVX512-BF16, AMX, GPUs), with softmax in float32 and a row
 offset that keeps the scores' digits (``BlockedCall.row_offsets``); their backward, and both directions
@@ -303,7 +303,9 @@ class _BlockedAttention(torch.autograd.Function):
             # error on dQ and dK at best, where float32 products stay within its tolerance.
             d = q.shape[-1] - 1
             exact = replace(call, row_offsets=False)
-            dq, dk, dv, dbias = _backward(q[..., :d].to(call.acc), k[..., :d].to(call.acc), v.to(call.acc), out,
+            # The forward's output came from rounded scores: delta is taken from the recomputed probabilities
+            # instead, or dS would not sum to 0 over a row (2-4x SDPA's error on dQ of long rows).
+            dq, dk, dv, dbias = _backward(q[..., :d].to(call.acc), k[..., :d].to(call.acc), v.to(call.acc), None,
                                           dout, exact, want_bias)
             dq, dk = F.pad(dq, (0, 1)), F.pad(dk, (0, 1))  # the offset columns get no gradient
         if dbias is not None:  # back to the bias's own (broadcast, padded) shape
@@ -312,17 +314,18 @@ class _BlockedAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, None
 
 
-def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, call: BlockedCall, want_bias: bool
+def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None, dout: Tensor, call: BlockedCall, want_bias: bool
               ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """dq, dk, dv and the float mask's gradient (b, h, Nq_pad, Nk_pad), recomputing each tile's probabilities."""
+    """dq, dk, dv and the float mask's gradient (b, h, Nq_pad, Nk_pad), recomputing each tile's probabilities
+    (``out``: the forward's output for rowsum(dO * O); None: that sum from the recomputed probabilities)."""
     sched, block = call.sched, call.sched.block
     ops = _Operands.of(sched, k, v)
     ws = _Workspace()
     dq = torch.empty_like(q)
-    # Views accumulate into transposed gradients: q^T @ dS runs ~1.3x faster than dS^T @ q on CPU.
-    dkt, dvt = q.new_zeros(*k.shape[:2], k.shape[3], k.shape[2]), q.new_zeros(*v.shape[:2], v.shape[3], v.shape[2])
-    # Copied columns (shared, gathered) scatter back into row-layout gradients.
-    dk, dv = (torch.zeros_like(k), torch.zeros_like(v)) if sched.copies else (None, None)
+    # Every key gradient accumulates in row layout: a band's rows are contiguous. (A transposed (d, N)
+    # accumulator makes each product q^T @ dS a little faster, but its rows lie N apart: 8-23% slower
+    # forward+backward at 8K-16K, Longformer-512 on 2 cores.)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     dkst = dvst = None
     if ops.shared is not None:
         dkst, dvst = (x.new_zeros(*x.shape[:2], x.shape[3], x.shape[2]) for x in ops.shared)
@@ -336,28 +339,32 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, call: 
         dout_t = dout[g][:, :, tile.rows]
         dropped = probs * keep if keep is not None else probs
         dp = _scores(dout_t, parts, "v", ws.get("dp", probs.shape, q))
+        if out is None:  # rowsum(dO * O) from the recomputed probabilities (the forward's O is not theirs)
+            delta = (dp * dropped).sum(-1, keepdim=True)
+        else:
+            delta = (dout_t * out[g][:, :, tile.rows]).sum(-1, keepdim=True)  # rowsum(dO * O)
         if keep is not None:
             dp *= keep
-        delta = (dout_t * out[g][:, :, tile.rows]).sum(-1, keepdim=True)  # rowsum(dO * O)
         ds = dp.sub_(delta).mul_(probs)  # softmax backward, in place
         dq_t.copy_(_mix(ds, parts, "k").mul_(call.scale))
         for p in parts:
-            if p.rows is None:  # views and the shared copy: transposed accumulators
-                acc_k, acc_v = (dkt, dvt) if p.view is not None else (dkst, dvst)
-                a, z = p.view if p.view is not None else (0, acc_k.shape[-1])
-                _accumulate(acc_k[g][..., a:z], qt.transpose(-1, -2), ds[..., p.cols], ws)
-                _accumulate(acc_v[g][..., a:z], dout_t.transpose(-1, -2), dropped[..., p.cols], ws)
-                continue
-            _scatter_blocks(dk, p.rows.reshape(-1), torch.matmul(ds[..., p.cols].transpose(-1, -2), qt), block)
-            _scatter_blocks(dv, p.rows.reshape(-1), torch.matmul(dropped[..., p.cols].transpose(-1, -2), dout_t), block)
+            if p.view is not None:
+                a, z = p.view
+                _accumulate(dk[g][:, :, a:z], ds[..., p.cols].transpose(-1, -2), qt, ws)
+                _accumulate(dv[g][:, :, a:z], dropped[..., p.cols].transpose(-1, -2), dout_t, ws)
+            elif p.rows is None:  # the shared copy: transposed accumulators (few columns, every tile)
+                _accumulate(dkst[g], qt.transpose(-1, -2), ds[..., p.cols], ws)
+                _accumulate(dvst[g], dout_t.transpose(-1, -2), dropped[..., p.cols], ws)
+            else:
+                _scatter_blocks(dk, p.rows.reshape(-1), torch.matmul(ds[..., p.cols].transpose(-1, -2), qt), block)
+                _scatter_blocks(dv, p.rows.reshape(-1), torch.matmul(dropped[..., p.cols].transpose(-1, -2), dout_t),
+                                block)
         if dbias is not None:
             cols = _select(call.cols(tile), g)
             dbias[g][:, :, tile.rows].scatter_add_(-1, cols.expand(ds.shape), ds)
     if dkst is not None:
         _scatter_blocks(dk, sched.shared, dkst.transpose(-1, -2), block)
         _scatter_blocks(dv, sched.shared, dvst.transpose(-1, -2), block)
-    dk = dkt.transpose(-1, -2) if dk is None else dk.add_(dkt.transpose(-1, -2))
-    dv = dvt.transpose(-1, -2) if dv is None else dv.add_(dvt.transpose(-1, -2))
     return dq, dk, dv, dbias
 
 

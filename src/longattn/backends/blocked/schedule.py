@@ -79,11 +79,6 @@ class Schedule:
     exact_layout: Tensor | None  # (B', H', nQB, nKB) block layout of a block-exact pattern (lazy tile masks)
 
     @property
-    def copies(self) -> bool:
-        """Some columns are copies (shared or gathered): their gradients go back through row-layout dK/dV."""
-        return self.shared is not None or any(t.gather is not None for t in self.tiles)
-
-    @property
     def scores_per_head(self) -> int:
         """Scores computed per (example, head): the blocked path's work, padding included."""
         return sum((t.rows.stop - t.rows.start) * t.columns for t in self.tiles)
