@@ -70,7 +70,7 @@ def assert_close_to_reference(backend, q, k, v, keep, *, grad=True, **kwargs):
     assert ours <= 2 * torch_err + floor, f"{backend} forward error {ours:.3g} > 2 x SDPA's {torch_err:.3g}"
     if not grad:
         return
-    cot = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=ref.dtype)  # deterministic
+    cot = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=ref.dtype).to(ref.device)
     ref_grads = torch.autograd.grad(ref, leaves, cot)
     grads = {name: torch.autograd.grad(out, leaves, cot.to(out.dtype)) for name, out in outs.items()}
     for n, (gd, gb, gr) in enumerate(zip(grads["dense"], grads[backend], ref_grads)):

@@ -115,7 +115,8 @@ def test_packed_longformer_equals_each_document_alone():
 def test_longdoc_packed_benchmark_small(tmp_path):
     from longattn.longdoc.packed import PackedSettings, packed_table, run_packed
 
-    settings = PackedSettings(documents=6, max_len=512, layers=1, dim=32, heads=2, window=16, min_run_time=0.01)
+    settings = PackedSettings(documents=6, max_len=512, layers=1, dim=32, heads=2, window=16, min_run_time=0.01,
+                              rounds=1)
     result = run_packed(settings, out=tmp_path)
     assert (tmp_path / "packed.json").exists()
     assert result["max_abs_diff"] < 1e-4

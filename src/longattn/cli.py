@@ -85,7 +85,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         print("already calibrated for this machine and torch version (--force measures again)")
         return 0
     profile = calibrate.calibrate(progress=not args.no_progress)
-    path = calibrate.save(profile)
+    try:
+        path = calibrate.save(profile)
+    except OSError as err:  # a read-only home or cache directory
+        raise ValueError(f"cannot write the calibration under {machine.cache_dir()} ({err}); set "
+                         f"LONGATTN_CACHE_DIR to a writable folder") from None
     print("\n".join(calibrate.describe(machine.current())))
     print(f"wrote {path}")
     return 0

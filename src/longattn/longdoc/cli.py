@@ -128,9 +128,11 @@ def _cmd_packed(args: argparse.Namespace) -> int:
     from .packed import PackedSettings, packed_table, run_packed
 
     settings = PackedSettings(documents=args.documents, max_len=args.max_len, layers=args.depth, dim=args.dim,
-                              heads=args.heads, window=args.window, seed=args.seed, min_run_time=args.min_run_time)
+                              heads=args.heads, window=args.window, seed=args.seed, min_run_time=args.min_run_time,
+                              rounds=args.rounds)
     for name, value in (("--documents", args.documents), ("--max-len", args.max_len), ("--depth", args.depth),
-                        ("--dim", args.dim), ("--heads", args.heads), ("--window", args.window)):
+                        ("--dim", args.dim), ("--heads", args.heads), ("--window", args.window),
+                        ("--rounds", args.rounds)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     result = run_packed(settings, out=Path(args.out) if args.out else None,
@@ -195,7 +197,8 @@ def add_parser(sub) -> None:
     packed.add_argument("--heads", type=int, default=4, help="attention heads")
     packed.add_argument("--window", type=int, default=256, help="Longformer window w (w/2 keys each side)")
     packed.add_argument("--seed", type=int, default=0, help="which texts are drawn")
-    packed.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per batch")
+    packed.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per measurement")
+    packed.add_argument("--rounds", type=int, default=3, help="measurements per batch, the batches taking turns")
     packed.add_argument("--out", default=None, help="folder for packed.json (default: print only)")
     packed.set_defaults(func=_cmd_packed)
 
