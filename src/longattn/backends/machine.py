@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import os
@@ -95,6 +96,7 @@ DEFAULTS = MachineProfile(source="defaults", limits=dict(DEFAULT_LIMITS))
 
 # ---- where a calibration lives ------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)  # read once: `auto` asks for the profile on every call
 def cpu_name() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux), or the platform's description."""
     try:
@@ -106,6 +108,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_flags() -> str:
     """The CPU features a matmul's speed depends on (AVX-512, its bf16 and fp16 forms, AMX)."""
     try:
@@ -143,7 +146,7 @@ def calibration_path(key: dict[str, str] | None = None) -> Path:
 # ---- the profile in use -------------------------------------------------------------------------------------
 
 _override: contextvars.ContextVar[MachineProfile | None] = contextvars.ContextVar("longattn_profile", default=None)
-_loaded: dict[str, MachineProfile] = {}
+_loaded: dict[tuple, MachineProfile] = {}
 _lock = threading.Lock()
 
 
@@ -167,11 +170,14 @@ def current() -> MachineProfile:
     profile = _override.get()
     if profile is not None:
         return profile
-    key = str(calibration_path())
-    with _lock:
-        if key not in _loaded:
-            _loaded[key] = load_calibration() or DEFAULTS
-        return _loaded[key]
+    # What can change in a process: the cache folder's variables and the thread count (cheap to read; the
+    # file's name is a hash of the machine key, computed only when one of them changes)
+    key = (os.environ.get("LONGATTN_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME"), torch.get_num_threads())
+    profile = _loaded.get(key)
+    if profile is None:
+        with _lock:
+            profile = _loaded[key] = load_calibration() or DEFAULTS
+    return profile
 
 
 def forget() -> None:
