@@ -9,9 +9,10 @@
    does each score cheaper.
    The crossover and the dense fraction are per input dtype and per machine: ``longattn calibrate`` measures
    them (``machine.py``); without a calibration they are the defaults measured on the project's first
-   machine, and the choice says so. On CUDA the fp32 values apply. Sparse Transformer patterns are costed as the blocked path runs them,
-   reordered by head group (``blocked/factored.py``: O(N^2 / stride) for stride columns), each score
-   weighted by ``cost.FACTORED_COST_PER_SCORE``.
+   machine, and the choice says so. On CUDA the fp32 values apply.
+   Sparse Transformer patterns are costed as the blocked path runs them, reordered by head group
+   (``blocked/factored.py``: O(N^2 / stride) for stride columns), each score weighted by
+   ``cost.FACTORED_COST_PER_SCORE``.
 5. CUDA and FlexAttention can serve the call: flex.
 6. Otherwise: blocked (trains everywhere, no compilation).
 
@@ -57,7 +58,7 @@ IMPLEMENTATIONS: dict[str, Callable[[AttentionInputs], Tensor]] = {
 class Choice:
     backend: str  # "dense", "blocked" or "flex"
     reason: str  # one sentence a user can read
-    profile: str = ""  # which machine profile set the thresholds: "calibration <path>", "probe" or "defaults"
+    profile: str = ""  # which machine profile set the thresholds: "calibration <path>" or the defaults
 
     def __str__(self) -> str:
         return f"{self.backend}: {self.reason}" + (f" [thresholds: {self.profile}]" if self.profile else "")

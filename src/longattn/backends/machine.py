@@ -97,29 +97,32 @@ DEFAULTS = MachineProfile(source="defaults", limits=dict(DEFAULT_LIMITS))
 # ---- where a calibration lives ------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)  # read once: `auto` asks for the profile on every call
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields of ``/proc/cpuinfo`` (empty off Linux)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, sep, value = line.partition(":")
+            if not sep:
+                if fields:
+                    break  # the first processor's block has ended
+                continue
+            fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
 def cpu_name() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux), or the platform's description."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_flags() -> str:
     """The CPU features a matmul's speed depends on (AVX-512, its bf16 and fp16 forms, AMX)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_fp16")
-                return " ".join(f for f in wanted if f in flags)
-    except OSError:
-        pass
-    return ""
+    flags = set(_cpuinfo().get("flags", "").split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_fp16")
+    return " ".join(f for f in wanted if f in flags)
 
 
 def machine_key() -> dict[str, str]:

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..patterns.documents import PAD
+from ..patterns.documents import PAD, run_starts
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,10 @@ def pack(documents: Sequence[Tensor], *, row_len: int | None = None, pad_id: int
     lengths = [int(d.numel()) for d in documents]
     rows, starts, count, width = layout(lengths, row_len)
     ids = torch.full((count, width), pad_id, dtype=documents[0].dtype)
-    pos = torch.zeros((count, width), dtype=torch.long)
     for doc, row, start, n in zip(documents, rows, starts, lengths):
         ids[row, start:start + n] = doc
-        pos[row, start:start + n] = torch.arange(n)
     seg = segments(rows, starts, lengths, (count, width))
-    return PackedBatch(ids, seg, pos, tuple(rows), tuple(starts), tuple(lengths))
+    return PackedBatch(ids, seg, document_positions(seg), tuple(rows), tuple(starts), tuple(lengths))
 
 
 def unpack(states: Tensor, packed: PackedBatch) -> list[Tensor]:
@@ -100,7 +98,5 @@ def document_positions(segment_ids: Tensor) -> Tensor:
     """(B, N) long: each position's offset within its document (runs of equal ids), 0 on PAD positions."""
     n = segment_ids.shape[-1]
     index = torch.arange(n, device=segment_ids.device).expand_as(segment_ids)
-    start = torch.ones_like(segment_ids, dtype=torch.bool)
-    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    first = torch.where(start, index, torch.zeros_like(index)).cummax(-1).values  # each run's first position
+    first = torch.where(run_starts(segment_ids), index, torch.zeros_like(index)).cummax(-1).values  # run starts
     return (index - first).masked_fill(segment_ids == PAD, 0)

@@ -54,7 +54,9 @@ class SparseSelfAttention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)  # (B, N, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
-        pattern = self.pattern if documents is None else documents if self.pattern is None else documents & self.pattern
+        pattern = self.pattern
+        if documents is not None:
+            pattern = documents if pattern is None else documents & pattern
         out = attention(q, k, v, pattern=pattern, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                         dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, C)

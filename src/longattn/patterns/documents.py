@@ -21,6 +21,13 @@ from ._base import AllowedFn, Geometry, Pattern, Snapshot, block_ranges, pattern
 PAD = -1  # the document id of positions outside every document
 
 
+def run_starts(ids: Tensor) -> Tensor:
+    """(B, N) bool: True where a run of equal ids begins (position 0 and every change of id)."""
+    start = torch.ones_like(ids, dtype=torch.bool)
+    start[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    return start
+
+
 def segment_ids(lengths: Sequence[int], n: int | None = None, *, device: torch.device | str = "cpu") -> Tensor:
     """(N,) long: the document of every position of a pack of documents of ``lengths`` (``PAD`` after the
     last one, up to ``n``)."""
@@ -60,9 +67,7 @@ class Documents(Pattern):
             raise ValueError(f"documents: segment ids must be >= 0 ({PAD} marks positions in no document)")
         # A document is one contiguous run: an id that comes back after another would silently join two
         # distant runs into one document.
-        starts = torch.ones_like(ids, dtype=torch.bool)
-        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        for row, start in zip(ids, starts):
+        for row, start in zip(ids, run_starts(ids)):
             runs = row[start]
             runs = runs[runs != PAD]
             if runs.numel() != runs.unique().numel():
@@ -97,10 +102,7 @@ class Documents(Pattern):
     def _runs(self, geo: Geometry, device: torch.device) -> Tensor:
         """(B', Nk) long: the number of the run of equal ids each position is in, non-decreasing along
         positions; two positions share a document only if they share a run."""
-        ids = self._ids(geo, device)
-        start = torch.ones_like(ids, dtype=torch.bool)
-        start[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        return start.long().cumsum(-1)
+        return run_starts(self._ids(geo, device)).long().cumsum(-1)
 
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
         ids = self._ids(geo, device)

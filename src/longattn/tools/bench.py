@@ -284,20 +284,21 @@ def _compute_dtypes(dtypes: Iterable[str], device: torch.device) -> dict[str, st
 
 def run(cfg: BenchConfig, out_dir: Path | None = None, progress: bool = True) -> list[Result]:
     device = torch.device(cfg.device)
+    compute = _compute_dtypes(cfg.dtypes, device)
     machine = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         # only the dtypes being timed: a CPU without bf16 kernels multiplies bf16 at ~1 GFLOP/s (minutes here)
         "matmul_gflops": {name: round(matmul_gflops(DTYPES[name], device), 1)
-                          for name in dict.fromkeys([*cfg.dtypes, *_compute_dtypes(cfg.dtypes, device)])},
-        "compute": _compute_dtypes(cfg.dtypes, device),
+                          for name in dict.fromkeys([*cfg.dtypes, *compute.values()])},
+        "compute": compute,
         "profile": machine_profile.current().source,
     }
     rates = " ".join(f"{name}={rate}" for name, rate in machine["matmul_gflops"].items())
-    compute = " ".join(f"{k}->{v}" for k, v in machine["compute"].items() if k != v)
+    converted = " ".join(f"{k}->{v}" for k, v in compute.items() if k != v)
     header = (f"device={machine['device']} threads={machine['threads']} torch={machine['torch']} "
-              f"matmul GFLOP/s {rates}" + (f"; blocked multiplies {compute}" if compute else "")
+              f"matmul GFLOP/s {rates}" + (f"; blocked multiplies {converted}" if converted else "")
               + f"; profile: {machine['profile']}")
     print(header, flush=True)
     todo = experiments(cfg.patterns, cfg.paths, cfg.modes, cfg.lengths, cfg.dtypes, cfg.heads, cfg.head_dim, cfg.batch)
@@ -380,12 +381,10 @@ def verdicts(results: list[Result], machine: dict, path: str = "blocked") -> lis
     mine = [r for r in results if r.experiment.path == path and r.time_ms is not None]
     out = []
 
+    vs = {"sdpa": _speedups(results), "flex_plain": _speedups(results, "flex_plain")}
+
     def ratio(r: Result, other_path: str) -> float | None:
-        e = r.experiment
-        other = by.get((e.pattern, other_path, e.mode, e.seq_len, e.dtype))
-        if other_path == "sdpa" and r.sdpa_paired_ms:
-            return r.sdpa_paired_ms / r.time_ms
-        return None if other is None else other.time_ms / r.time_ms
+        return vs[other_path].get(r.experiment)
 
     def verdict(goal: str, target: str, items: list[tuple[float, str]], limit: float, fmt: str,
                 higher_is_better: bool = True) -> Verdict:

@@ -105,9 +105,10 @@ class _Workspace:
         self._buffers: dict[str, Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        numel = math.prod(shape)
+        """A (shape) view of buffer ``name`` in ``dtype`` (default: ``like``'s), grown when too small."""
+        numel, dtype = math.prod(shape), dtype or like.dtype
         buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel or (dtype is not None and buf.dtype != dtype):
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
             buf = self._buffers[name] = like.new_empty(numel, dtype=dtype)
         return buf[:numel].view(shape)
 
@@ -381,8 +382,7 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor, ws: _Workspace) -> None:
 
 def _scatter_blocks(target: Tensor, rows: Tensor, grad: Tensor, block: int) -> None:
     """Add the gradient of gathered blocks (b, h, G * block, d) into target (b, h, Nk_pad, d)."""
-    grad = grad.reshape(-1, block, grad.shape[-1]).to(target.dtype)
-    target.view(-1, block, target.shape[-1]).index_add_(0, rows, grad)
+    target.view(-1, block, target.shape[-1]).index_add_(0, rows, grad.reshape(-1, block, grad.shape[-1]))
 
 
 def tiled_attention(inp: AttentionInputs, *, block: int | None = None) -> Tensor:
