@@ -19,6 +19,7 @@ elsewhere (bf16 at half the fp32 rate without a bf16 unit), compute in float32 a
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -29,10 +30,12 @@ from torch import Tensor
 from ...patterns.full import Full
 from ..inputs import AttentionInputs
 from ..machine import compute_dtype
+from . import native
 from .schedule import Schedule, Tile, bias_and_dead, choose_block, get_schedule
 
 TILE_BYTES = 4 << 20  # wider tiles run a few heads at a time: scores stay in cache, no fresh pages
 ROW_OFFSETS_ALWAYS = False  # tests: the low-precision path's extra columns in any dtype (gradcheck in float64)
+NATIVE: bool | None = None  # the fused tile step (native/): None where built and the call allows; False: never
 
 
 # ---- one call ---------------------------------------------------------------------------------------------
@@ -155,6 +158,7 @@ class BlockedCall:
     # the scores that carry the softmax's weight are then near 0 and keep their digits (1.5-1.9x SDPA's
     # error). The shift leaves softmax unchanged and is not differentiated. Backward runs in acc.
     row_offsets: bool
+    native: object | None = None  # the fused tile step's module (native/), when this call runs it
 
     def groups(self, tile: Tile) -> list[tuple[slice, slice]]:
         """(example, head) groups whose scores fit TILE_BYTES; one group for all but the widest tiles."""
@@ -229,6 +233,28 @@ class BlockedCall:
                 yield n, tile, g, [p.select(g) for p in parts], _select(bias, g), _select(dead, g)
                 n += 1
 
+    def native_layout(self) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor | None], list[Tensor | None]]:
+        """The tiles as the fused step reads them: rows (T, 2), and per tile kv_index, kv_count, bias and
+        dead rows with this call's masks folded in (kept with the schedule when the call adds none)."""
+        own = self.kpm is not None or self.attn_mask is not None
+        layout = None if own else _NATIVE_LAYOUTS.get(self.sched)
+        if layout is not None:
+            return layout
+        rows = torch.tensor([[t.rows.start, t.rows.stop] for t in self.sched.tiles], dtype=torch.long)
+        index, count, biases, deads = [], [], [], []
+        for tile in self.sched.tiles:
+            bias, dead = self.sched.tile_mask(tile)
+            if own:
+                bias, dead = self._fold_call_masks(tile, bias, dead)
+            index.append(tile.kv_index.contiguous())
+            count.append(tile.kv_count.contiguous())
+            biases.append(None if bias is None else bias.float().contiguous())
+            deads.append(None if dead is None else dead.contiguous())
+        layout = (rows, index, count, biases, deads)
+        if not own and not any(isinstance(t.bias, str) for t in self.sched.tiles):  # lazy masks stay lazy
+            _NATIVE_LAYOUTS[self.sched] = layout
+        return layout
+
     def tile_probabilities(self, ws: _Workspace, q: Tensor, n: int, tile: Tile, g: tuple[slice, slice],
                            parts: list[Part], bias: Tensor | None, dead: Tensor | None
                            ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -267,6 +293,19 @@ def _mix(weights: Tensor, parts: list[Part], operand: str, acc: torch.dtype | No
     return out
 
 
+_NATIVE_LAYOUTS: "weakref.WeakKeyDictionary[Schedule, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _native_for(q: Tensor, mm: torch.dtype, dropout_p: float, attn_mask: Tensor | None):
+    """The fused tile step when this call can use it: CPU, float32 or bfloat16 operands, no dropout, no float
+    mask that wants a gradient (those run the tile loop below)."""
+    if NATIVE is False or ROW_OFFSETS_ALWAYS or q.device.type != "cpu" or dropout_p > 0:
+        return None
+    if mm not in (torch.float32, torch.bfloat16) or (attn_mask is not None and attn_mask.requires_grad):
+        return None
+    return native.load()
+
+
 class _BlockedAttention(torch.autograd.Function):
     """Tile-by-tile forward that keeps only the output; backward recomputes each tile's probabilities
     (FlashAttention's trade) and accumulates dk/dv in place, so training memory is O(N * d) beyond the
@@ -275,6 +314,12 @@ class _BlockedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, call: BlockedCall) -> Tensor:
+        ctx.call, ctx.bias_shape = call, None if bias is None else bias.shape
+        ctx.native = call.native
+        if ctx.native is not None:
+            out, lse = ctx.native.forward(q, k, v, *call.native_layout(), call.sched.block, call.scale)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
         ops = _Operands.of(call.sched, k, v)
         out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=call.acc)
         ws = _Workspace()
@@ -288,14 +333,19 @@ class _BlockedAttention(torch.autograd.Function):
                 probs *= keep
             o.copy_(_mix(ws.cast("probs_mm", probs, q.dtype), parts, "v", call.acc))
         ctx.save_for_backward(q, k, v, out)
-        ctx.call, ctx.bias_shape = call, None if bias is None else bias.shape
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        q, k, v, out = ctx.saved_tensors
+        q, k, v, out = ctx.saved_tensors[:4]
         call: BlockedCall = ctx.call
         want_bias = ctx.bias_shape is not None and ctx.needs_input_grad[3]
+        if ctx.native is not None:
+            # bf16 operands are exact in float32: the recomputed scores are the forward's (its lse holds)
+            dq, dk, dv = ctx.native.backward(q.float(), k.float(), v.float(), out, ctx.saved_tensors[4],
+                                             dout.float().contiguous(), *call.native_layout(), call.sched.block,
+                                             call.scale)
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
         if not call.row_offsets:
             dq, dk, dv, dbias = _backward(q, k, v, out, dout, call, want_bias)
         else:
@@ -397,7 +447,9 @@ def tiled_attention(inp: AttentionInputs, *, block: int | None = None) -> Tensor
     nqb, nkb = -(-nq // block), -(-nk // block)
     mm = compute_dtype(inp.q.dtype, device)  # the matmuls' dtype
     acc = torch.float32 if mm in (torch.float16, torch.bfloat16) else mm  # softmax and accumulation
-    offsets = acc != mm or ROW_OFFSETS_ALWAYS
+    fused = _native_for(inp.q, mm, inp.dropout_p, inp.attn_mask)
+    # bf16 x bf16 products with float32 results (the fused step) keep the scores' digits: no offsets there
+    offsets = (acc != mm and fused is None) or ROW_OFFSETS_ALWAYS
     q = _pad_rows(inp.q.to(mm), nqb * block)  # (b, h, Nq_pad, d)
     k = _pad_rows(inp.k.to(mm), nkb * block)  # (b, h, Nk_pad, d)
     v = _pad_rows(inp.v.to(mm), nkb * block)  # (b, h, Nk_pad, dv)
@@ -415,6 +467,6 @@ def tiled_attention(inp: AttentionInputs, *, block: int | None = None) -> Tensor
     kpm = None if inp.key_padding_mask is None else F.pad(inp.key_padding_mask, (0, nkb * block - nk))
     seed = int(torch.randint(0, 2**62, (1,))) if inp.dropout_p > 0 else 0
     call = BlockedCall(sched=sched, b=b, h=h, kpm=kpm, attn_mask=am, scale=inp.scale, dropout_p=inp.dropout_p,
-                       seed=seed, acc=acc, row_offsets=offsets)
+                       seed=seed, acc=acc, row_offsets=offsets, native=fused)
     out = _BlockedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias, call)
     return out[:, :, :nq].to(inp.q.dtype)
