@@ -297,11 +297,11 @@ _NATIVE_LAYOUTS: "weakref.WeakKeyDictionary[Schedule, tuple]" = weakref.WeakKeyD
 
 
 def _native_for(q: Tensor, mm: torch.dtype, dropout_p: float, attn_mask: Tensor | None):
-    """The fused tile step when this call can use it: CPU, float32 or bfloat16 operands, no dropout, no float
-    mask that wants a gradient (those run the tile loop below)."""
-    if NATIVE is False or ROW_OFFSETS_ALWAYS or q.device.type != "cpu" or dropout_p > 0:
+    """The fused tile step when this call can use it: CPU, float32 products, no dropout, no float mask that
+    wants a gradient (those run the tile loop below)."""
+    if NATIVE is False or ROW_OFFSETS_ALWAYS or q.device.type != "cpu" or dropout_p > 0 or mm != torch.float32:
         return None
-    if mm not in (torch.float32, torch.bfloat16) or (attn_mask is not None and attn_mask.requires_grad):
+    if attn_mask is not None and attn_mask.requires_grad:
         return None
     return native.load()
 
@@ -341,11 +341,9 @@ class _BlockedAttention(torch.autograd.Function):
         call: BlockedCall = ctx.call
         want_bias = ctx.bias_shape is not None and ctx.needs_input_grad[3]
         if ctx.native is not None:
-            # bf16 operands are exact in float32: the recomputed scores are the forward's (its lse holds)
-            dq, dk, dv = ctx.native.backward(q.float(), k.float(), v.float(), out, ctx.saved_tensors[4],
-                                             dout.float().contiguous(), *call.native_layout(), call.sched.block,
-                                             call.scale)
-            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+            dq, dk, dv = ctx.native.backward(q, k, v, out, ctx.saved_tensors[4], dout.contiguous(),
+                                             *call.native_layout(), call.sched.block, call.scale)
+            return dq, dk, dv, None, None
         if not call.row_offsets:
             dq, dk, dv, dbias = _backward(q, k, v, out, dout, call, want_bias)
         else:
@@ -448,8 +446,7 @@ def tiled_attention(inp: AttentionInputs, *, block: int | None = None) -> Tensor
     mm = compute_dtype(inp.q.dtype, device)  # the matmuls' dtype
     acc = torch.float32 if mm in (torch.float16, torch.bfloat16) else mm  # softmax and accumulation
     fused = _native_for(inp.q, mm, inp.dropout_p, inp.attn_mask)
-    # bf16 x bf16 products with float32 results (the fused step) keep the scores' digits: no offsets there
-    offsets = (acc != mm and fused is None) or ROW_OFFSETS_ALWAYS
+    offsets = acc != mm or ROW_OFFSETS_ALWAYS
     q = _pad_rows(inp.q.to(mm), nqb * block)  # (b, h, Nq_pad, d)
     k = _pad_rows(inp.k.to(mm), nkb * block)  # (b, h, Nk_pad, d)
     v = _pad_rows(inp.v.to(mm), nkb * block)  # (b, h, Nk_pad, dv)

@@ -56,6 +56,7 @@ def _import(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(_name(), str(path), loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
+    module.probe_brgemm()
     return module
 
 
@@ -97,6 +98,7 @@ def build(verbose: bool = False) -> ModuleType | None:
         try:
             _module = cpp_extension.load(name=_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS,
                                          extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=verbose)
+            _module.probe_brgemm()
         except (RuntimeError, OSError, ImportError, SystemExit) as err:  # no compiler, no ninja, no MKL symbols
             _reason = f"build failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}"
             return None
