@@ -11,15 +11,17 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned, so no dependency can pull a CUDA build of several GB.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,viz,lra,hf,docs,longdoc]"
+	$(PY) -m pip install -q -e ".[dev,viz,lra,hf,docs,longdoc,native]"
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-# The quick Long Range Arena suite (generated ListOps + Pathfinder, every attention variant, speed/memory
+# This machine's calibration first (once per machine: ~15 s, and ~40 s to compile the fused tile step), then
+# the quick Long Range Arena suite (generated ListOps + Pathfinder, every attention variant, speed/memory
 # table: results/lra/report.md and .html), then the quick legal benchmark on the ScanCode LicenseDB (retrieval
 # and classification, every system: results/longdoc/quick/report.md and .html). Under 12 minutes on 2 cores.
 demo: $(STAMP)
+	$(VENV)/bin/longattn calibrate --no-progress
 	$(VENV)/bin/longattn lra suite --quick --out results/lra
 	$(VENV)/bin/longattn longdoc run --quick --out results/longdoc
 

@@ -53,6 +53,7 @@ class MachineProfile:
     limits: dict[str, DispatchLimits] = field(default_factory=dict)  # input dtype name -> auto's thresholds
     compute: dict[str, str] = field(default_factory=dict)  # low-precision input dtype -> blocked matmul dtype
     tile_overhead_scores: int = DEFAULT_TILE_OVERHEAD_SCORES  # the schedule's fixed cost per tile, in scores
+    fused_tiles: bool = False  # the blocked path runs its tiles in the C++ step (blocked/native), built and faster
     measured: dict[str, float] = field(default_factory=dict)  # the raw timings behind the choices (ns/score)
     machine: dict[str, str] = field(default_factory=dict)  # CPU, threads, torch version
 
@@ -78,6 +79,7 @@ class MachineProfile:
         return MachineProfile(source=source, matmul_gflops=dict(data.get("matmul_gflops", {})), limits=limits,
                               compute=dict(data.get("compute", {})),
                               tile_overhead_scores=int(data.get("tile_overhead_scores", DEFAULT_TILE_OVERHEAD_SCORES)),
+                              fused_tiles=bool(data.get("fused_tiles", False)),
                               measured=dict(data.get("measured", {})), machine=dict(data.get("machine", {})))
 
 
@@ -125,10 +127,15 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in flags)
 
 
+#: bumped when calibration measures something new: an older file is then measured again, not half-read
+CALIBRATION_VERSION = "2"  # 2: the fused tile step
+
+
 def machine_key() -> dict[str, str]:
-    """What a calibration is valid for: the CPU, its features, the threads used and the torch version."""
+    """What a calibration is valid for: the CPU, its features, the threads used, the torch version and what
+    the calibration measures."""
     return {"cpu": cpu_name(), "flags": cpu_flags(), "threads": str(torch.get_num_threads()),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "calibration": CALIBRATION_VERSION}
 
 
 def cache_dir() -> Path:

@@ -1,8 +1,11 @@
 """``longattn calibrate``: measure, once per machine and torch version, what ``auto`` and the blocked kernel
 need, and store it where ``backends/machine.py`` reads it.
 
-Measured (about 12 s on 2 cores):
+Measured (about 12 s on 2 cores, plus ~40 s the first time to compile the fused tile step):
 
+- whether the blocked path runs its tiles in the C++ step (``blocked/native``): built here when a compiler is
+  found, then timed against the Python tile loop (forward and backward on a window); everything below is
+  measured with the path chosen;
 - matmul rates per dtype (fp32, bf16, fp16), the ceiling benchmarks compare with;
 - for bf16 inputs, the blocked path's forward with its matmuls in float32 and in bf16 (row offsets,
   ``blocked/kernel.py``): the faster becomes the compute dtype (a bf16 matmul rate alone does not decide it:
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import clear_caches, machine
-from ..backends.blocked import schedule
+from ..backends.blocked import native, schedule
 from ..backends.cost import blocked_work
 from ..backends.machine import DTYPE_NAMES, DispatchLimits, MachineProfile
 from ..functional import attention
@@ -124,40 +127,68 @@ def _bf16_compute(measured: dict[str, float], min_run_time: float) -> str:
     pattern = sliding_window(256)
     times = {}
     for compute in ("fp32", "bf16"):
-        forced = dataclasses.replace(machine.DEFAULTS, source="calibrating", compute={"bf16": compute})
+        forced = dataclasses.replace(machine.current(), source="calibrating", compute={"bf16": compute})
         with machine.use(forced):
             times[compute] = _time(lambda: attention(q, k, v, pattern=pattern, backend="blocked"), min_run_time)
         measured[f"bf16_inputs_{compute}_compute_ms"] = times[compute]
     return "bf16" if times["bf16"] * BF16_MARGIN < times["fp32"] else "fp32"
 
 
+def _fused_tiles(measured: dict[str, float], min_run_time: float) -> bool:
+    """Build the fused tile step (once per machine) and keep it where it beats the Python tile loop."""
+    if native.build() is None:
+        measured["fused_tiles_unavailable"] = 1.0
+        return False
+    n = 2048
+    q, k, v = (t.requires_grad_() for t in _qkv(n, torch.float32))
+    pattern = sliding_window(256)
+
+    def step():
+        with torch.enable_grad():
+            attention(q, k, v, pattern=pattern, backend="blocked").sum().backward()
+
+    times = {}
+    for fused in (False, True):
+        with machine.use(dataclasses.replace(machine.DEFAULTS, source="calibrating", fused_tiles=fused)):
+            times[fused] = _time(step, min_run_time)
+        measured[f"{'fused' if fused else 'python'}_tiles_fwd_bwd_ms"] = times[fused]
+    return times[True] < times[False]
+
+
 def calibrate(*, min_run_time: float = MIN_RUN_TIME, progress: bool = True) -> MachineProfile:
     """Measure this machine's profile (nothing is written; ``save`` stores it)."""
     start = time.perf_counter()
     measured: dict[str, float] = {}
-    steps = 3 + 1 + 2 * len(LENGTHS) + 1
+    steps = 1 + 3 + 1 + 2 * len(LENGTHS) + 1
     with progress_bar(total=steps, desc="calibrate", enabled=progress) as bar:
+        if progress and native.load() is None and not native.disabled():
+            bar.set_description("calibrate (compiling the fused tile step, once)")
+        fused = _fused_tiles(measured, min_run_time)
+        bar.set_description("calibrate")
+        bar.update(1)
+        base = dataclasses.replace(machine.DEFAULTS, fused_tiles=fused)
         rates = {}
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             rates[DTYPE_NAMES[dtype]] = round(_matmul_rate(dtype, min_run_time), 1)
             bar.update(1)
-        compute = {"bf16": _bf16_compute(measured, min_run_time)}
+        with machine.use(base):
+            compute = {"bf16": _bf16_compute(measured, min_run_time)}
         # fp16 on a CPU without an fp16 unit runs its matmul at a few GFLOP/s: it computes in float32 unless
         # its matmul clearly beats float32's (fp16 inputs are rare on CPU: not timed in the kernel).
         compute["fp16"] = "fp16" if rates["fp16"] >= FP16_MARGIN * rates["fp32"] else "fp32"
         bar.update(1)
-        profile = dataclasses.replace(machine.DEFAULTS, compute=compute)
+        profile = dataclasses.replace(base, compute=compute)
         limits = {}
         with machine.use(profile):
             for dtype in (torch.float32, torch.bfloat16):
                 limits[DTYPE_NAMES[dtype]] = _limits(dtype, measured, min_run_time, lambda: bar.update(1))
+            tile_overhead = _tile_overhead(measured, min_run_time)
         limits["fp16"] = limits["bf16"]  # the same low-precision rules; fp16 is rare on CPU
         limits["fp64"] = machine.DEFAULT_LIMITS["fp64"]
-        tile_overhead = _tile_overhead(measured, min_run_time)
         bar.update(1)
     measured["seconds"] = round(time.perf_counter() - start, 1)
     return MachineProfile(source="calibration", matmul_gflops=rates, limits=limits, compute=compute,
-                          tile_overhead_scores=tile_overhead,
+                          tile_overhead_scores=tile_overhead, fused_tiles=fused,
                           measured={k: round(v, 4) for k, v in measured.items()}, machine=machine.machine_key())
 
 
@@ -187,6 +218,11 @@ def describe(profile: MachineProfile) -> list[str]:
         lines.append(f"auto, {name}: dense SDPA up to {lim.crossover} keys and above blocked cost "
                      f"{lim.dense_fraction:g} of all scores")
     lines.append(f"tile overhead: {profile.tile_overhead_scores:,} scores of work per tile")
+    if profile.fused_tiles:
+        lines.append(f"blocked tiles: the fused C++ step ({native.products()})")
+    else:
+        why = "slower here" if "fused_tiles_fwd_bwd_ms" in profile.measured else native.reason()
+        lines.append(f"blocked tiles: the Python tile loop (fused C++ step: {why})")
     if "seconds" in profile.measured:
         lines.append(f"measured in {profile.measured['seconds']:.1f} s")
     return lines

@@ -16,6 +16,9 @@ class SilentBar:
     def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
         pass
 
+    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
+        pass
+
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
         pass
 

@@ -29,13 +29,14 @@ from torch import Tensor
 
 from ...patterns.full import Full
 from ..inputs import AttentionInputs
+from .. import machine
 from ..machine import compute_dtype
 from . import native
 from .schedule import Schedule, Tile, bias_and_dead, choose_block, get_schedule
 
 TILE_BYTES = 4 << 20  # wider tiles run a few heads at a time: scores stay in cache, no fresh pages
 ROW_OFFSETS_ALWAYS = False  # tests: the low-precision path's extra columns in any dtype (gradcheck in float64)
-NATIVE: bool | None = None  # the fused tile step (native/): None where built and the call allows; False: never
+NATIVE: bool | None = None  # the fused tile step (native/): None as the machine profile says; True where built
 
 
 # ---- one call ---------------------------------------------------------------------------------------------
@@ -300,6 +301,8 @@ def _native_for(q: Tensor, mm: torch.dtype, dropout_p: float, attn_mask: Tensor 
     """The fused tile step when this call can use it: CPU, float32 products, no dropout, no float mask that
     wants a gradient (those run the tile loop below)."""
     if NATIVE is False or ROW_OFFSETS_ALWAYS or q.device.type != "cpu" or dropout_p > 0 or mm != torch.float32:
+        return None
+    if NATIVE is None and not machine.current().fused_tiles:
         return None
     if attn_mask is not None and attn_mask.requires_grad:
         return None

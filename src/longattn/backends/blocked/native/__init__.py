@@ -19,6 +19,8 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import shutil
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -92,6 +94,10 @@ def build(verbose: bool = False) -> ModuleType | None:
         return _module
     from torch.utils import cpp_extension
 
+    # ninja from pip lives beside this interpreter, which is on PATH only in an activated environment
+    bindir = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is None and shutil.which("ninja", path=bindir) is not None:
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     with _lock:
@@ -103,6 +109,14 @@ def build(verbose: bool = False) -> ModuleType | None:
             _reason = f"build failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}"
             return None
     return _module
+
+
+def products() -> str:
+    """Which BLAS the built step multiplies with."""
+    module = load()
+    if module is None:
+        return "not loaded"
+    return "oneDNN brgemm" if module.probe_brgemm() else "MKL sgemm"
 
 
 def reason() -> str:

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include <omp.h>
@@ -68,7 +69,8 @@ inline float fast_exp(float x) {
   const float lo = -87.0f, hi = 88.0f;
   bool zero = x < lo;
   x = x > hi ? hi : (x < lo ? lo : x);
-  float n = std::nearbyint(x * 1.44269504088896341f);
+  const float round = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer, vectorised
+  float n = (x * 1.44269504088896341f + round) - round;
   float r = x - n * 0.693145751953125f;
   r = r - n * 1.428606765330187045e-06f;
   float p = 1.9875691500e-4f;
@@ -181,20 +183,57 @@ inline void for_runs(const Item& it, F&& f) {
   }
 }
 
-// Per-call operands, transposed once so that every product is row-major A B:
-//   qs = q * scale (b, h, Nq, d), kt = k^T (b, h, d, Nk), v (b, h, Nk, dv), and in backward also
-//   vt = v^T, qt = qs^T (b, h, d, Nq), dot = dout^T (b, h, dv, Nq), with key gradients accumulated transposed.
-struct Operands {
-  const float *qs, *kt, *k, *v, *vt = nullptr, *qt = nullptr, *dout = nullptr, *dot = nullptr;
+// The transposed key operands of one (example, head), so that every product is row-major A B:
+// kst = (scale * k)^T (d x Nk) for the scores and vt = v^T (dv x Nk) for dP. With at least two (example, head)
+// pairs per thread each thread transposes the pairs it takes into its own buffers (2 x 2 MB at 8K keys)
+// instead of a call allocating copies of k and v: fresh pages cost 10-15% of a forward+backward here.
+struct HeadOperands {
+  const float* kst;
+  const float* vt;
 };
 
-// s (m x cols, ld) = qs_tile kt[:, cols] + bias
-void scores(const Call& c, const Item& it, const Operands& x, float* s, int64_t ld) {
+void transpose(const float* x, int64_t rows, int64_t cols, float scale, float* out) {  // out (cols x rows)
+  constexpr int64_t kTile = 32;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile)
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile)
+      for (int64_t i = i0; i < std::min(rows, i0 + kTile); ++i)
+        for (int64_t j = j0; j < std::min(cols, j0 + kTile); ++j) out[j * rows + i] = scale * x[i * cols + j];
+}
+
+// Where they come from: a thread's own buffers (filled per pair) or, with few pairs, tensors made once per call.
+struct KeyOperands {
+  const Call& c;
+  const float *k, *v;
+  bool want_vt;
+  at::Tensor kst_all, vt_all;  // (b, h, d, Nk), (b, h, dv, Nk) when shared by all threads
+
+  KeyOperands(const Call& call, const at::Tensor& kt, const at::Tensor& vt_, bool shared, bool want_v)
+      : c(call), k(kt.data_ptr<float>()), v(vt_.data_ptr<float>()), want_vt(want_v) {
+    if (shared) {
+      kst_all = (kt * c.scale).transpose(-1, -2).contiguous();
+      if (want_vt) vt_all = vt_.transpose(-1, -2).contiguous();
+    }
+  }
+  bool shared() const { return kst_all.defined(); }
+  HeadOperands shared_head(int64_t bh) const {
+    return {kst_all.data_ptr<float>() + bh * c.d * c.nk, want_vt ? vt_all.data_ptr<float>() + bh * c.dv * c.nk : nullptr};
+  }
+  HeadOperands own_head(int64_t bh, std::vector<float>& kbuf, std::vector<float>& vbuf) const {
+    kbuf.resize(c.d * c.nk);
+    transpose(k + bh * c.nk * c.d, c.nk, c.d, c.scale, kbuf.data());
+    if (!want_vt) return {kbuf.data(), nullptr};
+    vbuf.resize(c.dv * c.nk);
+    transpose(v + bh * c.nk * c.dv, c.nk, c.dv, 1.0f, vbuf.data());
+    return {kbuf.data(), vbuf.data()};
+  }
+};
+
+// s (m x cols, ld) = q_tile kst[:, cols] + bias
+void scores(const Call& c, const Item& it, const float* q, const HeadOperands& x, float* s, int64_t ld) {
   const int64_t bh = it.bi * c.h + it.hi, bs = c.block;
-  const float* q = x.qs + (bh * c.nq + it.t->r0) * c.d;
-  const float* kt = x.kt + bh * c.d * c.nk;
+  const float* qt = q + (bh * c.nq + it.t->r0) * c.d;
   for_runs(it, [&](int64_t first, int64_t len, int64_t col) {
-    mm(it.m, len * bs, c.d, q, c.d, kt + first * bs, c.nk, s + col * bs, ld, false);
+    mm(it.m, len * bs, c.d, qt, c.d, x.kst + first * bs, c.nk, s + col * bs, ld, false);
   });
   const int64_t cols = it.n_blocks * bs;
   if (it.bias) {
@@ -209,48 +248,6 @@ void scores(const Call& c, const Item& it, const Operands& x, float* s, int64_t 
 
 inline bool is_dead(const Item& it, int64_t i) { return it.dead && it.dead[i]; }
 
-// ---- forward --------------------------------------------------------------------------------------------
-
-void forward_item(const Call& c, const Item& it, const Operands& x, float* out, float* lse, float* s,
-                  std::vector<float>& inv) {
-  const int64_t bh = it.bi * c.h + it.hi, bs = c.block, cols = it.n_blocks * bs, ld = c.max_cols;
-  float* o = out + (bh * c.nq + it.t->r0) * c.dv;
-  float* l = lse + bh * c.nq + it.t->r0;
-  if (cols == 0) {
-    std::fill(o, o + it.m * c.dv, 0.0f);
-    std::fill(l, l + it.m, kNegInf);
-    return;
-  }
-  scores(c, it, x, s, ld);
-  for (int64_t i = 0; i < it.m; ++i) {
-    float* row = s + i * ld;
-    float mx = kNegInf;
-    for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, row[j]);
-    if (is_dead(it, i) || mx == kNegInf) {
-      std::fill(row, row + cols, 0.0f);
-      inv[i] = 0.0f, l[i] = kNegInf;
-      continue;
-    }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < cols; ++j) {
-      float e = fast_exp(row[j] - mx);
-      row[j] = e;
-      sum += e;
-    }
-    inv[i] = 1.0f / sum, l[i] = mx + std::log(sum);
-  }
-  // out = (unnormalised p) v / rowsum: one pass over (m x dv) instead of one over (m x cols)
-  const float* vb = x.v + bh * c.nk * c.dv;
-  bool add = false;
-  for_runs(it, [&](int64_t first, int64_t len, int64_t col) {
-    mm(it.m, c.dv, len * bs, s + col * bs, ld, vb + first * bs * c.dv, c.dv, o, c.dv, add);
-    add = true;
-  });
-  for (int64_t i = 0; i < it.m; ++i)
-    for (int64_t j = 0; j < c.dv; ++j) o[i * c.dv + j] *= inv[i];
-}
-
 // Work items taken from a shared counter (dynamic: a thread slowed by another process takes fewer).
 template <typename F>
 void parallel_items(int64_t n_items, F&& f) {
@@ -263,12 +260,89 @@ void parallel_items(int64_t n_items, F&& f) {
   }
 }
 
-at::Tensor transposed(const at::Tensor& t) { return t.transpose(-1, -2).contiguous(); }
+// Backward items are whole (example, head) pairs where there are enough of them to share out: a pair's key
+// operands are transposed once by the thread that takes it, and its key gradients have one writer.
+bool per_pair(const Call& c) { return c.b * c.h >= 2 * at::get_num_threads() || at::get_num_threads() == 1; }
+
+// Runs f(item, head operands, thread) over every (pair, tile), in one parallel region.
+template <typename F>
+void for_items(const Call& c, const KeyOperands& keys, F&& f) {
+  const int64_t pairs = c.b * c.h, n_tiles = static_cast<int64_t>(c.tiles.size());
+  if (!keys.shared()) {
+    parallel_items(pairs, [&](auto next, int tid) {
+      std::vector<float> kbuf, vbuf;
+      for (int64_t bh = next(); bh < pairs; bh = next()) {
+        HeadOperands x = keys.own_head(bh, kbuf, vbuf);
+        for (int64_t t = 0; t < n_tiles; ++t) f(item_of(c, bh, t), x, tid);
+      }
+    });
+    return;
+  }
+  const int64_t n_items = pairs * n_tiles;
+  parallel_items(n_items, [&](auto next, int tid) {
+    // tile-major order: neighbouring items share their key bands in cache
+    for (int64_t i = next(); i < n_items; i = next()) f(item_of(c, i % pairs, i / pairs), keys.shared_head(i % pairs), tid);
+  });
+}
 
 void check_float(std::initializer_list<const at::Tensor*> ts) {
   for (const at::Tensor* t : ts)
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
                 "the fused tile step takes contiguous float32 CPU tensors");
+}
+
+// ---- forward --------------------------------------------------------------------------------------------
+
+struct Buffers {  // one thread's
+  std::vector<float> s, dp, t1, t2, inv;
+  explicit Buffers(const Call& c, bool backward)
+      : s(c.max_rows * c.max_cols), dp(backward ? c.max_rows * c.max_cols : 0),
+        t1(backward ? c.max_rows * c.max_cols : 0), t2(backward ? c.max_rows * c.max_cols : 0), inv(c.max_rows) {}
+};
+
+void forward_item(const Call& c, const Item& it, const float* q, const float* v, const HeadOperands& x, float* out,
+                  float* lse, Buffers& buf) {
+  const int64_t bh = it.bi * c.h + it.hi, bs = c.block, cols = it.n_blocks * bs, ld = c.max_cols;
+  float* o = out + (bh * c.nq + it.t->r0) * c.dv;
+  float* l = lse + bh * c.nq + it.t->r0;
+  if (cols == 0) {
+    std::fill(o, o + it.m * c.dv, 0.0f);
+    std::fill(l, l + it.m, kNegInf);
+    return;
+  }
+  float* s = buf.s.data();
+  scores(c, it, q, x, s, ld);
+  for (int64_t i = 0; i < it.m; ++i) {
+    float* row = s + i * ld;
+    float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, row[j]);
+    if (is_dead(it, i) || mx == kNegInf) {
+      std::fill(row, row + cols, 0.0f);
+      buf.inv[i] = 0.0f, l[i] = kNegInf;
+      continue;
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) {
+      float e = fast_exp(row[j] - mx);
+      row[j] = e;
+      sum += e;
+    }
+    buf.inv[i] = 1.0f / sum, l[i] = mx + std::log(sum);
+  }
+  // out = (unnormalised p) v / rowsum: one pass over (m x dv) instead of one over (m x cols)
+  const float* vb = v + bh * c.nk * c.dv;
+  bool add = false;
+  for_runs(it, [&](int64_t first, int64_t len, int64_t col) {
+    mm(it.m, c.dv, len * bs, s + col * bs, ld, vb + first * bs * c.dv, c.dv, o, c.dv, add);
+    add = true;
+  });
+  for (int64_t i = 0; i < it.m; ++i) {
+    const float r = buf.inv[i];
+#pragma omp simd
+    for (int64_t j = 0; j < c.dv; ++j) o[i * c.dv + j] *= r;
+  }
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
@@ -279,69 +353,70 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   Call c = make_call(q, k, v, rows, kv_index, kv_count, bias, dead, block, scale);
   auto out = at::empty({c.b, c.h, c.nq, c.dv}, q.options());
   auto lse = at::empty({c.b, c.h, c.nq}, q.options());
-  auto qs = q * scale;
-  auto kt = transposed(k);
-  Operands x{qs.data_ptr<float>(), kt.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>()};
-  const int64_t bh_count = c.b * c.h, n_items = bh_count * static_cast<int64_t>(c.tiles.size());
+  // Items are (pair, tile), tile-major, over one transposed copy of k: no key gradients to keep apart here,
+  // and threads working on the same tile of different heads ran 5-10% faster than whole heads per thread.
+  KeyOperands keys(c, k, v, true, false);
+  const float *qp = q.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
-  parallel_items(n_items, [&](auto next, int) {
-    std::vector<float> s(c.max_rows * c.max_cols), inv(c.max_rows);
-    // tile-major order: neighbouring items share their key bands in cache
-    for (int64_t i = next(); i < n_items; i = next())
-      forward_item(c, item_of(c, i % bh_count, i / bh_count), x, op, lp, s.data(), inv);
+  std::vector<std::unique_ptr<Buffers>> bufs(at::get_num_threads());
+  for_items(c, keys, [&](const Item& it, const HeadOperands& x, int tid) {
+    if (!bufs[tid]) bufs[tid] = std::make_unique<Buffers>(c, false);
+    forward_item(c, it, qp, vp, x, op, lp, *bufs[tid]);
   });
   return {out, lse};
 }
 
 // ---- backward -------------------------------------------------------------------------------------------
 
-// One item's gradients: dq rows written, dk^T / dv^T (b, h, d, Nk) accumulated.
-void backward_item(const Call& c, const Item& it, const Operands& x, const float* lse, const float* delta, float* dq,
-                   float* dkt, float* dvt, float* s, float* dp) {
-  const int64_t bh = it.bi * c.h + it.hi, bs = c.block, cols = it.n_blocks * bs, ld = c.max_cols;
+// One item's gradients: dq rows written; dk and dv rows (b, h, Nk, d) accumulated, from transposed copies of
+// the item's ds and p (in cache) so that the key gradients stay in row layout.
+void backward_item(const Call& c, const Item& it, const float* q, const float* k, const float* dout,
+                   const HeadOperands& x, const float* lse, const float* delta, float* dq, float* dk, float* dv,
+                   Buffers& buf) {
+  const int64_t bh = it.bi * c.h + it.hi, bs = c.block, cols = it.n_blocks * bs, ld = c.max_cols, m = it.m;
   const int64_t r0 = it.t->r0;
   float* dqt = dq + (bh * c.nq + r0) * c.d;
   if (cols == 0) {
-    std::fill(dqt, dqt + it.m * c.d, 0.0f);
+    std::fill(dqt, dqt + m * c.d, 0.0f);
     return;
   }
-  scores(c, it, x, s, ld);
+  float *s = buf.s.data(), *dp = buf.dp.data(), *pt = buf.t1.data(), *dst = buf.t2.data();
+  scores(c, it, q, x, s, ld);
   const float* l = lse + bh * c.nq + r0;
   const float* dl = delta + bh * c.nq + r0;
-  const float* vt = x.vt + bh * c.dv * c.nk;
-  const float* dout = x.dout + (bh * c.nq + r0) * c.dv;
+  const float* dot = dout + (bh * c.nq + r0) * c.dv;
   for_runs(it, [&](int64_t first, int64_t len, int64_t col) {  // dp = dout v^T
-    mm(it.m, len * bs, c.dv, dout, c.dv, vt + first * bs, c.nk, dp + col * bs, ld, false);
+    mm(m, len * bs, c.dv, dot, c.dv, x.vt + first * bs, c.nk, dp + col * bs, ld, false);
   });
-  // p = exp(s - lse); ds = scale * p * (dp - delta), in place over dp (scale: dq and dk take it)
-  for (int64_t i = 0; i < it.m; ++i) {
+  // p = exp(s - lse); ds = scale * p * (dp - delta) (dq and dk take the scale); both also transposed
+  for (int64_t i = 0; i < m; ++i) {
     float* row = s + i * ld;
     float* drow = dp + i * ld;
     if (l[i] == kNegInf || is_dead(it, i)) {
       std::fill(row, row + cols, 0.0f);
       std::fill(drow, drow + cols, 0.0f);
-      continue;
-    }
-    const float li = l[i], di = dl[i], sc = c.scale;
+    } else {
+      const float li = l[i], di = dl[i], sc = c.scale;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      float p = fast_exp(row[j] - li);
-      row[j] = p;
-      drow[j] = sc * p * (drow[j] - di);
+      for (int64_t j = 0; j < cols; ++j) {
+        float p = fast_exp(row[j] - li);
+        row[j] = p;
+        drow[j] = sc * p * (drow[j] - di);
+      }
     }
+    for (int64_t j = 0; j < cols; ++j) pt[j * m + i] = row[j], dst[j * m + i] = drow[j];
   }
-  const float* kb = x.k + bh * c.nk * c.d;
-  const float* qt = x.qt + bh * c.d * c.nq + r0;  // (d x m), ld Nq: unscaled q^T
-  const float* dot = x.dot + bh * c.dv * c.nq + r0;  // (dv x m), ld Nq
-  float* dkb = dkt + bh * c.d * c.nk;
-  float* dvb = dvt + bh * c.dv * c.nk;
+  const float* kb = k + bh * c.nk * c.d;
+  const float* qt = q + (bh * c.nq + r0) * c.d;
+  float* dkb = dk + bh * c.nk * c.d;
+  float* dvb = dv + bh * c.nk * c.dv;
   bool add = false;
   for_runs(it, [&](int64_t first, int64_t len, int64_t col) {
-    const int64_t n = len * bs, key = first * bs;
-    mm(it.m, c.d, n, dp + col * bs, ld, kb + key * c.d, c.d, dqt, c.d, add);  // dq = ds k
+    const int64_t n = len * bs, key = first * bs, c0 = col * bs;
+    mm(m, c.d, n, dp + c0, ld, kb + key * c.d, c.d, dqt, c.d, add);  // dq = ds k
     add = true;
-    mm(c.d, n, it.m, qt, c.nq, dp + col * bs, ld, dkb + key, c.nk, true);  // dk^T += q^T ds
-    mm(c.dv, n, it.m, dot, c.nq, s + col * bs, ld, dvb + key, c.nk, true);  // dv^T += dout^T p
+    mm(n, c.d, m, dst + c0 * m, m, qt, c.d, dkb + key * c.d, c.d, true);  // dk += ds^T q
+    mm(n, c.dv, m, pt + c0 * m, m, dot, c.dv, dvb + key * c.dv, c.dv, true);  // dv += p^T dout
   });
 }
 
@@ -352,45 +427,24 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const std::vector<c10::optional<at::Tensor>>& dead, int64_t block, double scale) {
   check_float({&q, &k, &v, &out, &lse, &dout});
   Call c = make_call(q, k, v, rows, kv_index, kv_count, bias, dead, block, scale);
-  auto delta = (dout * out).sum(-1).contiguous();  // rowsum(dO * O)
-  auto qs = q * scale;
-  auto kt = transposed(k), vt = transposed(v), qt = transposed(q), dot = transposed(dout);
-  Operands x{qs.data_ptr<float>(), kt.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-             vt.data_ptr<float>(), qt.data_ptr<float>(), dout.data_ptr<float>(), dot.data_ptr<float>()};
+  auto delta = (dout * out).sum(-1);  // rowsum(dO * O)
   auto dq = at::empty_like(q);
-  const int64_t n_tiles = static_cast<int64_t>(c.tiles.size()), bh_count = c.b * c.h;
-  const int threads = at::get_num_threads();
+  const bool own = per_pair(c);
+  KeyOperands keys(c, k, v, !own, true);
+  // One writer per pair's key gradients; with few pairs, one set per thread, summed after.
+  const int threads = own ? 1 : at::get_num_threads();
+  auto dk = at::zeros({threads, c.b, c.h, c.nk, c.d}, q.options());
+  auto dv = at::zeros({threads, c.b, c.h, c.nk, c.dv}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *dop = dout.data_ptr<float>();
   const float *lp = lse.data_ptr<float>(), *dlp = delta.data_ptr<float>();
-  float* dqp = dq.data_ptr<float>();
-  at::Tensor dkt, dvt;
-  if (bh_count >= 2 * threads || threads == 1) {
-    // Each (example, head) is one thread's: its key gradients have one writer.
-    dkt = at::zeros({c.b, c.h, c.d, c.nk}, q.options());
-    dvt = at::zeros({c.b, c.h, c.dv, c.nk}, q.options());
-    float *dkp = dkt.data_ptr<float>(), *dvp = dvt.data_ptr<float>();
-    parallel_items(bh_count, [&](auto next, int) {
-      std::vector<float> s(c.max_rows * c.max_cols), dp(c.max_rows * c.max_cols);
-      for (int64_t bh = next(); bh < bh_count; bh = next())
-        for (int64_t t = 0; t < n_tiles; ++t)
-          backward_item(c, item_of(c, bh, t), x, lp, dlp, dqp, dkp, dvp, s.data(), dp.data());
-    });
-  } else {
-    // Few (example, head) pairs: tiles run in parallel, each thread with its own key gradients, summed after.
-    const int64_t n_items = bh_count * n_tiles;
-    const int used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n_items)));
-    auto dkt_t = at::zeros({used, c.b, c.h, c.d, c.nk}, q.options());
-    auto dvt_t = at::zeros({used, c.b, c.h, c.dv, c.nk}, q.options());
-    float *dkp = dkt_t.data_ptr<float>(), *dvp = dvt_t.data_ptr<float>();
-    parallel_items(n_items, [&](auto next, int tid) {
-      std::vector<float> s(c.max_rows * c.max_cols), dp(c.max_rows * c.max_cols);
-      for (int64_t i = next(); i < n_items; i = next())
-        backward_item(c, item_of(c, i % bh_count, i / bh_count), x, lp, dlp, dqp, dkp + tid * bh_count * c.d * c.nk,
-                      dvp + tid * bh_count * c.dv * c.nk, s.data(), dp.data());
-    });
-    dkt = dkt_t.sum(0);
-    dvt = dvt_t.sum(0);
-  }
-  return {dq, dkt.transpose(-1, -2).contiguous(), dvt.transpose(-1, -2).contiguous()};
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const int64_t dk_stride = own ? 0 : c.b * c.h * c.nk * c.d, dv_stride = own ? 0 : c.b * c.h * c.nk * c.dv;
+  std::vector<std::unique_ptr<Buffers>> bufs(at::get_num_threads());
+  for_items(c, keys, [&](const Item& it, const HeadOperands& x, int tid) {
+    if (!bufs[tid]) bufs[tid] = std::make_unique<Buffers>(c, true);
+    backward_item(c, it, qp, kp, dop, x, lp, dlp, dqp, dkp + tid * dk_stride, dvp + tid * dv_stride, *bufs[tid]);
+  });
+  return {dq, threads == 1 ? dk[0] : dk.sum(0), threads == 1 ? dv[0] : dv.sum(0)};
 }
 
 }  // namespace
