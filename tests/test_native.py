@@ -121,6 +121,10 @@ def test_profile_switches_the_fused_step(module, monkeypatch):
     with machine.use(machine.MachineProfile(source="test", fused_tiles=True)):
         la.attention(q, k, v, pattern=la.sliding_window(16), backend="blocked")
     assert spy.calls["forward"] == 1
+    long_q = torch.zeros(1, 2, 1024, 32)
+    with machine.use(machine.MachineProfile(source="test", fused_tiles=True)):
+        assert "fused C++ step" in str(la.explain(long_q, long_q, long_q, pattern=la.sliding_window(16)))
+    assert "fused" not in str(la.explain(long_q, long_q, long_q, pattern=la.sliding_window(16)))
     monkeypatch.setenv("LONGATTN_NATIVE", "0")  # the switch-off wins over the profile
     monkeypatch.setattr(native, "_module", None)
     with machine.use(machine.MachineProfile(source="test", fused_tiles=True)):

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..patterns import Geometry
 from ..patterns.causal import CausalMask
 from . import flex, machine
-from .blocked import blocked_attention
+from .blocked import blocked_attention, native
 from .cost import blocked_work
 from .dense import dense_attention
 from .inputs import BACKENDS, AttentionInputs
@@ -102,7 +102,10 @@ def choose(inp: AttentionInputs, backend: str = "auto") -> Choice:
         return Choice("flex", f"CUDA, blocked cost {work:.3f} of all scores: FlexAttention kernel", source)
     why = flex.unsupported_reason(inp) or "no compilation per length"
     how = "" if how == "block tiles" else f" ({how})"
-    return Choice("blocked", f"blocked cost {work:.3f} of all scores{how}; {why}: blocked tile kernel", source)
+    kernel = "blocked tile kernel"
+    if on_cpu and profile.fused_tiles and native.load() is not None:
+        kernel = "blocked tiles in the fused C++ step (float32 products, no dropout; else the tile loop)"
+    return Choice("blocked", f"blocked cost {work:.3f} of all scores{how}; {why}: {kernel}", source)
 
 
 def run(inp: AttentionInputs, backend: str = "auto") -> Tensor:

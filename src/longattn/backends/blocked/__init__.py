@@ -3,6 +3,8 @@
 - ``schedule.py``: which key columns each tile reads (views in place, shared copies, gathered blocks),
   built once per pattern and geometry from the exact block plan and cached;
 - ``kernel.py``: the tile loop, forward and backward (an autograd Function that recomputes probabilities);
+- ``native/``: the same tiles as one fused C++ step, optional, compiled by ``longattn calibrate`` and used
+  where it was faster;
 - ``factored.py``: Sparse Transformer patterns, whose keys are block-sparse only in another order, reordered
   into head groups that run on the tiles or on dense SDPA over short rows.
 """

@@ -14,6 +14,10 @@ Low-precision inputs (bf16, fp16) multiply in their own dtype in the forward whe
 is faster in it (``machine.compute_dtype``: AVX512-BF16, AMX, GPUs), with softmax in float32 and a row
 offset that keeps the scores' digits (``BlockedCall.row_offsets``); their backward, and both directions
 elsewhere (bf16 at half the fp32 rate without a bf16 unit), compute in float32 and cast back.
+
+Where the machine's calibration chose it, the same tiles run in the fused C++ step (``native/``): one
+parallel region per call instead of ~20 operations per tile. This module stays the reference and runs what
+the fused step leaves out (dropout, float masks that want a gradient, non-float32 products, other devices).
 """
 
 from __future__ import annotations
