@@ -1,9 +1,10 @@
 // The blocked backend's fused tile step (optional; kernel.py is the reference and the fallback).
 //
-// One parallel region per call: threads take (example, head, tile) items from a shared counter, so a thread
-// slowed by another process takes fewer items instead of holding the others at a barrier. Per item the
-// scores, the softmax and both products stay in a thread's own cache-sized buffers, with one BLAS call per
-// run of consecutive key blocks (a sliding window's band is one run).
+// One parallel region per call: threads take work items from a shared counter ((example, head) pairs, or
+// (pair, tile) items when pairs are fewer than twice the threads), so a thread slowed by another process takes
+// fewer items instead of holding the others at a barrier. Per item the scores, the softmax and the products
+// stay in the thread's own cache-sized buffers: one small product per key block (oneDNN's brgemm), rows wider
+// than 1,024 keys in chunks (online softmax), probabilities recomputed in backward from the kept log-sum-exp.
 //
 // Row-major notation: q, k, v, out are (b, h, N, d) contiguous; a tile is rows [r0, r1) with the key blocks
 // kv_index[b', h', 0:kv_count[b', h']] (b', h' broadcast when the pattern is shared); its additive bias is
@@ -231,10 +232,11 @@ std::vector<Chunk> chunks_of(const Item& it, int64_t block) {
   return out;
 }
 
-// The transposed key operands of one (example, head), so that every product is row-major A B:
-// kst = (scale * k)^T (d x Nk) for the scores and vt = v^T (dv x Nk) for dP. With at least two (example, head)
-// pairs per thread each thread transposes the pairs it takes into its own buffers (2 x 2 MB at 8K keys)
-// instead of a call allocating copies of k and v: fresh pages cost 10-15% of a forward+backward here.
+// The transposed key operands of one (example, head), so that every product is row-major A B, in key-block
+// panels: kst = (scale * k)^T as (Nk / block) panels of (d x block), vt = v^T as panels of (dv x block). A
+// panel is 16 KB in one piece where a (d x Nk) matrix spreads a block over 64 rows N apart (8-12% slower).
+// With at least two (example, head) pairs per thread each thread transposes the pairs it takes into its own
+// buffers instead of a call allocating copies of k and v: fresh pages cost 10-15% of a forward+backward here.
 struct HeadOperands {
   const float* kst;
   const float* vt;
@@ -279,35 +281,41 @@ struct KeyOperands {
   const Call& c;
   const float *k, *v;
   bool want_vt;
-  at::Tensor kst_all, vt_all;  // (b, h, d, Nk), (b, h, dv, Nk) when shared by all threads
+  at::Tensor kst_all, vt_all;  // (b, h, Nk / block, d, block), (b, h, Nk / block, dv, block) when shared
 
   KeyOperands(const Call& call, const at::Tensor& kt, const at::Tensor& vt_, bool shared, bool want_v)
       : c(call), k(kt.data_ptr<float>()), v(vt_.data_ptr<float>()), want_vt(want_v) {
     if (shared) {
-      kst_all = (kt * c.scale).transpose(-1, -2).contiguous();
-      if (want_vt) vt_all = vt_.transpose(-1, -2).contiguous();
+      const int64_t nb = c.nk / c.block;
+      kst_all = (kt * c.scale).view({c.b, c.h, nb, c.block, c.d}).transpose(-1, -2).contiguous();
+      if (want_vt) vt_all = vt_.view({c.b, c.h, nb, c.block, c.dv}).transpose(-1, -2).contiguous();
     }
   }
   bool shared() const { return kst_all.defined(); }
   HeadOperands shared_head(int64_t bh) const {
-    return {kst_all.data_ptr<float>() + bh * c.d * c.nk, want_vt ? vt_all.data_ptr<float>() + bh * c.dv * c.nk : nullptr};
+      return {kst_all.data_ptr<float>() + bh * c.d * c.nk, want_vt ? vt_all.data_ptr<float>() + bh * c.dv * c.nk : nullptr};
   }
   HeadOperands own_head(int64_t bh, std::vector<float>& kbuf, std::vector<float>& vbuf) const {
+    const int64_t bs = c.block, nb = c.nk / bs;
     kbuf.resize(c.d * c.nk);
-    transpose(k + bh * c.nk * c.d, c.nk, c.d, c.d, c.scale, kbuf.data(), c.nk);
+    for (int64_t blk = 0; blk < nb; ++blk)
+      transpose(k + (bh * c.nk + blk * bs) * c.d, bs, c.d, c.d, c.scale, kbuf.data() + blk * c.d * bs, bs);
     if (!want_vt) return {kbuf.data(), nullptr};
     vbuf.resize(c.dv * c.nk);
-    transpose(v + bh * c.nk * c.dv, c.nk, c.dv, c.dv, 1.0f, vbuf.data(), c.nk);
+    for (int64_t blk = 0; blk < nb; ++blk)
+      transpose(v + (bh * c.nk + blk * bs) * c.dv, bs, c.dv, c.dv, 1.0f, vbuf.data() + blk * c.dv * bs, bs);
     return {kbuf.data(), vbuf.data()};
   }
 };
 
-// s (m x chunk.cols, ld) = q_tile kst[:, chunk] + bias[:, chunk]
+// s (m x chunk.cols, ld) = q_tile kst[:, chunk] + bias[:, chunk], one product per key block
 void scores(const Call& c, const Item& it, const Chunk& chunk, const float* q, const HeadOperands& x, float* s,
             int64_t ld) {
   const int64_t bh = it.bi * c.h + it.hi, bs = c.block;
   const float* qt = q + (bh * c.nq + it.t->r0) * c.d;
-  for (const Run& r : chunk.runs) mm(it.m, r.len * bs, c.d, qt, c.d, x.kst + r.first * bs, c.nk, s + r.col * bs, ld, false);
+  for (const Run& r : chunk.runs)
+    for (int64_t i = 0; i < r.len; ++i)
+      mm(it.m, bs, c.d, qt, c.d, x.kst + (r.first + i) * c.d * bs, bs, s + (r.col + i) * bs, ld, false);
   if (it.bias) {
     for (int64_t i = 0; i < it.m; ++i) {
       float* row = s + i * ld;
@@ -465,7 +473,8 @@ void backward_item(const Call& c, const Item& it, const float* q, const float* k
     const int64_t cols = chunk.cols;
     scores(c, it, chunk, q, x, s, ld);
     for (const Run& r : chunk.runs)  // dp = dout v^T
-      mm(m, r.len * bs, c.dv, dot, c.dv, x.vt + r.first * bs, c.nk, dp + r.col * bs, ld, false);
+      for (int64_t i = 0; i < r.len; ++i)
+        mm(m, bs, c.dv, dot, c.dv, x.vt + (r.first + i) * c.dv * bs, bs, dp + (r.col + i) * bs, ld, false);
     // p = exp(s - lse); ds = scale * p * (dp - delta) (dq and dk take the scale)
     for (int64_t i = 0; i < m; ++i) {
       float* row = s + i * ld;
