@@ -13,7 +13,7 @@ import longattn as la
 from conftest import assert_close_to_reference, qkv
 from longattn.backends import machine
 from longattn.backends.blocked import kernel, native
-from test_backends import PATTERNS, SCENARIOS, _case
+from test_backends import PATTERNS, SCENARIOS, _case, test_attn_mask_combines_with_pattern
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler: the fused tile step cannot be built")
@@ -61,17 +61,7 @@ def test_fused_matches_oracle(pattern_name, scenario, fused):
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_fused_with_attn_masks(kind, fused):
-    b, h, n, d = 2, 2, 97, 40
-    q, k, v = qkv(b, h, n, n, d)
-    gen = torch.Generator().manual_seed(1)
-    extra = torch.rand(b, 1, n, n, generator=gen) > 0.3
-    pattern = la.sliding_window(9) | la.global_tokens([3])
-    if kind == "bool":
-        assert_close_to_reference("blocked", q, k, v, pattern.dense(n, num_heads=h) & extra, pattern=pattern,
-                                  attn_mask=extra)
-    else:  # a float mask without a gradient is folded into the tiles' bias
-        bias = torch.randn(b, 1, n, n, generator=gen).masked_fill(~extra, float("-inf"))
-        assert_close_to_reference("blocked", q, k, v, pattern.dense(n, num_heads=h), pattern=pattern, bias=bias)
+    test_attn_mask_combines_with_pattern("blocked", kind)  # a float mask without a gradient joins the tile bias
     assert fused.calls["backward"] >= 1
 
 
