@@ -201,3 +201,40 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     assert len(calls) == 6
     model.gradient_checkpointing_disable()
     assert not model.encoder.gradient_checkpointing
+
+
+def test_convert_never_writes_over_its_source_or_a_full_folder(tmp_path, capsys):
+    _bert(tmp_path / "bert")
+    capsys.readouterr()  # transformers' own progress lines while writing the source
+    config = (tmp_path / "bert" / "config.json").read_text()
+    for dst in (tmp_path / "bert", tmp_path / "bert" / "long", tmp_path):  # the source, inside it, around it
+        with pytest.raises(ValueError, match="the source"):
+            convert_to_long(tmp_path / "bert", dst, max_length=128)
+    assert main(["convert", "--to-long", "128", str(tmp_path / "bert"), "--out", str(tmp_path / "bert")]) == 2
+    err = capsys.readouterr().err
+    assert "is the source" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "bert" / "config.json").read_text() == config  # untouched
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        convert_to_long(tmp_path / "bert", tmp_path / "file", max_length=128)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    assert main(["convert", "--to-long", "128", str(tmp_path / "bert"), "--out", str(full)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (full / "keep.txt").read_text() == "mine"
+    assert main(["convert", "--to-long", "128", str(tmp_path / "bert"), "--out", str(full), "--overwrite"]) == 0
+    assert not (full / "keep.txt").exists() and (full / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging or old folder left
+
+
+def test_an_interrupted_convert_leaves_no_destination(tmp_path, monkeypatch):
+    _bert(tmp_path / "bert")
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("longattn.integrations.convert._copy_tokenizer", fail)
+    with pytest.raises(KeyboardInterrupt):
+        convert_to_long(tmp_path / "bert", tmp_path / "long", max_length=128)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert"]  # neither dst nor its staging folder

@@ -302,3 +302,19 @@ def test_bigbird_task_checkpoint(tmp_path):
     ids, mask = _batch(2, 150, [150, 120], pad_id=0)
     with torch.no_grad():
         _close(task.bert(ids, attention_mask=mask), ours(ids, attention_mask=mask))
+
+
+@pytest.mark.parametrize("family", ["longformer", "bigbird"])
+def test_a_config_with_fewer_layers_than_the_weights_is_refused(tmp_path, family):
+    make, cls = (_hf_longformer, LongformerModel) if family == "longformer" else (_hf_bigbird, BigBirdModel)
+    hf = make(tmp_path)
+    n = hf.config.num_hidden_layers
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    if family == "longformer":
+        config["attention_window"] = config["attention_window"][:1]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"no place for: encoder\.layer\.1\..*does config\.json ask for fewer"):
+        cls.from_pretrained(tmp_path)
+    partial = cls.from_pretrained(tmp_path, strict=False)  # the opt-out: the first layer only
+    assert len(partial.encoder.layer) == 1 and n > 1

@@ -112,3 +112,15 @@ def test_markdown_table_errors():
         markdown_table(["a"], [], align="middle")
     with pytest.raises(ValueError, match="formats has 2 entries for 1 columns"):
         markdown_table(["a"], [], formats=["", ""])
+
+
+def test_leftover_temps_of_a_killed_write_are_removed(tmp_path):
+    from longattn.io import remove_leftover_temps
+
+    target = tmp_path / "checkpoint.safetensors"
+    left = [tmp_path / f".checkpoint.safetensors.{tag}.tmp" for tag in ("0a1b2c3d", "deadbeef")]
+    keep = [tmp_path / ".other.safetensors.0a1b2c3d.tmp", tmp_path / "checkpoint.safetensors", tmp_path / "notes.tmp"]
+    for p in left + keep:
+        p.write_bytes(b"x")
+    assert sorted(remove_leftover_temps(target)) == sorted(left)
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in left)

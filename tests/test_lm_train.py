@@ -136,9 +136,12 @@ def test_resume_after_a_kill_gives_the_uninterrupted_run(corpus_file, trained_ru
     assert not (out / RESULT).exists()
     last = checkpoint.load(path)  # the last one written before the kill, maybe a few steps after the poll
     assert 10 <= last["step"] < STEPS and last["memory"] is not None
+    leftover = out / f".{CHECKPOINT}.0123abcd.tmp"  # what a kill inside a checkpoint write leaves
+    leftover.write_bytes(b"half a checkpoint")
 
     rerun = _cli(*_train_args(corpus_file, out))
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert not leftover.exists()  # the resume removed it
     resumed = json.loads((out / RESULT).read_text())
     whole = json.loads((trained_run / RESULT).read_text())
     # It resumed: the evaluations before the kill are the checkpoint's, wall-clock seconds included.

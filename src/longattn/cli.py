@@ -99,7 +99,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .integrations.convert import convert_to_long
 
     dst = convert_to_long(args.src, args.out, max_length=args.to_long, window=args.window,
-                          copy_tokenizer=not args.no_tokenizer)
+                          copy_tokenizer=not args.no_tokenizer, overwrite=args.overwrite)
     print(f"wrote a Longformer checkpoint for {args.to_long} tokens to {dst} "
           f"(load it with longattn.models.LongformerModel.from_pretrained)")
     return 0
@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--window", type=int, default=None,
                    help="attention window (even); default twice the source's length, exact on its inputs")
     c.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer files")
-    c.add_argument("--out", required=True, help="output folder for the long checkpoint")
+    c.add_argument("--out", required=True, help="output folder for the long checkpoint (never the source)")
+    c.add_argument("--overwrite", action="store_true", help="replace --out when it exists and is not empty")
     c.add_argument("src", help="Hugging Face checkpoint directory (config.json + weights)")
     c.set_defaults(func=_cmd_convert)
 

@@ -10,6 +10,7 @@ checkpoints stay as readable as every other file the user writes.
 
 from __future__ import annotations
 
+import glob
 import html
 import json
 import os
@@ -20,7 +21,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Report", "atomic_path", "format_cells", "markdown_table", "write_bytes", "write_json", "write_text"]
+__all__ = ["Report", "atomic_path", "format_cells", "markdown_table", "remove_leftover_temps", "write_bytes",
+           "write_json", "write_text"]
 
 
 def _create_temp(path: Path) -> Path:
@@ -77,6 +79,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
         raise
     _fsync(path.parent, directory=True)  # the rename itself survives a crash
+
+
+def remove_leftover_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files ``atomic_path`` left beside ``path`` when its writer was killed (each as large
+    as the file it was to become); returns them. For a file whose writer is known to be this process alone
+    (a run folder at resume): a concurrent writer's temporary file has the same name shape."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -18,6 +18,8 @@ source accepted sees all its tokens and the converted model gives the source's o
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -59,8 +61,34 @@ def extend_positions(table: torch.Tensor, *, roberta_style: bool, pad_token_id: 
     return torch.cat([head, learned.repeat(repeats, 1)[:max_length]])
 
 
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """``dst`` may receive a checkpoint converted from ``src``: not the source itself, inside it or around it,
+    not a file, and not a folder with contents unless ``overwrite``."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents or d in s.parents:
+        where = "is" if d == s else "is inside" if s in d.parents else "holds"
+        raise ValueError(f"dst {dst} {where} the source {src}: write the converted checkpoint to another folder")
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"dst {dst} exists and is not a folder")
+    if d.is_dir() and any(d.iterdir()) and not overwrite:
+        raise ValueError(f"dst {dst} exists and is not empty: pass overwrite=True (longattn convert --overwrite) "
+                         f"to replace it")
+
+
+def _publish(staging: Path, dst: Path) -> None:
+    """Move the finished ``staging`` folder to ``dst``, replacing what was there (a kill in between leaves the
+    old contents in a hidden ``.<name>.old-<pid>`` folder beside it, never a half-written ``dst``)."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+        staging.rename(dst)
+        shutil.rmtree(old)
+    else:
+        staging.rename(dst)
+
+
 def convert_to_long(src: str | Path, dst: str | Path, *, max_length: int = 4096, window: int | None = None,
-                    copy_tokenizer: bool = True) -> Path:
+                    copy_tokenizer: bool = True, overwrite: bool = False) -> Path:
     """Write a Longformer directory to ``dst`` from the BERT/RoBERTa-family checkpoint directory ``src``.
 
     Args:
@@ -73,8 +101,13 @@ def convert_to_long(src: str | Path, dst: str | Path, *, max_length: int = 4096,
     A sentence-transformers source keeps ``modules.json``, the module folders it names (``1_Pooling/``,
     ``2_Normalize/``, ...), ``config_sentence_transformers.json`` and ``sentence_bert_config.json`` (its
     ``max_seq_length`` raised to ``max_length``), whatever ``copy_tokenizer`` says.
+
+    ``dst`` is never the source (nor inside it), and a folder with contents is replaced only with
+    ``overwrite``; the checkpoint is written into a hidden folder beside ``dst`` and moved into place when
+    complete, so an interrupted conversion leaves no half-written ``dst``.
     """
     src, dst = Path(src), Path(dst)
+    check_destination(src, dst, overwrite)
     hf = ckpt.read_config(src)
     ckpt.check_model_type(hf, SOURCES, "BERT/RoBERTa-family", src)
     if hf.get("position_embedding_type", "absolute") != "absolute":
@@ -106,10 +139,19 @@ def convert_to_long(src: str | Path, dst: str | Path, *, max_length: int = 4096,
                   pad_token_id=pad)
     model = LongformerModel(LongformerConfig.from_hf(config), add_pooling_layer="pooler.dense.weight" in weights)
     ckpt.load_into(model, weights, path=src)  # every parameter accounted for, shapes checked
-    model.save_pretrained(dst)
-    if copy_tokenizer:
-        _copy_tokenizer(src, dst, max_length, _TOKENIZER_CLASS[hf["model_type"]])
-    copy_sentence_modules(src, dst, max_length=max_length)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # mode 0o777 so that the kernel applies the umask (mkdtemp's folders are 0o700: others could not read it)
+    staging = dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    staging.mkdir(mode=0o777)
+    try:
+        model.save_pretrained(staging)
+        if copy_tokenizer:
+            _copy_tokenizer(src, staging, max_length, _TOKENIZER_CLASS[hf["model_type"]])
+        copy_sentence_modules(src, staging, max_length=max_length)
+        _publish(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return dst
 
 

@@ -48,7 +48,8 @@ def long_model_dir(folder: Path | str, max_length: int) -> Path:
     """The converted MiniLM's directory, ``folder/minilm-long-<max_length>`` (converted on first use)."""
     path = Path(folder) / f"minilm-long-{max_length}"
     if not (path / "config.json").exists():
-        convert_to_long(minilm_path(), path, max_length=max_length, window=LONG_WINDOW)
+        # no config.json: absent or left half-written by an older version, so it is replaced
+        convert_to_long(minilm_path(), path, max_length=max_length, window=LONG_WINDOW, overwrite=True)
     return path
 
 

@@ -173,8 +173,9 @@ class BigBirdModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, hf_parity: bool = False, backend: str = "auto", device=None,
-                        dtype=None) -> "BigBirdModel":
-        """Load a Hugging Face BigBird directory (``BigBirdModel`` or a task model built on it)."""
+                        dtype=None, strict: bool = True) -> "BigBirdModel":
+        """Load a Hugging Face BigBird directory (``BigBirdModel`` or a task model built on it). ``strict``:
+        layers the config has no place for are an error (``hf_checkpoint.load_into``)."""
         hf = ckpt.read_config(path)
         ckpt.check_model_type(hf, cls.model_types, "BigBird", path)
         config = BigBirdConfig.from_hf(hf)
@@ -182,7 +183,7 @@ class BigBirdModel(nn.Module):
         has_pooler = any(k.endswith("pooler.weight") and "dense" not in k for k in weights)
         model = cls(config, add_pooling_layer=has_pooler, hf_parity=hf_parity, backend=backend, device=device,
                     dtype=dtype)
-        ckpt.load_into(model, weights, path=path)
+        ckpt.load_into(model, weights, path=path, strict=strict)
         return model.eval()
 
     def save_pretrained(self, path: str | Path) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import ClassVar, Iterable, TypeVar
 
@@ -105,26 +106,40 @@ def strip_prefix(weights: dict[str, Tensor], anchor: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
-def load_into(module: nn.Module, weights: dict[str, Tensor], *, path: Path | str) -> None:
+def _layer_shape(name: str) -> str:
+    """A parameter's name with its layer numbers replaced: ``encoder.layer.#.attention...``."""
+    return re.sub(r"\.\d+(?=\.)", ".#", name)
+
+
+def load_into(module: nn.Module, weights: dict[str, Tensor], *, path: Path | str, strict: bool = True) -> None:
     """Copy ``weights`` into ``module``, stripping the base-model prefix that the checkpoint uses.
 
-    Raises ``ValueError`` listing the missing parameters and naming any parameter whose shape differs.
-    Heads and other unknown tensors are ignored: a task checkpoint holds them beside the encoder.
+    Raises ``ValueError`` listing the missing parameters, naming any parameter whose shape differs, and (with
+    ``strict``) listing weights the module has no place for although they are of its own kind: more layers
+    than the config asks for would otherwise be dropped without a word. Heads and other tensors of another
+    kind are ignored: a task checkpoint holds them beside the encoder. ``strict=False`` loads what fits and
+    leaves the extra layers out.
     """
     own = module.state_dict()
     weights = strip_prefix({_normalise(k): v for k, v in weights.items()}, next(iter(own)))
     missing = [k for k in own if k not in weights]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"{path}: missing weights {shown} ({len(missing)} of {len(own)} parameters; is the "
-                         f"checkpoint truncated or of another model?)")
+        raise ValueError(f"{path}: missing weights {_listed(missing)} ({len(missing)} of {len(own)} parameters; is "
+                         f"the checkpoint truncated or of another model?)")
+    kinds = {_layer_shape(k) for k in own}
+    unused = [k for k in weights if k not in own and _layer_shape(k) in kinds]
+    if unused and strict:
+        raise ValueError(f"{path}: weights the config has no place for: {_listed(unused)} ({len(unused)} tensors; "
+                         f"does config.json ask for fewer layers than the checkpoint holds? strict=False drops them)")
     for name, target in own.items():
-        if name not in weights:
-            continue
         if tuple(weights[name].shape) != tuple(target.shape):
             raise ValueError(f"{path}: weight {name} has shape {tuple(weights[name].shape)}, the config asks for "
                              f"{tuple(target.shape)}")
-    module.load_state_dict({k: weights[k] for k in own if k in weights}, strict=False)
+    module.load_state_dict({k: weights[k] for k in own}, strict=False)
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def save_directory(path: Path | str, config: dict, state: dict[str, Tensor]) -> Path:
@@ -164,10 +179,11 @@ class Pretrained:
         return save_directory(path, config, self.state_dict())
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, backend: str = "auto", device=None, dtype=None):
-        """The model saved in ``path``, in eval mode."""
+    def from_pretrained(cls, path: str | Path, *, backend: str = "auto", device=None, dtype=None,
+                        strict: bool = True):
+        """The model saved in ``path``, in eval mode (``strict``: ``load_into``'s check for unused layers)."""
         config = read_config(path)
         check_model_type(config, (cls.MODEL_TYPE,), cls.FAMILY, path)
         model = cls(config_from_dict(cls.CONFIG, config, source=path), backend=backend, device=device, dtype=dtype)
-        load_into(model, read_weights(path), path=path)
+        load_into(model, read_weights(path), path=path, strict=strict)
         return model.eval()

@@ -256,10 +256,11 @@ class LongformerModel(nn.Module):
 
     # ---- Hugging Face directories ----
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, backend: str = "auto", device=None, dtype=None
-                        ) -> "LongformerModel":
+    def from_pretrained(cls, path: str | Path, *, backend: str = "auto", device=None, dtype=None,
+                        strict: bool = True) -> "LongformerModel":
         """Load a Hugging Face Longformer directory (``config.json`` + ``model.safetensors`` or
-        ``pytorch_model.bin``), from ``LongformerModel`` or a task model (``LongformerForMaskedLM``, ...)."""
+        ``pytorch_model.bin``), from ``LongformerModel`` or a task model (``LongformerForMaskedLM``, ...).
+        ``strict``: layers the config has no place for are an error (``hf_checkpoint.load_into``)."""
         hf = ckpt.read_config(path)
         ckpt.check_model_type(hf, cls.model_types, "Longformer", path,
                               hint="; convert a BERT/RoBERTa checkpoint with `longattn convert --to-long N`")
@@ -267,7 +268,7 @@ class LongformerModel(nn.Module):
         weights = ckpt.read_weights(path)
         has_pooler = any(k.endswith("pooler.dense.weight") for k in weights)
         model = cls(config, add_pooling_layer=has_pooler, backend=backend, device=device, dtype=dtype)
-        ckpt.load_into(model, weights, path=path)
+        ckpt.load_into(model, weights, path=path, strict=strict)
         return model.eval()
 
     def save_pretrained(self, path: str | Path) -> Path:

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..io import remove_leftover_temps
 from .distributed import World, barrier, wrap
 from .progress import progress_bar
 from .run import Progress, batch_indices, load_checkpoint, save_checkpoint, train_steps, write_result
@@ -141,6 +142,8 @@ def start(spec: RunSpec, world: World, build: Callable[[torch.device], nn.Module
     run, state = Progress(), None  # its running sums: loss and steps since the last evaluation
     torch.manual_seed(spec.seed + 1 + world.rank)  # dropout streams differ per process
     path = Path(spec.out_dir) / CHECKPOINT
+    if world.main:  # a write killed mid-way left its temporary file (as large as a checkpoint) behind
+        remove_leftover_temps(path)
     if spec.resume and path.exists():
         run, state = load_checkpoint(path, identity, net, optimizer, world, differs=spec.differs)
     bar = progress_bar(spec.progress and world.main, total=spec.steps, initial=run.step, desc=spec.label,
