@@ -128,3 +128,15 @@ def test_module_input_shape():
         attn(torch.randn(2, 5, 8))
     with pytest.raises(ValueError, match=r"dim \(10\) must be divisible by heads \(3\)"):
         la.SparseSelfAttention(10, 3)
+
+
+def test_zero_head_dim_and_zero_heads_are_named():
+    empty = torch.zeros(1, 2, 5, 0)
+    with pytest.raises(ValueError, match="head dim D >= 1"):
+        la.attention(empty, empty, empty)
+    with pytest.raises(ValueError, match="head dim D >= 1"):
+        la.attention(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 0))
+    for dim, heads, match in ((32, 0, "heads must be a positive int, got 0"), (0, 4, "dim must be a positive"),
+                              (32, 2.0, "heads must be a positive int, got 2.0"), (-8, 2, "dim must be")):
+        with pytest.raises(ValueError, match=match):
+            la.SparseSelfAttention(dim, heads)

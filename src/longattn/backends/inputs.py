@@ -59,6 +59,8 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, *, pattern: Pattern | None = None, 
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     b, h, nq, d = q.shape
     nk = k.shape[2]
+    if d == 0 or v.shape[-1] == 0:
+        raise ValueError(f"q, k and v need a head dim D >= 1, got q {_shape(q)} and v {_shape(v)}")
     if k.shape != (b, h, nk, d):
         raise ValueError(f"k must have shape (B, H, Nk, D) = ({b}, {h}, Nk, {d}) to match q {_shape(q)}, "
                          f"got {_shape(k)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from torch import Tensor, nn
 
 from ..functional import attention
@@ -26,6 +28,11 @@ class SparseSelfAttention(nn.Module):
                  qkv_bias: bool = True, proj_bias: bool = True, dropout: float = 0.0, backend: str = "auto",
                  device=None, dtype=None):
         super().__init__()
+        for name, value in (("dim", dim), ("heads", heads), ("qkv_dim", qkv_dim)):
+            if value is None and name == "qkv_dim":
+                continue
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         inner = dim if qkv_dim is None else qkv_dim
         if inner % heads:
             raise ValueError(f"{'dim' if qkv_dim is None else 'qkv_dim'} ({inner}) must be divisible by "
