@@ -14,6 +14,7 @@ cache shared by several machines never loads another CPU's build; ``load()`` onl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -38,6 +39,7 @@ _module: ModuleType | None = None
 _reason = "not built (longattn calibrate builds it)"
 
 
+@functools.lru_cache(maxsize=1)  # read and hashed once: load() is asked on every eligible attention call
 def _name() -> str:
     key = {"source": SOURCE.read_text(), "flags": CFLAGS, "cpu": machine.cpu_name(), "cpu_flags": machine.cpu_flags(),
            "torch": torch.__version__}

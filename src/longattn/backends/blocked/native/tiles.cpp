@@ -277,35 +277,39 @@ void transpose(const float* x, int64_t rows, int64_t cols, int64_t ldx, float sc
     for (int64_t j = 0; j < cols; ++j) out[j * ldo + i0] = scale * x[i0 * ldx + j];
 }
 
-// Where they come from: a thread's own buffers (filled per pair) or, with few pairs, tensors made once per call.
+// Where they come from: a thread's own buffers (filled per pair) or, with few pairs, tensors filled once per
+// call; both by fill(), so the panel layout is written in one place.
 struct KeyOperands {
   const Call& c;
   const float *k, *v;
   bool want_vt;
   at::Tensor kst_all, vt_all;  // (b, h, Nk / block, d, block), (b, h, Nk / block, dv, block) when shared
 
-  KeyOperands(const Call& call, const at::Tensor& kt, const at::Tensor& vt_, bool shared, bool want_v)
-      : c(call), k(kt.data_ptr<float>()), v(vt_.data_ptr<float>()), want_vt(want_v) {
-    if (shared) {
-      const int64_t nb = c.nk / c.block;
-      kst_all = (kt * c.scale).view({c.b, c.h, nb, c.block, c.d}).transpose(-1, -2).contiguous();
-      if (want_vt) vt_all = vt_.view({c.b, c.h, nb, c.block, c.dv}).transpose(-1, -2).contiguous();
-    }
+  KeyOperands(const Call& call, const at::Tensor& k_, const at::Tensor& v_, bool shared, bool want_v)
+      : c(call), k(k_.data_ptr<float>()), v(v_.data_ptr<float>()), want_vt(want_v) {
+    if (!shared) return;
+    kst_all = at::empty({c.b, c.h, c.d, c.nk}, k_.options());
+    if (want_vt) vt_all = at::empty({c.b, c.h, c.dv, c.nk}, v_.options());
+    for (int64_t bh = 0; bh < c.b * c.h; ++bh)
+      fill(bh, kst_all.data_ptr<float>() + bh * c.d * c.nk, want_vt ? vt_all.data_ptr<float>() + bh * c.dv * c.nk : nullptr);
   }
   bool shared() const { return kst_all.defined(); }
+  // pair bh's panels into kst (d * Nk floats) and, when given, vt (dv * Nk)
+  void fill(int64_t bh, float* kst, float* vt) const {
+    const int64_t bs = c.block;
+    for (int64_t blk = 0; blk < c.nk / bs; ++blk) {
+      transpose(k + (bh * c.nk + blk * bs) * c.d, bs, c.d, c.d, c.scale, kst + blk * c.d * bs, bs);
+      if (vt) transpose(v + (bh * c.nk + blk * bs) * c.dv, bs, c.dv, c.dv, 1.0f, vt + blk * c.dv * bs, bs);
+    }
+  }
   HeadOperands shared_head(int64_t bh) const {
-      return {kst_all.data_ptr<float>() + bh * c.d * c.nk, want_vt ? vt_all.data_ptr<float>() + bh * c.dv * c.nk : nullptr};
+    return {kst_all.data_ptr<float>() + bh * c.d * c.nk, want_vt ? vt_all.data_ptr<float>() + bh * c.dv * c.nk : nullptr};
   }
   HeadOperands own_head(int64_t bh, std::vector<float>& kbuf, std::vector<float>& vbuf) const {
-    const int64_t bs = c.block, nb = c.nk / bs;
     kbuf.resize(c.d * c.nk);
-    for (int64_t blk = 0; blk < nb; ++blk)
-      transpose(k + (bh * c.nk + blk * bs) * c.d, bs, c.d, c.d, c.scale, kbuf.data() + blk * c.d * bs, bs);
-    if (!want_vt) return {kbuf.data(), nullptr};
-    vbuf.resize(c.dv * c.nk);
-    for (int64_t blk = 0; blk < nb; ++blk)
-      transpose(v + (bh * c.nk + blk * bs) * c.dv, bs, c.dv, c.dv, 1.0f, vbuf.data() + blk * c.dv * bs, bs);
-    return {kbuf.data(), vbuf.data()};
+    vbuf.resize(want_vt ? c.dv * c.nk : 0);
+    fill(bh, kbuf.data(), want_vt ? vbuf.data() : nullptr);
+    return {kbuf.data(), want_vt ? vbuf.data() : nullptr};
   }
 };
 
