@@ -6,9 +6,12 @@ BoTNet and ResNet-50, ``longdoc`` the long legal documents of the ScanCode Licen
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
+
+from .argtypes import ExistingPath, at_least, device, nonnegative_int, positive_float, positive_int
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -21,11 +24,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}  {text}")
         return 0
     if args.pattern is None or args.seq_len is None:
-        raise SystemExit("longattn show: a pattern and --seq-len are needed (or --list)")
+        raise ValueError("a pattern and --seq-len are needed (or --list)")
     from .tools.viz import draw_pattern
 
     pattern = as_pattern(args.pattern, n=args.seq_len) or full()
-    out = args.plot or re.sub(r"[^A-Za-z0-9_.-]+", "_", pattern.name).strip("_") + ".png"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", pattern.name).strip("_") + ".png"
+    out = Path(args.plot) / name if args.plot and Path(args.plot).is_dir() else args.plot or name
     path = draw_pattern(pattern, args.seq_len, out, kv_len=args.kv_len, block=args.block, num_heads=args.heads,
                         head=args.head)
     density = pattern.density(args.seq_len, args.kv_len, num_heads=args.heads, block=args.block)
@@ -127,6 +131,11 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def error(self, message: str):
+        """One line, naming the command and the flag, instead of the usage block and the message: a user error
+        should read like one."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def _renamed(parser: argparse.ArgumentParser, old: str, dest: str, **kwargs) -> None:
     """Accept a flag's former spelling without showing it in ``--help``."""
@@ -147,13 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("pattern", nargs="?", help='a preset name (see --list) or a pattern expression, e.g. '
                       '"longformer(window=512, global_idx=[0])"')
     show.add_argument("--list", action="store_true", help="list the named patterns (presets) and exit")
-    show.add_argument("--seq-len", type=int, default=None, help="query length Nq (required unless --list)")
-    show.add_argument("--kv-len", type=int, default=None, help="key length Nk (default: Nq)")
-    show.add_argument("--block", type=int, default=64, help="block size of the layout")
-    show.add_argument("--heads", type=int, default=1, help="heads (per-head patterns need a multiple)")
-    _renamed(show, "--num-heads", "heads", type=int)
-    show.add_argument("--head", type=int, default=0, help="which head to draw")
-    show.add_argument("--plot", default=None, help="PNG file to write (default: <pattern name>.png)")
+    show.add_argument("--seq-len", type=positive_int, default=None, help="query length Nq (required unless --list)")
+    show.add_argument("--kv-len", type=positive_int, default=None, help="key length Nk (default: Nq)")
+    show.add_argument("--block", type=positive_int, default=64, help="block size of the layout")
+    show.add_argument("--heads", type=positive_int, default=1, help="heads (per-head patterns need a multiple)")
+    _renamed(show, "--num-heads", "heads", type=positive_int)
+    show.add_argument("--head", type=nonnegative_int, default=0, help="which head to draw")
+    show.add_argument("--plot", default=None, help="image file to write, or a folder to write <pattern name>.png "
+                      "into (default: <pattern name>.png here)")
     show.set_defaults(func=_cmd_show)
 
     base = BenchConfig()
@@ -167,27 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--paths", nargs="+", choices=list(PATHS), metavar="PATH",
                    help=f"of {listed(PATHS)} (default: all)")
     b.add_argument("--modes", nargs="+", choices=list(MODES), metavar="MODE", help=f"of {listed(MODES)} (default: all)")
-    b.add_argument("--lengths", nargs="+", type=int, metavar="N",
+    b.add_argument("--lengths", nargs="+", type=positive_int, metavar="N",
                    help=f"sequence lengths (default: {listed(base.lengths)}; with --hf 4096)")
     b.add_argument("--dtypes", nargs="+", choices=list(DTYPES), metavar="DTYPE",
                    help=f"of {listed(DTYPES)} (default: {listed(base.dtypes)})")
-    b.add_argument("--heads", type=int, default=12, help="attention heads")
-    b.add_argument("--head-dim", type=int, default=64, help="width of one head")
-    b.add_argument("--batch-size", type=int, default=1, help="inputs per call")
-    _renamed(b, "--batch", "batch_size", type=int)
-    b.add_argument("--device", default="cpu", help="torch device")
-    b.add_argument("--min-run-time", type=float, default=None,
+    b.add_argument("--heads", type=positive_int, default=12, help="attention heads")
+    b.add_argument("--head-dim", type=positive_int, default=64, help="width of one head")
+    b.add_argument("--batch-size", type=positive_int, default=1, help="inputs per call")
+    _renamed(b, "--batch", "batch_size", type=positive_int)
+    b.add_argument("--device", type=device, default="cpu", help="torch device")
+    b.add_argument("--min-run-time", type=positive_float, default=None,
                    help=f"seconds of timing per measurement (default: {base.min_run_time})")
     b.add_argument("--out", default=None, help="output folder for bench.json, bench.csv, bench.png, summary.txt "
                    "(with --hf: bench_hf.json, bench_hf.md); default: print only")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--hf", nargs="+", choices=["longformer", "bigbird"], default=None, metavar="MODEL",
                    help="instead: whole encoders (longformer, bigbird) vs transformers' on the same weights")
-    b.add_argument("--depth", type=int, default=12, help="--hf: encoder layers")
-    _renamed(b, "--layers", "depth", type=int)
-    b.add_argument("--dim", type=int, default=768, help="--hf: model width (heads from --heads)")
-    _renamed(b, "--hidden", "dim", type=int)
-    b.add_argument("--repeats", type=int, default=3, help="--hf: timed forwards per model")
+    b.add_argument("--depth", type=positive_int, default=12, help="--hf: encoder layers")
+    _renamed(b, "--layers", "depth", type=positive_int)
+    b.add_argument("--dim", type=positive_int, default=768, help="--hf: model width (heads from --heads)")
+    _renamed(b, "--hidden", "dim", type=positive_int)
+    b.add_argument("--repeats", type=positive_int, default=3, help="--hf: timed forwards per model")
     b.add_argument("--under-load", action="store_true", help="instead: blocked and SDPA forwards idle, then beside "
                    "one busy process per core (default patterns longformer_512 bigbird_64, length 4096)")
     b.set_defaults(func=_cmd_bench)
@@ -200,13 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(func=_cmd_calibrate)
 
     c = sub.add_parser("convert", help="extend a BERT/RoBERTa-family checkpoint to long inputs (Longformer recipe)")
-    c.add_argument("--to-long", type=int, required=True, metavar="N", help="new maximum length, e.g. 4096")
-    c.add_argument("--window", type=int, default=None,
+    c.add_argument("--to-long", type=at_least(2, "a long model needs room for its special tokens"), required=True,
+                   metavar="N",
+                   help="new maximum length, e.g. 4096")
+    c.add_argument("--window", type=positive_int, default=None,
                    help="attention window (even); default twice the source's length, exact on its inputs")
     c.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer files")
     c.add_argument("--out", required=True, help="output folder for the long checkpoint (never the source)")
     c.add_argument("--overwrite", action="store_true", help="replace --out when it exists and is not empty")
-    c.add_argument("src", help="Hugging Face checkpoint directory (config.json + weights)")
+    c.add_argument("src", type=ExistingPath("checkpoint folder", folder=True),
+                   help="Hugging Face checkpoint directory (config.json + weights)")
     c.set_defaults(func=_cmd_convert)
 
     from .lm.cli import add_parser as add_lm_parser
@@ -221,12 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The error as one line (``LONGATTN_TRACEBACK=1`` shows the whole traceback instead)."""
+    if isinstance(err, OSError) and err.errno is not None:  # the system's words: say what and where
+        return f"{err.strerror}: {err.filename}" if err.filename else f"{type(err).__name__}: {err.strerror}"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:  # FileNotFoundError: missing LRA data
-        print(f"longattn {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as err:  # OSError: missing data, a folder in the way, a full disk
+        if os.environ.get("LONGATTN_TRACEBACK"):
+            raise
+        words = [args.command] + [v for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str)]
+        print(f"longattn {' '.join(words)}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     from .training.distributed import leave_world
 

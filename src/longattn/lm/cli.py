@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..argtypes import (ExistingPath, device, nonnegative_float, nonnegative_int, positive_float, positive_int, rate,
+                        seed)
 from ..io import write_json
 from ..training.setup import add_run_arguments, run_options
 
@@ -115,19 +117,22 @@ def add_parser(sub) -> None:
     train.add_argument("--out", required=True, help="output folder of the run (checkpoint, model/, result.json); "
                        "an unfinished run there resumes")
     train.add_argument("--preset", default="small", choices=sorted(PRESETS), help="base config")
-    train.add_argument("--corpus", help="raw byte file or .zip (enwik8); default: this Python's standard library")
+    train.add_argument("--corpus", type=ExistingPath("corpus file", folder=False),
+                       help="raw byte file or .zip (enwik8); default: this Python's standard library")
     train.add_argument("--pattern", help="full, window, strided, fixed, bigbird, or a pattern expression "
                        "(default: the preset's)")
-    for flag, kind, text in (("--seg-len", int, "bytes per training segment"), ("--mem-len", int, "memory length"),
-                             ("--clamp-len", int, "relative distances beyond it share one encoding"),
-                             ("--dim", int, "model width"), ("--ffn-dim", int, "feed-forward width"),
-                             ("--depth", int, "layers"), ("--heads", int, "attention heads"),
-                             ("--dropout", float, "dropout rate"), ("--steps", int, "training steps"),
-                             ("--batch-size", int, "streams per step over all processes"),
-                             ("--lr", float, "peak learning rate"), ("--warmup", int, "warm-up steps"),
-                             ("--eval-every", int, "steps between validations"),
-                             ("--eval-bytes", int, "validation bytes evaluated during training"),
-                             ("--seed", int, "random seed")):
+    for flag, kind, text in (("--seg-len", positive_int, "bytes per training segment"),
+                             ("--mem-len", nonnegative_int, "memory length"),
+                             ("--clamp-len", positive_int, "relative distances beyond it share one encoding"),
+                             ("--dim", positive_int, "model width"), ("--ffn-dim", positive_int, "feed-forward width"),
+                             ("--depth", positive_int, "layers"), ("--heads", positive_int, "attention heads"),
+                             ("--dropout", rate, "dropout rate"), ("--steps", positive_int, "training steps"),
+                             ("--batch-size", positive_int, "streams per step over all processes"),
+                             ("--lr", positive_float, "peak learning rate"),
+                             ("--warmup", nonnegative_int, "warm-up steps"),
+                             ("--eval-every", positive_int, "steps between validations"),
+                             ("--eval-bytes", positive_int, "validation bytes evaluated during training"),
+                             ("--seed", seed, "random seed")):
         train.add_argument(flag, type=kind, help=f"{text} (default: the preset's)")
     train.add_argument("--same-length", action="store_true", default=None,
                        help="every query attends the same number of keys (default: the preset's)")
@@ -135,18 +140,19 @@ def add_parser(sub) -> None:
     train.set_defaults(func=_cmd_train)
 
     ev = cmds.add_parser("eval", help="bits per byte with one or more memory lengths; speed against recomputing")
-    ev.add_argument("run", help="run directory or model directory")
-    ev.add_argument("--mem-len", type=int, nargs="+", help="memory lengths to evaluate (default: the training one)")
-    ev.add_argument("--seg-len", type=int, help="segment length (default: the training one)")
+    ev.add_argument("run", type=ExistingPath("run"), help="run directory or model directory")
+    ev.add_argument("--mem-len", type=nonnegative_int, nargs="+",
+                    help="memory lengths to evaluate (default: the training one)")
+    ev.add_argument("--seg-len", type=positive_int, help="segment length (default: the training one)")
     ev.add_argument("--split", default="test", choices=["valid", "test"], help="corpus split")
-    ev.add_argument("--max-bytes", type=int, help="evaluate a prefix of the split only (default: all of it)")
-    ev.add_argument("--batch-size", type=int, default=4, help="parallel streams")
-    ev.add_argument("--batch", dest="batch_size", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    ev.add_argument("--corpus", help="default: the run's corpus")
-    ev.add_argument("--recompute", type=int, nargs="+", metavar="CONTEXT",
+    ev.add_argument("--max-bytes", type=positive_int, help="evaluate a prefix of the split only (default: all of it)")
+    ev.add_argument("--batch-size", type=positive_int, default=4, help="parallel streams")
+    ev.add_argument("--batch", dest="batch_size", type=positive_int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    ev.add_argument("--corpus", type=ExistingPath("corpus file", folder=False), help="default: the run's corpus")
+    ev.add_argument("--recompute", type=positive_int, nargs="+", metavar="CONTEXT",
                     help="also time recomputing each byte from CONTEXT previous bytes against a memory of CONTEXT")
-    ev.add_argument("--recompute-positions", type=int, default=32, help="bytes predicted by recomputation")
-    ev.add_argument("--device", default="cpu", help="torch device")
+    ev.add_argument("--recompute-positions", type=positive_int, default=32, help="bytes predicted by recomputation")
+    ev.add_argument("--device", type=device, default="cpu", help="torch device")
     ev.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=_cmd_eval)
@@ -157,24 +163,26 @@ def add_parser(sub) -> None:
     sweep.add_argument("--patterns", nargs="+", default=list(DEFAULT_PATTERNS),
                        help="preset names or pattern expressions")
     sweep.add_argument("--preset", default="small", choices=sorted(PRESETS), help="base config of every run")
-    sweep.add_argument("--steps", type=int, default=300, help="training steps of every run")
-    sweep.add_argument("--mem-len", type=int, nargs="+", help="default: the training memory times 1, 2 and 4")
+    sweep.add_argument("--steps", type=positive_int, default=300, help="training steps of every run")
+    sweep.add_argument("--mem-len", type=nonnegative_int, nargs="+",
+                       help="default: the training memory times 1, 2 and 4")
     sweep.add_argument("--split", default="test", choices=["valid", "test"], help="corpus split")
-    sweep.add_argument("--max-bytes", type=int, default=200_000, help="evaluate a prefix of the split")
-    sweep.add_argument("--corpus", help="raw byte file or .zip; default: this Python's standard library")
-    sweep.add_argument("--step-repeats", type=int, default=5,
+    sweep.add_argument("--max-bytes", type=positive_int, default=200_000, help="evaluate a prefix of the split")
+    sweep.add_argument("--corpus", type=ExistingPath("corpus file", folder=False),
+                       help="raw byte file or .zip; default: this Python's standard library")
+    sweep.add_argument("--step-repeats", type=nonnegative_int, default=5,
                        help="rounds of training steps timed with the patterns taking turns (0: skip)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     sweep.set_defaults(func=_cmd_sweep)
 
     gen = cmds.add_parser("generate", help="continue a prompt, with cached memory")
-    gen.add_argument("run", help="run directory or model directory")
+    gen.add_argument("run", type=ExistingPath("run"), help="run directory or model directory")
     gen.add_argument("--prompt", default="def ", help="text to continue")
-    gen.add_argument("--bytes", type=int, default=400, help="bytes to generate")
-    gen.add_argument("--mem-len", type=int, help="memory length (default: the training one)")
-    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    gen.add_argument("--top-k", type=int, help="sample from the k likeliest bytes only (default: all)")
-    gen.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
-    gen.add_argument("--device", default="cpu", help="torch device")
+    gen.add_argument("--bytes", type=positive_int, default=400, help="bytes to generate")
+    gen.add_argument("--mem-len", type=nonnegative_int, help="memory length (default: the training one)")
+    gen.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0: greedy")
+    gen.add_argument("--top-k", type=positive_int, help="sample from the k likeliest bytes only (default: all)")
+    gen.add_argument("--seed", type=seed, default=0, help="random seed of the sampling")
+    gen.add_argument("--device", type=device, default="cpu", help="torch device")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.set_defaults(func=_cmd_generate)

@@ -6,7 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from ..argtypes import ExistingPath, at_least, fraction, nonnegative_int, positive_float, positive_int, seed
 from ..training.setup import add_run_arguments
+
+_DATA_DIR = ExistingPath("LicenseDB data folder", folder=True)
 
 
 def _db(args, rules: bool = True):
@@ -18,8 +21,6 @@ def _db(args, rules: bool = True):
 def _settings(args):
     from .retrieval import Settings
 
-    if args.max_length is not None and args.max_length < 512:
-        raise ValueError(f"--max-length must be >= 512 (the source model's positions), got {args.max_length}")
     max_length = args.max_length or (4096 if args.quick else 16384)
     out = Path(args.out) / ("quick" if args.quick else "full")
     return Settings(out=out, quick=args.quick, max_length=max_length, progress=not args.no_progress,
@@ -130,11 +131,6 @@ def _cmd_packed(args: argparse.Namespace) -> int:
     settings = PackedSettings(documents=args.documents, max_len=args.max_len, layers=args.depth, dim=args.dim,
                               heads=args.heads, window=args.window, seed=args.seed, min_run_time=args.min_run_time,
                               rounds=args.rounds)
-    for name, value in (("--documents", args.documents), ("--max-len", args.max_len), ("--depth", args.depth),
-                        ("--dim", args.dim), ("--heads", args.heads), ("--window", args.window),
-                        ("--rounds", args.rounds)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
     result = run_packed(settings, out=Path(args.out) if args.out else None,
                         data_dir=Path(args.data_dir) if args.data_dir else None)
     print(packed_table(result))
@@ -144,14 +140,14 @@ def _cmd_packed(args: argparse.Namespace) -> int:
 
 
 def _common(p, *, systems: bool = False, paraformer: bool = False) -> None:
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--data-dir", type=_DATA_DIR, default=None,
                    help="a LicenseDB data folder (licenses/, rules/); default: the installed licensedcode-data")
     p.add_argument("--quick", action="store_true", help="a deterministic subset: under 5 minutes on 2 cores")
     p.add_argument("--out", default="results/longdoc", help="output folder (full/ or quick/ inside)")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-length", type=at_least(512, "the source model's positions"), default=None,
                    help="tokens the long encoder reads (default: 16384; 4096 with --quick)")
     if paraformer:
-        p.add_argument("--paraformer-steps", type=int, default=None,
+        p.add_argument("--paraformer-steps", type=positive_int, default=None,
                        help="training steps of the Paraformer retriever (default: 600; 100 with --quick)")
     if systems:
         p.add_argument("--systems", nargs="+", default=None, help="systems to run (default: all)")
@@ -164,7 +160,8 @@ def add_parser(sub) -> None:
     cmds = longdoc.add_subparsers(dest="longdoc_command", required=True)
 
     stats = cmds.add_parser("stats", help="counts per category and rule kind, length percentiles, split sizes")
-    stats.add_argument("--data-dir", default=None, help="a LicenseDB data folder (default: the installed one)")
+    stats.add_argument("--data-dir", type=_DATA_DIR, default=None,
+                       help="a LicenseDB data folder (default: the installed one)")
     stats.add_argument("--quick", action="store_true", help="split sizes of the --quick subset")
     stats.add_argument("--json", action="store_true", help="print a JSON object")
     stats.add_argument("--words-only", action="store_true", help="lengths in words only (no tokenizer)")
@@ -184,21 +181,24 @@ def add_parser(sub) -> None:
 
     throughput = cmds.add_parser("throughput", help="the long encoder against dense attention on one document")
     _common(throughput)
-    throughput.add_argument("--tokens", type=int, default=4096, help="document length")
+    throughput.add_argument("--tokens", type=positive_int, default=4096, help="document length")
     throughput.set_defaults(func=_cmd_throughput)
 
     packed = cmds.add_parser("packed", help="a padded against a packed batch of license texts (bytes): time, "
                              "memory, equal outputs")
-    packed.add_argument("--data-dir", default=None, help="a LicenseDB data folder; default: licensedcode-data")
-    packed.add_argument("--documents", type=int, default=32, help="license texts in the batch")
-    packed.add_argument("--max-len", type=int, default=4096, help="bytes kept per text, and the packed row length")
-    packed.add_argument("--depth", type=int, default=2, help="Longformer layers")
-    packed.add_argument("--dim", type=int, default=256, help="model width")
-    packed.add_argument("--heads", type=int, default=4, help="attention heads")
-    packed.add_argument("--window", type=int, default=256, help="Longformer window w (w/2 keys each side)")
-    packed.add_argument("--seed", type=int, default=0, help="which texts are drawn")
-    packed.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per measurement")
-    packed.add_argument("--rounds", type=int, default=3, help="measurements per batch, the batches taking turns")
+    packed.add_argument("--data-dir", type=_DATA_DIR, default=None,
+                        help="a LicenseDB data folder; default: licensedcode-data")
+    packed.add_argument("--documents", type=positive_int, default=32, help="license texts in the batch")
+    packed.add_argument("--max-len", type=positive_int, default=4096,
+                        help="bytes kept per text, and the packed row length")
+    packed.add_argument("--depth", type=positive_int, default=2, help="Longformer layers")
+    packed.add_argument("--dim", type=positive_int, default=256, help="model width")
+    packed.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    packed.add_argument("--window", type=positive_int, default=256, help="Longformer window w (w/2 keys each side)")
+    packed.add_argument("--seed", type=seed, default=0, help="which texts are drawn")
+    packed.add_argument("--min-run-time", type=positive_float, default=2.0, help="seconds of timing per measurement")
+    packed.add_argument("--rounds", type=positive_int, default=3,
+                        help="measurements per batch, the batches taking turns")
     packed.add_argument("--out", default=None, help="folder for packed.json (default: print only)")
     packed.set_defaults(func=_cmd_packed)
 
@@ -276,23 +276,25 @@ def _training_flags(p, *, budgets: list[str]) -> None:
         return "default: " + "; ".join(f"{w} {getattr(BUDGETS[w]['full'], field)}, "
                                        f"{getattr(BUDGETS[w]['quick'], field)} with --quick" for w in budgets)
 
-    p.add_argument("--source", default=None, help="the model directory to start from (default: the converted "
-                                                  "MiniLM, out/models/minilm-long-<max-length>)")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps ({default('steps')})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"texts per step ({default('batch_size')})")
+    p.add_argument("--source", type=ExistingPath("model folder", folder=True), default=None,
+                   help="the model directory to start from (default: the converted MiniLM, "
+                        "out/models/minilm-long-<max-length>)")
+    p.add_argument("--steps", type=positive_int, default=None, help=f"optimizer steps ({default('steps')})")
+    p.add_argument("--batch-size", type=positive_int, default=None, help=f"texts per step ({default('batch_size')})")
     if budgets == ["pretrain"]:
-        p.add_argument("--seq-len", type=int, default=None,
+        p.add_argument("--seq-len", type=at_least(3, "CLS, a token and SEP"), default=None,
                        help=f"tokens per packed sequence, CLS and SEP included ({default('max_tokens')})")
     else:
-        p.add_argument("--max-tokens", type=int, default=None,
+        p.add_argument("--max-tokens", type=at_least(3, "CLS, a token and SEP"), default=None,
                        help=f"tokens each text is cut to, special tokens included ({default('max_tokens')})")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate ({default('lr')})")
-    p.add_argument("--evals", type=int, default=None,
+    p.add_argument("--lr", type=positive_float, default=None, help=f"peak learning rate ({default('lr')})")
+    p.add_argument("--evals", type=positive_int, default=None,
                    help=f"evaluations (and checkpoints) in the run ({default('evals')})")
-    p.add_argument("--head-warmup", type=int, default=None,
+    p.add_argument("--head-warmup", type=nonnegative_int, default=None,
                    help="classification and pretraining: first steps that train the new head alone, the "
                         "encoder frozen (default: steps // 5)")
-    p.add_argument("--stop-after", type=int, default=None, help="end after this many steps in total (resume later)")
+    p.add_argument("--stop-after", type=positive_int, default=None,
+                   help="end after this many steps in total (resume later)")
 
 
 def _add_training_parsers(cmds) -> None:
@@ -307,5 +309,5 @@ def _add_training_parsers(cmds) -> None:
                                                 "license text (resumable)")
     _common(pretrain)
     _training_flags(pretrain, budgets=["pretrain"])
-    pretrain.add_argument("--mask-prob", type=float, default=0.15, help="share of tokens masked (BERT: 80/10/10)")
+    pretrain.add_argument("--mask-prob", type=fraction, default=0.15, help="share of tokens masked (BERT: 80/10/10)")
     pretrain.set_defaults(func=_cmd_pretrain)

@@ -19,6 +19,12 @@ ALIASES = {"transformer": "full", "sparse_transformer": "strided", "sparse-trans
 LRA_SETTINGS: dict[str, dict] = {"longformer": {"global_cls": True}}
 
 
+def check_attention(name: str) -> None:
+    """The ``ValueError`` that ``build_attention`` would raise for ``name``, before any data is generated."""
+    if ALIASES.get(name, name) not in PRESETS:
+        build_attention(name, 1)  # an expression does not depend on the length
+
+
 def build_attention(name: str, n: int, settings: dict | None = None) -> Pattern | None:
     """The pattern of variant ``name`` for attention length ``n`` (None = full attention).
 

@@ -9,13 +9,15 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from ..argtypes import ExistingPath, fraction, positive_float, positive_int, seed
 from ..io import write_json
 from ..training.setup import add_run_arguments, run_options
-from .tasks import TASK_NAMES
+from .tasks import GENERATED_TASKS, TASK_NAMES
 
 
 def _settings(pairs: list[str]) -> dict:
-    """``["max_depth=6", "train=1000"]`` -> ``{"max_depth": 6, "train": 1000}`` (values are Python literals)."""
+    """``["max_depth=6", "num_train=1000"]`` -> ``{"max_depth": 6, "num_train": 1000}`` (values are Python
+    literals)."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -48,9 +50,11 @@ def _data_root(args) -> Path:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .attentions import check_attention
     from .suite import prepare_data
     from .train import load_splits, train_run
 
+    check_attention(args.attention)
     cfg = _config(args)
     task = prepare_data(cfg, _data_root(args), quick=args.quick) if not args.no_generate else None
     out = Path(args.out) / "runs" / cfg.task / args.attention.replace("/", "_")
@@ -137,14 +141,15 @@ def add_parser(sub) -> None:
     run.add_argument("--attention", required=True,
                      help=f"one of {', '.join(ATTENTIONS)}, or a pattern expression like 'sliding_window(64)'")
     run.add_argument("--quick", action="store_true", help="the quick suite's reduced config and generated data")
-    run.add_argument("--scale", type=float, default=1.0, help="shrink widths, depth, steps and data (0, 1]")
-    run.add_argument("--steps", type=int, help="training steps (default: the task config's)")
-    run.add_argument("--batch-size", type=int, help="global batch, split over torchrun processes (default: the "
-                     "task config's)")
-    run.add_argument("--lr", type=float, help="peak learning rate (default: the task config's)")
-    run.add_argument("--eval-every", type=int, help="steps between evaluations (default: the task config's)")
-    run.add_argument("--max-len", type=int, help="input length (default: the task's)")
-    run.add_argument("--seed", type=int, help="default: the task config's (0)")
+    run.add_argument("--scale", type=fraction, default=1.0, help="shrink widths, depth, steps and data (0, 1]")
+    run.add_argument("--steps", type=positive_int, help="training steps (default: the task config's)")
+    run.add_argument("--batch-size", type=positive_int,
+                     help="global batch, split over torchrun processes (default: the "
+"task config's)")
+    run.add_argument("--lr", type=positive_float, help="peak learning rate (default: the task config's)")
+    run.add_argument("--eval-every", type=positive_int, help="steps between evaluations (default: the task config's)")
+    run.add_argument("--max-len", type=positive_int, help="input length (default: the task's)")
+    run.add_argument("--seed", type=seed, help="default: the task config's (0)")
     run.add_argument("--data-dir", help="folder of the task folders (default: data/lra)")
     run.add_argument("--no-generate", action="store_true", help="read --data-dir as the task's own folder as is")
     run.add_argument("--out", default="results/lra", help="output folder (the run goes to runs/<task>/<attention>)")
@@ -159,11 +164,12 @@ def add_parser(sub) -> None:
     suite.add_argument("--attentions", nargs="+", metavar="ATTENTION",
                        help=f"of {' '.join(ATTENTIONS)} or pattern expressions (default: "
                             f"{' '.join(ATTENTION_ORDER)})")
-    suite.add_argument("--scale", type=float, default=1.0, help="shrink widths, depth, steps and data (0, 1]")
+    suite.add_argument("--scale", type=fraction, default=1.0, help="shrink widths, depth, steps and data (0, 1]")
     suite.add_argument("--data-dir", help="folder of the task folders (default: data/lra)")
     suite.add_argument("--out", default="results/lra", help="output folder: runs/, speed.json, report.md")
     suite.add_argument("--no-speed", action="store_true", help="skip the speed/memory table")
-    suite.add_argument("--jobs", type=int, help="training runs at once, one thread each (default: cores if --quick)")
+    suite.add_argument("--jobs", type=positive_int,
+                       help="training runs at once, one thread each (default: cores if --quick)")
     suite.add_argument("--no-progress", action="store_true", help="no progress bars")
     suite.set_defaults(func=_cmd_suite)
 
@@ -172,16 +178,21 @@ def add_parser(sub) -> None:
     report.set_defaults(func=_cmd_report)
 
     gen = cmds.add_parser("generate", help="write a synthetic dataset in the official format (ListOps, Pathfinder)")
-    gen.add_argument("--task", required=True, choices=task_names, help="listops or a pathfinder size")
+    gen.add_argument("--task", required=True, choices=list(GENERATED_TASKS) + ["pathx"],
+                     help="listops or a pathfinder size (the "
+"other tasks read the official files)")
     gen.add_argument("--data-dir", required=True, help="the task's own folder")
-    gen.add_argument("--seed", type=int, default=0, help="random seed of the generator")
-    gen.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="generator settings, e.g. max_depth=6 train=1000")
+    gen.add_argument("--seed", type=seed, default=0, help="random seed of the generator")
+    gen.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                     help="generator settings, e.g. max_depth=6 num_train=1000 (fields of ListOpsSettings, "
+                          "PathfinderSettings)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar (default: one for large sets)")
     gen.set_defaults(func=_cmd_generate)
 
     stats = cmds.add_parser("stats", help="statistics of a task's data (lengths, labels, task-specific)")
     stats.add_argument("--task", required=True, choices=task_names, help="LRA task")
-    stats.add_argument("--data-dir", required=True, help="the task's own folder")
+    stats.add_argument("--data-dir", required=True, type=ExistingPath("data folder", folder=True),
+                       help="the task's own folder")
     stats.add_argument("--json", nargs="?", const="-", metavar="PATH",
                        help="write the statistics as JSON to PATH; without PATH (or '-') print them as JSON "
                             "instead of the listing")

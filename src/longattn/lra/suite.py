@@ -19,6 +19,7 @@ from ..io import write_json
 from ..training.progress import progress_bar
 from ..training.run import finished_result
 from . import speed as speed_mod
+from .attentions import check_attention
 from .configs import LRAConfig, get_config, scaled
 from .report import ATTENTION_ORDER, write_report
 from .tasks import MissingDataError
@@ -103,6 +104,8 @@ def run_suite(out: Path | str, *, quick: bool = False, data_dir: Path | str | No
     root = Path(data_dir) if data_dir else out / "data"
     tasks = list(tasks or (QUICK_TASKS if quick else FULL_TASKS))
     attentions = list(attentions or ATTENTION_ORDER)
+    for name in attentions:
+        check_attention(name)
     jobs = jobs or ((os.cpu_count() or 1) if quick else 1)
     started = time.perf_counter()
     generated, skipped, todo = [], {}, []

@@ -19,8 +19,11 @@ def pyplot():
 
 
 def save_figure(fig, out: str | Path, dpi: int) -> Path:
-    """Write ``fig`` as an image (folders created) and free it."""
+    """Write ``fig`` as an image (folders created) and free it; the path written, ``.png`` added to a name
+    without a suffix (matplotlib adds it too, and the caller should report the file that exists)."""
     out = Path(out)
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=dpi)

@@ -48,11 +48,13 @@ def add_run_arguments(parser, *, stop_after: bool = True) -> None:
     """The flags of how a run executes, the same on every training command (``lra run``, ``lm train``, ``vision
     train``): ``--device``, ``--strategy``, ``--no-resume``, ``--stop-after`` and ``--no-progress``. None of
     them enters a run's identity, so a run may resume on another device or after ``--stop-after``."""
-    parser.add_argument("--device", default="cpu", help="torch device")
+    from ..argtypes import device, positive_int
+
+    parser.add_argument("--device", type=device, default="cpu", help="torch device")
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="data parallelism under torchrun")
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     if stop_after:
-        parser.add_argument("--stop-after", type=int, help="end after this many steps in total (resume later)")
+        parser.add_argument("--stop-after", type=positive_int, help="end after this many steps in total (resume later)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

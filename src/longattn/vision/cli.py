@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..argtypes import nonnegative_int, positive_float, positive_int, seed
 from ..io import markdown_table, write_json
 from ..training.setup import add_run_arguments, run_options
 
@@ -12,15 +13,15 @@ _RUN_FLAGS = ("width", "resolution", "preset", "difficulty", "examples", "steps"
               "eval_every", "seed")
 
 
-def _sizes(values: list[str]) -> list[tuple[int, int]]:
-    """``224`` or ``320x200`` (height x width)."""
-    out = []
-    for v in values:
-        parts = v.lower().split("x")
-        if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"--sizes: expected N or HxW (positive ints), got {v!r}")
-        out.append((int(parts[0]), int(parts[-1])))
-    return out
+def image_size(text: str) -> tuple[int, int]:
+    """``224`` or ``320x200`` (height x width), as an argparse type."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected N or HxW (positive ints), got {text!r}")
+    return int(parts[0]), int(parts[-1])
+
+
+image_size.bad = ("0", "3x", "-224", "axb")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -40,7 +41,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_count(args: argparse.Namespace) -> int:
     from .measure import cost_table
 
-    sizes = _sizes(args.sizes)
+    sizes = args.sizes
     rows = cost_table(args.models, sizes, num_classes=args.num_classes)
     paper = lambda v, unit, scale: None if v is None else f"{v / scale:.2f}{unit}"  # noqa: E731
     head = ["model", "params", "paper"] + [f"M.Adds {h}x{w}" for h, w in sizes] + ["paper (1024)"]
@@ -66,7 +67,7 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     print(f"{name} vs {args.baseline}: forward, batch 1, fp32, {torch.get_num_threads()} threads, median of "
           f"{args.repeats} (taking turns), {'NCHW' if args.no_channels_last else 'channels-last'}")
     rows = []
-    for size in _sizes(args.sizes):
+    for size in args.sizes:
         r = paired_latency(baseline, model, size, repeats=args.repeats, channels_last=not args.no_channels_last)
         rows.append({"size": list(size), "baseline_ms": r.baseline_ms, "model_ms": r.model_ms, "ratio": r.ratio})
     print(markdown_table(["size", f"{args.baseline} ms", f"{args.model} ms", "ratio"],
@@ -102,19 +103,20 @@ def add_parser(sub) -> None:
     train.add_argument("--models", nargs="+", default=["botnet50", "resnet50"], help="registry names")
     train.add_argument("--out", default="results/vision", help="output folder: a run per model and report.md")
     train.add_argument("--data-dir", default="data/vision", help="where the generated images go")
-    train.add_argument("--width", type=int, help=f"base width (64 = the paper's; default: {base.width})")
-    train.add_argument("--resolution", type=int, help=f"image side (default: {base.resolution})")
+    train.add_argument("--width", type=positive_int, help=f"base width (64 = the paper's; default: {base.width})")
+    train.add_argument("--resolution", type=positive_int, help=f"image side (default: {base.resolution})")
     train.add_argument("--preset", choices=["simple", "official"], help=f"Pathfinder preset (default: {base.preset})")
     train.add_argument("--difficulty", choices=["easy", "intermediate", "hard"],
                        help=f"official preset: paths of 6, 9 or 14 dashes (default: {base.difficulty})")
-    train.add_argument("--examples", type=int, help=f"images generated (default: {base.examples})")
-    train.add_argument("--steps", type=int, help=f"training steps (default: {base.steps})")
-    train.add_argument("--batch-size", type=int, help=f"images per step (default: {base.batch_size})")
-    train.add_argument("--lr", type=float, help=f"peak learning rate (default: {base.lr})")
-    train.add_argument("--warmup", type=int, help=f"warm-up steps (default: {base.warmup})")
-    train.add_argument("--eval-every", type=int, help=f"steps between validations (default: {base.eval_every})")
-    train.add_argument("--seed", type=int, help=f"random seed (default: {base.seed})")
-    train.add_argument("--radius", type=int, default=None, help="BoTNet: 2-D local attention of this radius "
+    train.add_argument("--examples", type=positive_int, help=f"images generated (default: {base.examples})")
+    train.add_argument("--steps", type=positive_int, help=f"training steps (default: {base.steps})")
+    train.add_argument("--batch-size", type=positive_int, help=f"images per step (default: {base.batch_size})")
+    train.add_argument("--lr", type=positive_float, help=f"peak learning rate (default: {base.lr})")
+    train.add_argument("--warmup", type=nonnegative_int, help=f"warm-up steps (default: {base.warmup})")
+    train.add_argument("--eval-every", type=positive_int,
+                       help=f"steps between validations (default: {base.eval_every})")
+    train.add_argument("--seed", type=seed, help=f"random seed (default: {base.seed})")
+    train.add_argument("--radius", type=positive_int, default=None, help="BoTNet: 2-D local attention of this radius "
                        "(default: global attention)")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast (slower on CPUs without bf16 oneDNN)")
     train.add_argument("--no-channels-last", action="store_true", help="keep the NCHW memory format")
@@ -123,25 +125,28 @@ def add_parser(sub) -> None:
 
     count = cmds.add_parser("count", help="parameters and multiply-adds, beside the BoTNet paper's figures")
     count.add_argument("--models", nargs="+", default=["resnet50", "botnet50"], help="registry names")
-    count.add_argument("--sizes", nargs="+", default=["224", "1024"], help="input sizes: N or HxW")
-    count.add_argument("--num-classes", type=int, default=1000, help="classifier outputs")
+    count.add_argument("--sizes", nargs="+", type=image_size, default=[(224, 224), (1024, 1024)],
+                       help="input sizes: N or HxW (default: 224 1024)")
+    count.add_argument("--num-classes", type=positive_int, default=1000, help="classifier outputs")
     count.add_argument("--json", metavar="PATH", help="also write the numbers as JSON to PATH")
     count.set_defaults(func=_cmd_count)
 
     lat = cmds.add_parser("latency", help="forward latency of a model against a baseline, as a ratio")
     lat.add_argument("--model", default="botnet50", help="registry name of the model timed")
     lat.add_argument("--baseline", default="resnet50", help="registry name of the model it is compared with")
-    lat.add_argument("--sizes", nargs="+", default=["224", "1024"], help="input sizes: N or HxW")
-    lat.add_argument("--repeats", type=int, default=7, help="timed forwards per model and size")
-    lat.add_argument("--radius", type=int, default=None, help="the model with 2-D local attention of this radius "
-                     "(default: global attention)")
+    lat.add_argument("--sizes", nargs="+", type=image_size, default=[(224, 224), (1024, 1024)],
+                     help="input sizes: N or HxW (default: 224 1024)")
+    lat.add_argument("--repeats", type=positive_int, default=7, help="timed forwards per model and size")
+    lat.add_argument("--radius", type=positive_int, default=None,
+                     help="the model with 2-D local attention of this radius "
+"(default: global attention)")
     lat.add_argument("--no-channels-last", action="store_true", help="keep the NCHW memory format")
     lat.add_argument("--json", metavar="PATH", help="also write the numbers as JSON to PATH")
     lat.set_defaults(func=_cmd_latency)
 
     att = cmds.add_parser("attention", help="one MHSA layer: global vs 2-D local window, time and peak memory")
-    att.add_argument("--maps", nargs="+", type=int, default=[16, 32, 64, 96], help="square map sides")
-    att.add_argument("--radius", type=int, default=7, help="radius of the local window")
-    att.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
+    att.add_argument("--maps", nargs="+", type=positive_int, default=[16, 32, 64, 96], help="square map sides")
+    att.add_argument("--radius", type=positive_int, default=7, help="radius of the local window")
+    att.add_argument("--min-run-time", type=positive_float, default=1.0, help="seconds of timing per measurement")
     att.add_argument("--json", metavar="PATH", help="also write the numbers as JSON to PATH")
     att.set_defaults(func=_cmd_attention)

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ..io import markdown_table, write_json, write_text
+from ..models import default_config
 from ..training.run import finished_result
 from ..tools.viz import pyplot, save_figure
 from .data import pathfinder_images
@@ -19,6 +20,8 @@ def compare(models: list[str], cfg: VisionRunConfig, *, data_dir: Path | str, ou
     """Train each of ``models`` with ``cfg`` (only the model differs) into ``out/<model>``, then write
     ``out/report.md``, ``out/report.json`` and ``out/accuracy.png``. Finished runs of the same config are
     reused."""
+    for name in models:  # an unknown name stops the comparison before images are generated
+        default_config(name)
     out = Path(out)
     data = None
     results = []

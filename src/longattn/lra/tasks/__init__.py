@@ -22,6 +22,7 @@ _REGISTRY: dict[str, tuple[str, str, dict]] = {
 }
 ALIASES = {"pathx": "pathfinder128", "path-x": "pathfinder128", "pathfinder": "pathfinder32"}
 TASK_NAMES = tuple(_REGISTRY)
+GENERATED_TASKS = tuple(name for name, (module, _, _) in _REGISTRY.items() if module in ("listops", "pathfinder"))
 
 
 def get_task(name: str, data_dir: Path | str) -> Task:
@@ -34,5 +35,5 @@ def get_task(name: str, data_dir: Path | str) -> Task:
     return task_cls(data_dir, **kwargs)
 
 
-__all__ = ["PAD", "SPLITS", "TASK_NAMES", "DataFormatError", "MissingDataError", "Split", "Task", "get_task",
-           "pad_rows"]
+__all__ = ["GENERATED_TASKS", "PAD", "SPLITS", "TASK_NAMES", "DataFormatError", "MissingDataError", "Split", "Task",
+           "get_task", "pad_rows"]
