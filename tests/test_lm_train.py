@@ -268,7 +268,7 @@ def test_cli_bad_run_directory_exits_2_naming_it(tmp_path, capsys, command):
     bad = tmp_path / "no-such-run"
     assert main(["lm", command, str(bad)]) == 2
     err = capsys.readouterr().err
-    assert f"longattn lm: error: {bad}" in err
+    assert f"longattn lm {command}: error: argument run: run '{bad}' does not exist" in err
 
 
 def test_cli_eval_of_a_run_still_in_progress_uses_the_runs_corpus(corpus_file, corpus, tmp_path):

@@ -242,7 +242,12 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``longattn`` with ``argv``; the exit status (0 done, 2 a user error with its one-line message on
+    stderr; ``--help`` is 0)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad flag (already reported): a status, as for any other error
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         code = args.func(args)
     except (ValueError, TypeError, OSError) as err:  # OSError: missing data, a folder in the way, a full disk

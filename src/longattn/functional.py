@@ -48,9 +48,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: Pattern | None = None
     """
     inp = prepare(q, k, v, pattern=pattern, attn_mask=attn_mask, key_padding_mask=key_padding_mask, scale=scale,
                   dropout_p=dropout_p)
-    if q.shape[2] == 0 or k.shape[2] == 0:
+    if q.shape[2] == 0 or k.shape[2] == 0 or q.device.type == "meta":
         # No queries, or no keys (an empty KV cache): every row is empty and outputs zeros. The zero
-        # multiple keeps the result in the autograd graph so that backward gives zero gradients.
+        # multiple keeps the result in the autograd graph so that backward gives zero gradients. Meta
+        # tensors (a model built without memory, to count or trace it) get the output's shape only.
         empty = q.new_zeros(*q.shape[:3], v.shape[-1])
         return empty + 0 * (q.sum() + k.sum() + v.sum())
     return dispatch.run(inp, backend)
@@ -59,6 +60,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, pattern: Pattern | None = None
 def explain(q: Tensor, k: Tensor, v: Tensor, *, pattern: Pattern | None = None, attn_mask: Tensor | None = None,
             key_padding_mask: Tensor | None = None, dropout_p: float = 0.0, backend: str = "auto") -> Choice:
     """The backend ``attention`` would use for these arguments, and why (nothing is computed)."""
+    if q.device.type == "meta":
+        raise ValueError("explain needs tensors with data: the choice depends on the padding and the masks, "
+                         "which meta tensors do not hold")
     inp = prepare(q, k, v, pattern=pattern, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                   dropout_p=dropout_p)
     return dispatch.choose(inp, backend)

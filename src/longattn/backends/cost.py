@@ -58,7 +58,7 @@ def _factored_per_head(plan: FactoredPlan, tile_count: Callable[[Schedule], floa
             causal = isinstance(call.pattern, CausalMask)
             total += g.q_len * g.kv_len * heads_per_head * (0.5 if causal else 1.0)
         else:
-            total += tile_count(get_schedule(call.pattern, g, choose_block(call.pattern), plan.device))
+            total += tile_count(get_schedule(call.pattern, g, choose_block(call.pattern, g), plan.device))
     return total / plan.period
 
 
@@ -66,7 +66,7 @@ def blocked_work(pattern: Pattern, geo: Geometry, device: torch.device) -> Work:
     """The blocked path's work for ``pattern`` at ``geo``: tiles, or reordered head groups."""
     plan = factored_plan(pattern, geo, device)
     if plan is None:
-        sched = get_schedule(pattern, geo, choose_block(pattern), device)
+        sched = get_schedule(pattern, geo, choose_block(pattern, geo), device)
         return Work(sched.scores_per_head, schedule_cost(sched),
                     sched.mask_batch * sched.mask_heads * geo.q_len * geo.kv_len, "block tiles")
     scores = _factored_per_head(plan, lambda s: s.scores_per_head)

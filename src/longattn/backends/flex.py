@@ -48,8 +48,8 @@ def unsupported_reason(inp: AttentionInputs) -> str | None:
     if inp.q.device.type == "cpu" and torch.is_grad_enabled() and any(
             t.requires_grad for t in (inp.q, inp.k, inp.v)):
         return "FlexAttention has no backward on CPU"
-    if inp.q.device.type == "cpu" and inp.q.dtype == torch.float16:
-        return "FlexAttention on CPU has no float16"
+    if inp.q.device.type == "cpu" and inp.q.dtype in (torch.float16, torch.float64):
+        return f"FlexAttention on CPU has no {str(inp.q.dtype).removeprefix('torch.')} (Inductor cannot lower it)"
     return None
 
 

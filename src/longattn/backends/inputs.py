@@ -5,6 +5,8 @@ Notation: B batch, H heads, Nq/Nk query/key lengths, D head dim (Dv for values).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +85,11 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, *, pattern: Pattern | None = None, 
             raise ValueError(f"key_padding_mask must have shape (B, Nk) = ({b}, {nk}), "
                              f"got {_shape(key_padding_mask)}")
         key_padding_mask = key_padding_mask.to(q.device)
+        if q.device.type != "meta" and not bool(key_padding_mask.all()):
+            # Padding never reaches a real row: its keys and values are zeroed (whatever they hold, NaN and
+            # inf included), so that 0 * NaN in a masked product cannot spread to real rows on any backend.
+            pad = ~key_padding_mask[:, None, :, None]
+            k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
@@ -98,10 +105,15 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, *, pattern: Pattern | None = None, 
         attn_mask = attn_mask.to(q.device)
         if attn_mask.is_floating_point():
             attn_mask = attn_mask.to(q.dtype)
+            if attn_mask.device.type != "meta" and not bool((attn_mask < math.inf).all()):
+                raise ValueError("attn_mask (float) must hold finite values or -inf (masked); it holds NaN or "
+                                 "+inf, which make the rows they touch undefined")
     if scale is None:
         scale = d ** -0.5
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"scale must be finite (every score would be inf or nan), got {scale!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     return AttentionInputs(q, k, v, pattern, attn_mask, key_padding_mask, float(scale), float(dropout_p))

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from .config_fields import check_fields
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # exact (erf)
@@ -48,6 +50,14 @@ class BertShape:
     initializer_range: float = 0.02  # std of the normal initialisation
     extra: dict = field(default_factory=dict, repr=False)  # other config.json keys, written back unchanged
 
+    #: floors other than config_fields' default (ints >= 1, floats > 0), and the rates in [0, 1)
+    MINIMUM: ClassVar[dict[str, float]] = {"pad_token_id": 0, "type_vocab_size": 0, "initializer_range": 0}
+    RATES: ClassVar[tuple[str, ...]] = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+    def __post_init__(self):
+        check_fields(self, minimum=self.MINIMUM, rates=self.RATES)
+        self.check_shape()
+
     @classmethod
     def from_hf(cls, config: dict):
         """From a ``config.json`` dict: known keys become fields, the rest is kept in ``extra``."""
@@ -63,6 +73,10 @@ class BertShape:
         return out
 
     def validate(self) -> None:
+        """The checks that need every field settled (a family may also normalise fields here)."""
+        self.check_shape()
+
+    def check_shape(self) -> None:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                              f"({self.num_attention_heads})")

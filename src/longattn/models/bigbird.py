@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +53,8 @@ class BigBirdConfig(BertShape):
     rescale_embeddings: bool = False  # word embeddings times sqrt(C)
     is_decoder: bool = False  # causal BigBird
     random_seed: int = 0  # longattn extension: layer l draws its random blocks from random_seed + l
+
+    MINIMUM: ClassVar[dict[str, float]] = {**BertShape.MINIMUM, "num_random_blocks": 0, "random_seed": 0}
 
     def validate(self) -> None:
         super().validate()
@@ -178,7 +181,8 @@ class BigBirdModel(nn.Module):
         layers the config has no place for are an error (``hf_checkpoint.load_into``)."""
         hf = ckpt.read_config(path)
         ckpt.check_model_type(hf, cls.model_types, "BigBird", path)
-        config = BigBirdConfig.from_hf(hf)
+        with ckpt.config_errors(path):
+            config = BigBirdConfig.from_hf(hf)
         weights = ckpt.read_weights(path)
         has_pooler = any(k.endswith("pooler.weight") and "dense" not in k for k in weights)
         model = cls(config, add_pooling_layer=has_pooler, hf_parity=hf_parity, backend=backend, device=device,

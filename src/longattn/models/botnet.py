@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..modules.bottleneck_attention import RESIZE, BottleneckAttention2d, as_pair
 from . import hf_checkpoint as ckpt
+from .config_fields import check_fields
 
 EXPANSION = 4  # a bottleneck's output channels over its inner width
 
@@ -44,6 +45,7 @@ class BotNetConfig:
     zero_init_last: bool = True  # each block's last BN starts at 0, so every block starts as identity
 
     def __post_init__(self):
+        check_fields(self, minimum={"num_classes": 0, "radius": 0})
         self.layers = tuple(self.layers)
         if len(self.layers) != 4 or not all(isinstance(n, int) and n >= 1 for n in self.layers):
             raise ValueError(f"layers must be four positive ints (blocks in c2..c5), got {self.layers!r}")

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..modules import SparseSelfAttention
 from ..patterns import Pattern
 from ..patterns import documents as documents_pattern
+from .config_fields import check_fields
 from ..patterns.documents import PAD
 from . import packing
 
@@ -44,13 +45,11 @@ class EncoderConfig:
     learned_positions: bool = True  # False: fixed sinusoids (LRA's Pathfinder: learn_pos_emb=False)
 
     def __post_init__(self):
+        check_fields(self, rates=("dropout", "attn_dropout"))
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if (self.qkv_dim or self.dim) % self.heads:
             raise ValueError(f"qkv_dim ({self.qkv_dim or self.dim}) must be divisible by heads ({self.heads})")
-        for name in ("vocab_size", "num_classes", "max_len", "dim", "depth", "heads", "ffn_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def seq_len(self) -> int:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..modules.global_local_attention import EtcStructure, GlobalLocalAttention, etc_structure
 from . import hf_checkpoint as ckpt
+from .config_fields import check_fields
 
 
 
@@ -57,14 +58,10 @@ class EtcConfig:
     initializer_range: float = 0.02  # std of the normal initialisation (BERT, ETC)
 
     def __post_init__(self):
+        check_fields(self, minimum={"local_radius": 0, "max_relative_distance": 0, "initializer_range": 0},
+                     rates=("dropout", "attn_dropout"))
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
-        for name in ("vocab_size", "dim", "depth", "heads", "ffn_dim", "max_global", "type_vocab_size",
-                     "global_vocab_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.local_radius < 0 or (self.max_relative_distance is not None and self.max_relative_distance < 0):
-            raise ValueError("local_radius and max_relative_distance must be >= 0")
 
 
 class EtcLayer(nn.Module):

@@ -13,6 +13,7 @@ the fields of the model's config dataclass (old field names are renamed on load,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -42,9 +43,21 @@ def read_config(path: Path | str) -> dict:
     if not config_file.is_file():
         raise ValueError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
     try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object of config fields, found a {type(config).__name__}")
+    return config
+
+
+@contextlib.contextmanager
+def config_errors(path: Path | str):
+    """Prefix a config's ``ValueError``/``TypeError`` with the file it came from."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{Path(path) / 'config.json'}: {err}") from None
 
 
 def check_model_type(config: dict, expected: Iterable[str], family: str, path: Path | str, hint: str = "") -> None:
@@ -58,15 +71,41 @@ def check_model_type(config: dict, expected: Iterable[str], family: str, path: P
 
 
 def _read_file(file: Path) -> dict[str, Tensor]:
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """One weight file's tensors; ``ValueError`` naming the file when it is damaged (truncated, not a weight
+    file) or holds anything but tensors."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(file))
-    # weights_only: a .bin is a pickle, and only tensors may come out of it.
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
+            return load_file(str(file))
+        # weights_only: a .bin is a pickle, and only tensors may come out of it.
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{file}: missing (named by the checkpoint's shard index)") from None
+    except Exception as err:  # safetensors, pickle and zip each raise their own kinds for a damaged file
+        raise ValueError(f"{file}: cannot read the weights ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{file}: expected a state dict of tensors, found a {type(state).__name__}")
     return state
+
+
+def _shards(index: Path) -> list[Path]:
+    """The weight files a shard index names, each inside the checkpoint folder (an index cannot make us read
+    files elsewhere)."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{index}: not a shard index ({err})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: expected a 'weight_map' object from tensor names to file names")
+    folder = index.parent.resolve()
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        shard = (folder / name).resolve()
+        if shard.parent != folder:
+            raise ValueError(f"{index}: shard {name!r} lies outside the checkpoint folder {folder}")
+        shards.append(shard)
+    return shards
 
 
 def read_weights(path: Path | str) -> dict[str, Tensor]:
@@ -78,10 +117,9 @@ def read_weights(path: Path | str) -> dict[str, Tensor]:
     for name in _SHARDED:
         index = path / name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             state: dict[str, Tensor] = {}
-            for shard in shards:
-                state.update(_read_file(path / shard))
+            for shard in _shards(index):
+                state.update(_read_file(shard))
             return state
     raise ValueError(f"{path}: no weights (expected one of {', '.join(_SINGLE + _SHARDED)})")
 
@@ -184,6 +222,8 @@ class Pretrained:
         """The model saved in ``path``, in eval mode (``strict``: ``load_into``'s check for unused layers)."""
         config = read_config(path)
         check_model_type(config, (cls.MODEL_TYPE,), cls.FAMILY, path)
-        model = cls(config_from_dict(cls.CONFIG, config, source=path), backend=backend, device=device, dtype=dtype)
+        with config_errors(path):
+            cfg = config_from_dict(cls.CONFIG, config, source=path)
+        model = cls(cfg, backend=backend, device=device, dtype=dtype)
         load_into(model, read_weights(path), path=path, strict=strict)
         return model.eval()

@@ -264,7 +264,8 @@ class LongformerModel(nn.Module):
         hf = ckpt.read_config(path)
         ckpt.check_model_type(hf, cls.model_types, "Longformer", path,
                               hint="; convert a BERT/RoBERTa checkpoint with `longattn convert --to-long N`")
-        config = LongformerConfig.from_hf(hf)
+        with ckpt.config_errors(path):
+            config = LongformerConfig.from_hf(hf)
         weights = ckpt.read_weights(path)
         has_pooler = any(k.endswith("pooler.dense.weight") for k in weights)
         model = cls(config, add_pooling_layer=has_pooler, backend=backend, device=device, dtype=dtype)

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from ..modules import SparseSelfAttention
 from ..patterns import Pattern, global_tokens, sliding_window
 from ..patterns.window import check_window
+from .config_fields import check_fields
 
 
 def pad_documents(documents: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -158,17 +159,10 @@ class ParaformerConfig:
     temperature_init: float = 0.05  # the score scale starts at 1 / temperature_init (learned)
 
     def __post_init__(self):
-        for name, minimum in (("dim", 1), ("heads", 1), ("globals", 1), ("depth", 0), ("ffn_dim", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        check_fields(self, minimum={"depth": 0}, rates=("dropout",))
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         check_window(self.window)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.temperature_init > 0:
-            raise ValueError(f"temperature_init must be > 0, got {self.temperature_init}")
 
     @property
     def pattern(self) -> Pattern:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ..modules.relative import METHODS, RelativeAttention, RelativePositions
 from ..patterns import Pattern, as_pattern, causal, sliding_window
 from . import hf_checkpoint as ckpt
+from .config_fields import check_fields
 
 #: the LM's short names for ``XLConfig.pattern``: presets of ``longattn.patterns.PRESETS`` (None = full). Any
 #: other preset name or pattern expression works too; the model makes every pattern causal.
@@ -84,11 +85,7 @@ class XLConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        for name in ("vocab_size", "dim", "depth", "heads", "seg_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.mem_len < 0:
-            raise ValueError(f"mem_len must be >= 0, got {self.mem_len}")
+        check_fields(self, minimum={"mem_len": 0}, rates=("dropout", "attn_dropout"))
         if self.head_dim is None and self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads}), or set head_dim")
         if self.method not in METHODS:

@@ -260,11 +260,19 @@ def _check_pattern(p: object, arg: str) -> Pattern:
     return p
 
 
-def _check_int(value: object, name: str, *, minimum: int = 0) -> int:
+#: the largest length or reach a pattern takes (about 10**12 tokens): longer than any sequence, and far below
+#: where index arithmetic in int64 overflows; full() is the pattern that reaches every key
+MAX_EXTENT = 2**40
+
+
+def _check_int(value: object, name: str, *, minimum: int = 0, maximum: int = MAX_EXTENT) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum:,}, got {value:,}" + (
+            " (longer than any sequence: full() attends every key)" if maximum == MAX_EXTENT else ""))
     return value
 
 

@@ -27,7 +27,7 @@ class BigBird(BlockTablePattern):
                              f"{self.window_blocks - 1 or 1} or {self.window_blocks + 1}")
         _check_int(self.global_blocks, "global_blocks")
         _check_int(self.random_blocks, "random_blocks")
-        _check_int(self.seed, "seed")
+        _check_int(self.seed, "seed", maximum=2**63 - 1)
 
     @property
     def num_random(self) -> int:

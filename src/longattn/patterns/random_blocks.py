@@ -78,7 +78,7 @@ class RandomBlocks(BlockTablePattern):
     def __post_init__(self):
         _check_int(self.num_random, "num_random")
         _check_int(self.block, "block", minimum=1)
-        _check_int(self.seed, "seed")
+        _check_int(self.seed, "seed", maximum=2**63 - 1)
 
     def table(self, geo: Geometry) -> Tensor:
         nb = _cdiv(geo.kv_len, self.block)

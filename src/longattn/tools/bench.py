@@ -122,7 +122,7 @@ def _density(exp: Experiment, device: torch.device) -> float:
     """Share of (query, key) pairs the experiment's pattern allows: what useful FLOPs count."""
     pattern = build_preset(exp.pattern, exp.seq_len)
     geo = Geometry(exp.seq_len, exp.seq_len, exp.heads, exp.batch)
-    return get_plan(pattern, geo, choose_block(pattern), device).density
+    return get_plan(pattern, geo, choose_block(pattern, geo), device).density
 
 
 def run_experiment(exp: Experiment, device: torch.device, *, min_run_time: float = 0.5) -> Result:

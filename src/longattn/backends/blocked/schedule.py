@@ -95,8 +95,13 @@ class Schedule:
         return tile.bias, tile.dead
 
 
-def choose_block(pattern: Pattern | None) -> int:
-    return (pattern.preferred_block if pattern is not None else None) or DEFAULT_BLOCK
+def choose_block(pattern: Pattern | None, geo: Geometry | None = None) -> int:
+    """The pattern's own block (``DEFAULT_BLOCK`` without one), at most the sequence rounded up to 16: a wider
+    block only pads the inputs (``bigbird(block=10**6)`` on 130 tokens), and plans are exact at any block."""
+    block = (pattern.preferred_block if pattern is not None else None) or DEFAULT_BLOCK
+    if geo is not None:
+        block = min(block, -(-max(geo.q_len, geo.kv_len, 1) // 16) * 16)
+    return block
 
 
 # ---- building a schedule ------------------------------------------------------------------------------------
