@@ -48,6 +48,18 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(map(str, t.shape)) + ")"
 
 
+def _clean_padding(k: Tensor, v: Tensor, key_padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Padding never reaches a real row: padded keys and values holding NaN or inf are zeroed (with them, a
+    masked product's 0 * NaN would spread to real rows, further on some backends than others). Finite padding
+    is harmless and kept: only the padded rows are read to tell, the copy is made only when needed."""
+    pad = ~key_padding_mask
+    finite = all(bool(t.detach().transpose(1, 2)[pad].isfinite().all()) for t in (k, v))
+    if finite:
+        return k, v
+    pad = pad[:, None, :, None]
+    return k.masked_fill(pad, 0), v.masked_fill(pad, 0)
+
+
 def prepare(q: Tensor, k: Tensor, v: Tensor, *, pattern: Pattern | None = None, attn_mask: Tensor | None = None,
             key_padding_mask: Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0
             ) -> AttentionInputs:
@@ -86,10 +98,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, *, pattern: Pattern | None = None, 
                              f"got {_shape(key_padding_mask)}")
         key_padding_mask = key_padding_mask.to(q.device)
         if q.device.type != "meta" and not bool(key_padding_mask.all()):
-            # Padding never reaches a real row: its keys and values are zeroed (whatever they hold, NaN and
-            # inf included), so that 0 * NaN in a masked product cannot spread to real rows on any backend.
-            pad = ~key_padding_mask[:, None, :, None]
-            k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
+            k, v = _clean_padding(k, v, key_padding_mask)
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
