@@ -124,3 +124,22 @@ def test_leftover_temps_of_a_killed_write_are_removed(tmp_path):
         p.write_bytes(b"x")
     assert sorted(remove_leftover_temps(target)) == sorted(left)
     assert all(p.exists() for p in keep) and not any(p.exists() for p in left)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names open files through /proc")
+def test_the_content_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """A crash after the rename must not leave an empty file: the temporary file is fsynced first, the
+    folder after (so the rename itself is durable)."""
+    import os
+
+    from longattn.io import write_bytes
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    write_bytes(tmp_path / "x.bin", b"data")
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert events[0][1].endswith(".tmp") and events[2][1] == str(tmp_path)

@@ -15,7 +15,7 @@ ROOT = Path(longattn.__file__).parent
 # Bottom to top; a unit is a top-level module or package of longattn. Peers share a layer and never import
 # each other (the applications).
 LAYERS = [
-    {"caches", "io"},
+    {"caches", "io", "argtypes"},
     {"patterns"},
     {"backends"},
     {"functional"},

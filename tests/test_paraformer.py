@@ -227,7 +227,7 @@ def test_bad_inputs_raise():
         DocumentStates(docs.states, docs.doc[1:], docs.position, count=2)
     with pytest.raises(ValueError, match="parts must hold at least one"):
         DocumentStates.cat([])
-    for field, value, message in [("window", 5, "window must be even"), ("globals", 0, "globals must be an int >= 1"),
+    for field, value, message in [("window", 5, "window must be even"), ("globals", 0, "globals must be >= 1"),
                                   ("heads", 3, r"dim \(16\) must be divisible by heads \(3\)"),
                                   ("temperature_init", 0.0, "temperature_init must be > 0"),
                                   ("dropout", 1.0, r"dropout must be in \[0, 1\)")]:
