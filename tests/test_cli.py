@@ -180,7 +180,11 @@ def _after_parsing(tmp: Path) -> list[tuple[list[str], str]]:
         (["show"], "--seq-len"),
         (["show", "sliding_window(", "--seq-len", "10"], "cannot parse"),
         (["show", "longformer_512", "--seq-len", "64", "--head", "3"], "head must be in [0, 1)"),
-        (["lra", "generate", "--task", "listops", "--data-dir", str(tmp / "d"), "--set", "train=1000"], "'train'"),
+        (["lra", "generate", "--task", "listops", "--data-dir", str(tmp / "d"), "--set", "train=1000"],
+         "unknown ListOpsSettings setting 'train'; the settings are max_depth, max_args, min_length, max_length, "
+         "num_train"),
+        (["lra", "generate", "--task", "pathfinder16", "--data-dir", str(tmp / "d"), "--set", "bogus=1"],
+         "unknown PathfinderSettings setting 'bogus'"),
         (["lra", "generate", "--task", "listops", "--data-dir", str(tmp / "d"), "--set", "max_depth"], "KEY=VALUE"),
         (["lra", "generate", "--task", "listops", "--data-dir", str(tmp / "d"), "--set", "max_depth=0"], "max_depth"),
         (["lra", "stats", "--task", "listops", "--data-dir", str(tmp / "empty")], "basic_train.tsv"),

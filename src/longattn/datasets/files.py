@@ -26,6 +26,18 @@ class DataFormatError(ValueError):
         self.path, self.line = Path(path), line
 
 
+def check_settings(settings_cls: type, given: dict) -> None:
+    """``TypeError`` naming a generator setting that ``settings_cls`` (a dataclass) has no field for, with the
+    fields it has (``--set train=1000`` when the field is ``num_train``)."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(settings_cls)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise TypeError(f"unknown {settings_cls.__name__} setting {unknown[0]!r}; the settings are "
+                        f"{', '.join(names)}")
+
+
 def check_split(split: str) -> str:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from ..io import write_text
 from ..training.progress import progress_bar
-from .files import DataFormatError, check_split, locate, missing, parse_label
+from .files import DataFormatError, check_settings, check_split, locate, missing, parse_label
 from .pathfinder_draw import draw
 
 DIFFICULTIES = {"easy": "curv_baseline", "intermediate": "curv_contour_length_9", "inter": "curv_contour_length_9",
@@ -340,6 +340,7 @@ class PathfinderData:
                         else PathfinderSettings.simple(self.resolution))
         if "paddle_gap" in overrides:
             overrides["paddle_gap"] = tuple(np.atleast_1d(overrides["paddle_gap"]).tolist())
+        check_settings(PathfinderSettings, overrides)
         s = replace(settings, **overrides)
         if s.resolution != self.resolution:
             raise ValueError(f"settings.resolution ({s.resolution}) must be the data's resolution {self.resolution}")

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import torch
 
-from ...datasets.files import (SPLITS, DataFormatError, check_split, count_lines, iter_tsv, locate, missing,
-                               parse_label)
+from ...datasets.files import (SPLITS, DataFormatError, check_settings, check_split, count_lines, iter_tsv, locate,
+                               missing, parse_label)
 from ...datasets.listops import (CLOSE, FILE_NAMES, HEADER, OPERATORS, SOURCE, SUBDIRS, ListOpsSettings,
                                  expression_tokens, write_files)
 from ._base import CappedTask, Split
@@ -156,6 +156,7 @@ class ListOps(CappedTask):
     def generate(self, *, seed: int = 0, progress: bool | None = None, **settings) -> None:
         """Write ``basic_{train,val,test}.tsv`` into ``data_dir`` from ``ListOpsSettings(**settings)``
         (``datasets.listops.write_files``: an interrupted run leaves earlier files as they were)."""
+        check_settings(ListOpsSettings, settings)
         write_files(self.data_dir, ListOpsSettings(**settings), seed=seed, progress=progress)
 
     def statistics(self) -> dict:
