@@ -68,19 +68,21 @@ def sinusoids(length: int, dim: int) -> Tensor:
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm Transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))`` (LRA's encoder block)."""
+    """Pre-LayerNorm Transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))`` (LRA's encoder block, and
+    FIT's local and global layers)."""
 
-    def __init__(self, cfg: EncoderConfig, pattern: Pattern | None, backend: str, device=None, dtype=None):
+    def __init__(self, dim: int, heads: int, ffn_dim: int, *, pattern: Pattern | None = None,
+                 qkv_dim: int | None = None, dropout: float = 0.0, attn_dropout: float = 0.0, backend: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.norm1 = nn.LayerNorm(cfg.dim, **factory)
-        self.attn = SparseSelfAttention(cfg.dim, cfg.heads, pattern=pattern, qkv_dim=cfg.qkv_dim,
-                                        dropout=cfg.attn_dropout,
+        self.norm1 = nn.LayerNorm(dim, **factory)
+        self.attn = SparseSelfAttention(dim, heads, pattern=pattern, qkv_dim=qkv_dim, dropout=attn_dropout,
                                         backend=backend, **factory)
-        self.norm2 = nn.LayerNorm(cfg.dim, **factory)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim, **factory), nn.GELU(), nn.Dropout(cfg.dropout),
-                                 nn.Linear(cfg.ffn_dim, cfg.dim, **factory))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.norm2 = nn.LayerNorm(dim, **factory)
+        self.mlp = nn.Sequential(nn.Linear(dim, ffn_dim, **factory), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(ffn_dim, dim, **factory))
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None, documents: Pattern | None = None) -> Tensor:
         x = x + self.drop(self.attn(self.norm1(x), key_padding_mask=key_padding_mask, documents=documents))
@@ -112,7 +114,9 @@ class SparseEncoderClassifier(nn.Module):
         else:
             self.register_buffer("positions", sinusoids(cfg.seq_len, cfg.dim).to(**factory), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, pattern, backend, **factory) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            Block(cfg.dim, cfg.heads, cfg.ffn_dim, pattern=pattern, qkv_dim=cfg.qkv_dim, dropout=cfg.dropout,
+                  attn_dropout=cfg.attn_dropout, backend=backend, **factory) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, **factory)
         features = 4 * cfg.dim if cfg.pair else cfg.dim
         self.head = nn.Sequential(nn.Linear(features, cfg.ffn_dim, **factory), nn.ReLU(),
