@@ -1,12 +1,13 @@
 """nn.Modules built on ``longattn.attention``."""
 
 from .bottleneck_attention import BottleneckAttention2d
+from .combiner import CombinerAttention, combiner_attention
 from .cross_attention import CrossAttention
 from .global_local_attention import (QKV, EtcStructure, GlobalLocalAttention, GlobalLocalOutput, GlobalLocalSpec,
                                      RelativeTable, etc_structure, global_local_attention)
 from .relative import RelativeAttention, RelativePositions, rel_shift
 from .sparse_self_attention import SparseSelfAttention
 
-__all__ = ["QKV", "BottleneckAttention2d", "CrossAttention", "EtcStructure", "GlobalLocalAttention", "GlobalLocalOutput",
+__all__ = ["QKV", "BottleneckAttention2d", "CombinerAttention", "CrossAttention", "EtcStructure", "GlobalLocalAttention", "GlobalLocalOutput",
            "GlobalLocalSpec", "RelativeAttention", "RelativePositions", "RelativeTable", "SparseSelfAttention",
-           "etc_structure", "global_local_attention", "rel_shift"]
+           "combiner_attention", "etc_structure", "global_local_attention", "rel_shift"]

@@ -1,0 +1,148 @@
+"""Combiner attention (Ren et al., NeurIPS 2021): full attention's reach at sparse cost.
+
+Attention is the expectation of ``v_j`` under ``p(j | i)``. Combiner splits the keys of query ``i`` into a
+*direct* set and *regions*; inside a region ``Omega`` it factorises ``p(j | i) = p(Omega | i) q(j | Omega)``
+with ``q`` the same for every query, so a region enters the query's softmax as one *abstraction*:
+
+- summary key ``k_Omega = max_{j in Omega} k_j`` (element-wise max pooling, the paper's default);
+- summary value ``v_Omega = sum_{j in Omega} softmax_j(q_Omega . k_j / sqrt(d)) v_j`` with the region's pooled
+  query ``q_Omega = max_{j in Omega} q_j``: the region's query-independent conditional expectation;
+- ``A(x_i) = [sum_{j direct} e^{q_i.k_j/sqrt d} v_j + sum_Omega e^{q_i.k_Omega/sqrt d} v_Omega] / Z_i``, one
+  softmax over the direct keys and the abstractions (no log-size term, as the paper and its code).
+
+The summaries go in front of the tokens and a pattern of ``longattn.patterns.combiner`` says which keys of
+``[summaries; tokens]`` each query attends, so the whole layer is one ``longattn.attention`` call (every
+backend, dtype and device; training on CPU) plus the summaries, computed by ``attention`` too. Kinds:
+
+- ``"fixed"``: regions are fixed blocks of ``region`` tokens (default ``ceil(sqrt(N))``): each query attends
+  its own block directly and every other block's abstraction (causal: its block up to itself and the blocks
+  wholly before it). ``O(N sqrt N)``.
+- ``"logsparse"``: dyadic regions: the query itself directly and, per level ``l``, the sibling of its
+  ``2^l``-block (causal: the earlier siblings only, the reference's tiling ``[12,13), [8,12), [0,8)`` for
+  ``i = 13``). ``O(N log N)``. The bidirectional form (the mirrored future siblings) is ours: the paper's
+  appendix defining it was not available.
+- ``"mixture"``: the average of the fixed and logsparse attentions (the paper's
+  ``A = (1/M) sum_m A(x_i; omega_m)``, M = 2).
+
+Padding: padded keys belong to no region; a region with none but padding has no abstraction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import attention
+from ..patterns.combiner import combiner_fixed, combiner_logsparse, logsparse_levels
+
+KINDS = ("fixed", "logsparse", "mixture")
+
+
+def _summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, size: int, *, dropout_p: float,
+               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Abstractions of the blocks ``[r size, (r + 1) size)``: keys ``(B, H, T, D)``, values ``(B, H, T, Dv)``
+    and which blocks hold a real token ``(B, T)``."""
+    b, h, n, d = k.shape
+    t = -(-n // size)
+    pad = t * size - n
+    q, k, v = (nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    real = nn.functional.pad(real, (0, pad)).view(b, t, size)
+    live = real.any(-1)
+    keep = real[:, None, :, :, None]  # (B, 1, T, size, 1)
+
+    def pool(x: Tensor) -> Tensor:  # element-wise max over each block's real rows; 0 for a block with none
+        pooled = x.view(b, h, t, size, -1).masked_fill(~keep, float("-inf")).amax(3)
+        return pooled.masked_fill(~live[:, None, :, None], 0.0)
+
+    k_sum, q_sum = pool(k), pool(q)
+    # one query per block (its pooled query) over the block's keys: fold the blocks into the batch
+    fold = lambda x: x.view(b, h, t, size, -1).transpose(1, 2).reshape(b * t, h, size, x.shape[-1])  # noqa: E731
+    v_sum = attention(q_sum.transpose(1, 2).reshape(b * t, h, 1, d), fold(k), fold(v),
+                      key_padding_mask=real.reshape(b * t, size), dropout_p=dropout_p, backend=backend)
+    return k_sum, v_sum.view(b, t, h, -1).transpose(1, 2), live
+
+
+def _combine(q: Tensor, k: Tensor, v: Tensor, real: Tensor, pattern, parts, *, dropout_p: float,
+             backend: str) -> Tensor:
+    """One attention over ``[summaries; tokens]`` under ``pattern``; ``parts``: the summaries, in slot order."""
+    keys = torch.cat([p[0] for p in parts] + [k], dim=2)
+    values = torch.cat([p[1] for p in parts] + [v], dim=2)
+    mask = torch.cat([p[2] for p in parts] + [real], dim=1)
+    return attention(q, keys, values, pattern=pattern, key_padding_mask=None if bool(mask.all()) else mask,
+                     dropout_p=dropout_p, backend=backend)
+
+
+def combiner_attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str = "fixed", region: int | None = None,
+                       causal: bool = False, key_padding_mask: Tensor | None = None, dropout_p: float = 0.0,
+                       backend: str = "auto") -> Tensor:
+    """Combiner attention over ``q, k, v: (B, H, N, D)`` (self-attention: one sequence); ``(B, H, N, Dv)``.
+
+    ``kind`` and ``region`` as in the module docstring; ``key_padding_mask: (B, N)`` True for real tokens.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k, v must have shapes (B, H, N, D), (B, H, N, D), (B, H, N, Dv); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, _, n, _ = q.shape
+    if region is not None and (isinstance(region, bool) or not isinstance(region, int) or region < 1):
+        raise ValueError(f"region must be a positive int or None, got {region!r}")
+    if key_padding_mask is not None and key_padding_mask.shape != (b, n):
+        raise ValueError(f"key_padding_mask must have shape (B, N) = ({b}, {n}), got "
+                         f"{tuple(key_padding_mask.shape)}")
+    real = key_padding_mask if key_padding_mask is not None else q.new_ones(b, n, dtype=torch.bool)
+    common = {"dropout_p": dropout_p, "backend": backend}
+    outs = []
+    if kind in ("fixed", "mixture"):
+        size = region or math.ceil(math.sqrt(n))
+        parts = [_summaries(q, k, v, real, size, **common)]
+        outs.append(_combine(q, k, v, real, combiner_fixed(size, -(-n // size), causal=causal), parts, **common))
+    if kind in ("logsparse", "mixture"):
+        parts = [_summaries(q, k, v, real, 2**level, **common) for level in range(len(logsparse_levels(n)))]
+        outs.append(_combine(q, k, v, real, combiner_logsparse(n, causal=causal), parts, **common))
+    return outs[0] if len(outs) == 1 else sum(outs) / len(outs)
+
+
+class CombinerAttention(nn.Module):
+    """Multi-head Combiner self-attention over ``x: (B, N, C)`` (see the module docstring).
+
+    Args:
+        dim: model width C; heads: H (``dim`` divisible by it).
+        kind: ``"fixed"``, ``"logsparse"`` or ``"mixture"``.
+        region: tokens per region of the fixed partition (default ``ceil(sqrt(N))`` for each input).
+        causal: the autoregressive form (no query sees a later token, through a key or a summary).
+        dropout: on attention probabilities (the summaries' too), in training.
+    """
+
+    def __init__(self, dim: int, heads: int, *, kind: str = "fixed", region: int | None = None,
+                 causal: bool = False, qkv_bias: bool = True, dropout: float = 0.0, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        for name, value in (("dim", dim), ("heads", heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.kind, self.region, self.causal, self.dropout, self.backend = kind, region, causal, dropout, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
+        self.proj = nn.Linear(dim, dim, **factory)
+
+    def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (B, N, C={self.dim}), got {tuple(x.shape)}")
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = combiner_attention(q, k, v, kind=self.kind, region=self.region, causal=self.causal,
+                                 key_padding_mask=key_padding_mask,
+                                 dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.dim))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, kind={self.kind!r}, region={self.region}, "
+                f"causal={self.causal}, backend={self.backend!r}")

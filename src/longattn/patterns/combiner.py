@@ -1,0 +1,142 @@
+"""Combiner's key layouts (Ren et al., NeurIPS 2021): which keys of ``[summary slots; tokens]`` a query attends.
+
+Combiner attends each query *directly* to the keys of its own region and *indirectly* to every other region
+through one summary key and value per region. ``longattn.modules.combiner`` puts the ``S`` summaries in front
+of the ``N`` token keys, so the keys are ``[slots (S); tokens (N)]`` and, by the bottom-right alignment, query
+``i`` sits at absolute position ``S + i``, over token key ``S + i``. These patterns say which of those keys
+each query may attend; the module computes the summaries and runs one ``attention`` call, whose single softmax
+over direct keys and summaries is Combiner's factorisation.
+
+- ``combiner_fixed(region, slots)``: regions are the fixed blocks ``[r * region, (r + 1) * region)``; slot
+  ``r`` summarises block ``r``. Query ``i`` attends the tokens of its own block directly and every other
+  block's slot (causal: its own block up to ``i``, and the slots of blocks wholly before it).
+- ``combiner_logsparse(slots_per_level)``: regions are the dyadic blocks of every level ``l``
+  (``[b 2^l, (b + 1) 2^l)``, level ``l``'s slots after those of the levels below). Query ``i`` attends itself
+  directly and, at every level, the *sibling* of the level-``l`` block holding it (``b = (i >> l) ^ 1``): the
+  siblings over all levels partition every position but ``i``. Causal: only siblings before ``i`` (the
+  reference's past tiling: ``i = 13`` reads ``[12, 13)``, ``[8, 12)``, ``[0, 8)``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._base import AllowedFn, Geometry, Pattern, _check_int, block_ranges, pattern_dataclass
+
+
+def _check_keys(geo: Geometry, slots: int, name: str) -> None:
+    if geo.kv_len != geo.q_len + slots:
+        raise ValueError(f"{name}: the keys must be [{slots} summary slots; the {geo.q_len} tokens], got "
+                         f"Nk={geo.kv_len} for Nq={geo.q_len}")
+
+
+@pattern_dataclass
+class CombinerFixed(Pattern):
+    region: int  # tokens per region (the fixed block size)
+    slots: int  # summary slots in front of the tokens: one per region, ceil(N / region)
+    causal: bool = False
+    _name_format = "combiner_fixed_{region}_{slots}_{causal}"
+
+    def __post_init__(self):
+        _check_int(self.region, "region", minimum=1)
+        _check_int(self.slots, "slots", minimum=1)
+
+    def validate(self, geo: Geometry) -> None:
+        _check_keys(geo, self.slots, "combiner_fixed")
+
+    def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
+        s, region = self.slots, self.region
+
+        def allowed(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+            own = torch.div(i - s, region, rounding_mode="floor")
+            token = (j >= s) & (torch.div(j - s, region, rounding_mode="floor") == own)
+            slot = (j < s) & ((j < own) if self.causal else (j != own))
+            if self.causal:
+                token = token & (j <= i)
+            return token | slot
+
+        return allowed
+
+    def _candidates(self, geo: Geometry, block: int, device: torch.device) -> Tensor:
+        q_lo, q_hi, k_lo, k_hi = block_ranges(geo, block, device)
+        s, region = self.slots, self.region
+        fl = lambda t: torch.div(t - s, region, rounding_mode="floor")  # noqa: E731  token position -> region
+        token = (k_hi >= s) & (fl(k_hi) >= fl(q_lo)) & (fl(k_lo.clamp(min=s)) <= fl(q_hi))
+        if self.causal:
+            token = token & (k_lo <= q_hi)
+            slot = (k_lo < s) & (k_lo < fl(q_hi))  # some slot before some query's region
+        else:  # every slot but the queries' own (the plan drops a block that holds only that one)
+            slot = k_lo < s
+        return token | slot
+
+
+@pattern_dataclass
+class CombinerLogsparse(Pattern):
+    slots_per_level: tuple[int, ...]  # level l holds ceil(N / 2^l) slots; levels until one block covers N
+    causal: bool = False
+    _name_format = "combiner_logsparse_{causal}"
+
+    def __post_init__(self):
+        object.__setattr__(self, "slots_per_level", tuple(self.slots_per_level))
+        for count in self.slots_per_level:
+            _check_int(count, "slots_per_level", minimum=1)
+
+    @property
+    def slots(self) -> int:
+        return sum(self.slots_per_level)
+
+    def validate(self, geo: Geometry) -> None:
+        _check_keys(geo, self.slots, "combiner_logsparse")
+
+    def _offsets(self, device: torch.device) -> Tensor:
+        return torch.tensor((0, *self.slots_per_level), device=device).cumsum(0)  # level l's first slot
+
+    def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
+        s, offsets = self.slots, self._offsets(device)
+
+        def allowed(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+            i, j = torch.broadcast_tensors(i, j)
+            token = (j >= s) & (j == i)
+            level = (torch.searchsorted(offsets, j.clamp(max=s - 1).contiguous(), right=True) - 1).clamp(min=0)
+            sibling = torch.bitwise_right_shift(i - s, level) ^ 1
+            slot = (j < s) & (j - offsets[level] == sibling)
+            if self.causal:
+                slot = slot & (sibling < torch.bitwise_right_shift(i - s, level))
+            return token | slot
+
+        return allowed
+
+    def _candidates(self, geo: Geometry, block: int, device: torch.device) -> Tensor:
+        q_lo, q_hi, k_lo, k_hi = block_ranges(geo, block, device)
+        s = self.slots
+        out = (k_lo <= q_hi) & (k_hi >= q_lo) & (k_hi >= s)  # the diagonal: each query itself
+        start = 0
+        for level, count in enumerate(self.slots_per_level):
+            lo = torch.bitwise_right_shift(q_lo - s, level) - 1  # the siblings of the queries' blocks lie
+            hi = torch.bitwise_right_shift(q_hi - s, level) + (0 if self.causal else 1)  # within [lo, hi]
+            lo, hi = lo.clamp(min=0) + start, hi.clamp(max=count - 1) + start
+            out = out | ((k_lo <= hi) & (k_hi >= lo) & (k_lo < start + count) & (k_hi >= start))
+            start += count
+        return out
+
+
+def combiner_fixed(region: int, slots: int, *, causal: bool = False) -> Pattern:
+    """Combiner-Fixed's keys ``[slots; tokens]`` (see the module docstring); ``slots = ceil(N / region)``."""
+    return CombinerFixed(region, slots, causal)
+
+
+def combiner_logsparse(length: int, *, causal: bool = False) -> Pattern:
+    """Combiner-Logsparse's keys ``[slots; tokens]`` for ``length`` tokens (see the module docstring)."""
+    _check_int(length, "length", minimum=1)
+    return CombinerLogsparse(logsparse_levels(length), causal)
+
+
+def logsparse_levels(length: int) -> tuple[int, ...]:
+    """Slots per level: ``ceil(length / 2^l)`` for ``l = 0 ..`` until a block of ``2^(l+1)`` covers it all."""
+    counts, size = [], 1
+    while True:
+        counts.append(-(-length // size))
+        if 2 * size >= length:
+            return tuple(counts)
+        size *= 2

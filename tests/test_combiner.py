@@ -1,0 +1,153 @@
+"""Combiner equals a float64 O(N^2) reference written from the paper's equations (forward and gradients, odd
+sizes, causal and not, padding); the causal forms never see the future; one layer reaches every position."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from longattn.modules import CombinerAttention
+from longattn.modules.combiner import combiner_attention
+
+
+def _regions(kind: str, n: int, i: int, region: int, causal: bool) -> tuple[list[int], list[list[int]]]:
+    """Query i's direct keys and its regions (lists of positions), straight from the paper's definitions."""
+    if kind == "fixed":
+        own = i // region
+        direct = [j for j in range(own * region, min((own + 1) * region, n)) if not causal or j <= i]
+        blocks = range(own) if causal else [r for r in range(-(-n // region)) if r != own]
+        return direct, [list(range(r * region, min((r + 1) * region, n))) for r in blocks]
+    # logsparse: itself, and per level the sibling of the 2^l-block holding i (earlier siblings if causal)
+    regions, size = [], 1
+    while size < n:
+        c = i // size
+        sib = c ^ 1
+        if sib * size < n and (not causal or sib < c):
+            regions.append(list(range(sib * size, min((sib + 1) * size, n))))
+        size *= 2
+    return [i], regions
+
+
+def reference(q, k, v, real, kind, region, causal):
+    """Eq. 9 of the paper, one query at a time, one head at a time, in float64."""
+    if kind == "mixture":
+        return (reference(q, k, v, real, "fixed", region, causal)
+                + reference(q, k, v, real, "logsparse", region, causal)) / 2
+    b, h, n, d = q.shape
+    region = region or math.ceil(math.sqrt(n))
+    out = torch.zeros(b, h, n, v.shape[-1], dtype=q.dtype)
+    for bi in range(b):
+        ok = real[bi]
+        for hi in range(h):
+            qq, kk, vv = q[bi, hi], k[bi, hi], v[bi, hi]
+            for i in range(n):
+                direct, regions = _regions(kind, n, i, region, causal)
+                logits, values = [], []
+                for j in direct:
+                    if ok[j]:
+                        logits.append(qq[i] @ kk[j] / math.sqrt(d))
+                        values.append(vv[j])
+                for omega in regions:
+                    omega = [j for j in omega if ok[j]]
+                    if not omega:
+                        continue
+                    k_sum = torch.stack([kk[j] for j in omega]).amax(0)
+                    q_sum = torch.stack([qq[j] for j in omega]).amax(0)
+                    w = torch.softmax(torch.stack([q_sum @ kk[j] / math.sqrt(d) for j in omega]), 0)
+                    logits.append(qq[i] @ k_sum / math.sqrt(d))
+                    values.append(sum(wj * vv[j] for wj, j in zip(w, omega)))
+                if logits:
+                    p = torch.softmax(torch.stack(logits), 0)
+                    out[bi, hi, i] = sum(pj * vj for pj, vj in zip(p, values))
+    return out
+
+
+CASES = [(kind, causal) for kind in ("fixed", "logsparse", "mixture") for causal in (False, True)]
+
+
+@pytest.mark.parametrize("kind, causal", CASES)
+def test_combiner_equals_the_paper(kind, causal):
+    torch.manual_seed(0)
+    b, h, n, d = 2, 2, 37, 40
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    real = torch.ones(b, n, dtype=torch.bool)
+    real[1, 30:] = False  # padding: example 1's last 7 keys
+    out = combiner_attention(q, k, v, kind=kind, region=6, causal=causal, key_padding_mask=real)
+    ref = reference(q, k, v, real, kind, 6, causal)
+    torch.testing.assert_close(out[0], ref[0], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out[1, :, :30], ref[1, :, :30], atol=1e-10, rtol=1e-10)  # real rows
+
+
+@pytest.mark.parametrize("kind, causal", [("fixed", True), ("logsparse", False), ("mixture", True)])
+def test_combiner_gradients_equal_the_paper(kind, causal):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 23, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    real = torch.ones(1, 23, dtype=torch.bool)
+    weights = torch.randn(1, 2, 23, 8, dtype=torch.float64)
+    grads = []
+    for fn in (lambda: combiner_attention(q, k, v, kind=kind, causal=causal),
+               lambda: reference(q, k, v, real, kind, None, causal)):
+        (fn() * weights).sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("n", [97, 1025])
+@pytest.mark.parametrize("kind", ["fixed", "logsparse"])
+def test_backends_agree_at_odd_sizes(n, kind):
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 2, n, 40) for _ in range(3))
+    real = torch.arange(n)[None] < n - 5
+    outs = [combiner_attention(q, k, v, kind=kind, causal=True, key_padding_mask=real, backend=backend)
+            for backend in ("dense", "blocked")]
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["fixed", "logsparse", "mixture"])
+def test_the_causal_forms_never_see_the_future(kind):
+    torch.manual_seed(3)
+    layer = CombinerAttention(16, 2, kind=kind, region=5, causal=True).double().eval()
+    x = torch.randn(1, 41, 16, dtype=torch.float64)
+    base = layer(x)
+    for j in (0, 7, 20, 40):
+        moved = x.clone()
+        moved[0, j] += 1.0
+        diff = (layer(moved) - base).abs().amax(-1)[0]
+        assert (diff[:j] == 0).all(), f"{kind}: position {j} reached an earlier output"
+        assert diff[j] > 0
+
+
+@pytest.mark.parametrize("kind", ["fixed", "logsparse", "mixture"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_layer_reaches_every_position(kind, causal):
+    """Every output depends on every input it may see (all of them; the past when causal): the Jacobian has
+    no zero block between two regions, unlike the fixed pattern's own block alone."""
+    torch.manual_seed(4)
+    n = 24
+    layer = CombinerAttention(8, 2, kind=kind, region=4, causal=causal).double()
+    x = torch.randn(1, n, 8, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda t: layer(t)[0], x)[:, :, 0]  # (N, C, N, C)
+    reach = jac.abs().sum((1, 3)) > 0  # output i depends on input j
+    expected = torch.tril(torch.ones(n, n, dtype=torch.bool)) if causal else torch.ones(n, n, dtype=torch.bool)
+    assert torch.equal(reach, expected)
+    # the fixed pattern it is built on (each block alone) reaches only the query's own block
+    from longattn.modules import SparseSelfAttention
+    from longattn.patterns.sparse_transformer import SameBlock
+
+    local = SparseSelfAttention(8, 2, pattern=SameBlock(4)).double()
+    jac = torch.autograd.functional.jacobian(lambda t: local(t)[0], x)[:, :, 0]
+    assert (jac.abs().sum((1, 3)) > 0).sum() == n * 4
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="kind must be one of fixed, logsparse, mixture"):
+        CombinerAttention(16, 2, kind="axial-typo")
+    with pytest.raises(ValueError, match="region must be a positive int"):
+        combiner_attention(*(torch.randn(1, 1, 5, 4) for _ in range(3)), region=0)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, N, C=16\)"):
+        CombinerAttention(16, 2)(torch.randn(2, 5, 8))
