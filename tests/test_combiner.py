@@ -19,6 +19,12 @@ def _regions(kind: str, n: int, i: int, region: int, causal: bool) -> tuple[list
         direct = [j for j in range(own * region, min((own + 1) * region, n)) if not causal or j <= i]
         blocks = range(own) if causal else [r for r in range(-(-n // region)) if r != own]
         return direct, [list(range(r * region, min((r + 1) * region, n))) for r in blocks]
+    if kind == "axial":  # rows of `region`: the own row directly; every column above (and below) the row
+        row, rows = i // region, -(-n // region)
+        direct = [j for j in range(row * region, min((row + 1) * region, n)) if not causal or j <= i]
+        spans = [range(row)] if causal else [range(row), range(row + 1, rows)]
+        regions = [[r * region + c for r in span if r * region + c < n] for span in spans for c in range(region)]
+        return direct, [omega for omega in regions if omega]
     # logsparse: itself, and per level the sibling of the 2^l-block holding i (earlier siblings if causal)
     regions, size = [], 1
     while size < n:
@@ -64,7 +70,7 @@ def reference(q, k, v, real, kind, region, causal):
     return out
 
 
-CASES = [(kind, causal) for kind in ("fixed", "logsparse", "mixture") for causal in (False, True)]
+CASES = [(kind, causal) for kind in ("fixed", "logsparse", "axial", "mixture") for causal in (False, True)]
 
 
 @pytest.mark.parametrize("kind, causal", CASES)
@@ -80,7 +86,8 @@ def test_combiner_equals_the_paper(kind, causal):
     torch.testing.assert_close(out[1, :, :30], ref[1, :, :30], atol=1e-10, rtol=1e-10)  # real rows
 
 
-@pytest.mark.parametrize("kind, causal", [("fixed", True), ("logsparse", False), ("mixture", True)])
+@pytest.mark.parametrize("kind, causal", [("fixed", True), ("logsparse", False), ("axial", False),
+                                          ("axial", True), ("mixture", True)])
 def test_combiner_gradients_equal_the_paper(kind, causal):
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 2, 23, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -98,7 +105,7 @@ def test_combiner_gradients_equal_the_paper(kind, causal):
 
 
 @pytest.mark.parametrize("n", [97, 1025])
-@pytest.mark.parametrize("kind", ["fixed", "logsparse"])
+@pytest.mark.parametrize("kind", ["fixed", "logsparse", "axial"])
 def test_backends_agree_at_odd_sizes(n, kind):
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 2, n, 40) for _ in range(3))
@@ -108,7 +115,7 @@ def test_backends_agree_at_odd_sizes(n, kind):
     torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ["fixed", "logsparse", "mixture"])
+@pytest.mark.parametrize("kind", ["fixed", "logsparse", "axial", "mixture"])
 def test_the_causal_forms_never_see_the_future(kind):
     torch.manual_seed(3)
     layer = CombinerAttention(16, 2, kind=kind, region=5, causal=True).double().eval()
@@ -122,7 +129,7 @@ def test_the_causal_forms_never_see_the_future(kind):
         assert diff[j] > 0
 
 
-@pytest.mark.parametrize("kind", ["fixed", "logsparse", "mixture"])
+@pytest.mark.parametrize("kind", ["fixed", "logsparse", "axial", "mixture"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_one_layer_reaches_every_position(kind, causal):
     """Every output depends on every input it may see (all of them; the past when causal): the Jacobian has
@@ -145,7 +152,7 @@ def test_one_layer_reaches_every_position(kind, causal):
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="kind must be one of fixed, logsparse, mixture"):
+    with pytest.raises(ValueError, match="kind must be one of fixed, logsparse, axial, mixture"):
         CombinerAttention(16, 2, kind="axial-typo")
     with pytest.raises(ValueError, match="region must be a positive int"):
         combiner_attention(*(torch.randn(1, 1, 5, 4) for _ in range(3)), region=0)

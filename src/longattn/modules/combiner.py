@@ -21,6 +21,11 @@ backend, dtype and device; training on CPU) plus the summaries, computed by ``at
   ``2^l``-block (causal: the earlier siblings only, the reference's tiling ``[12,13), [8,12), [0,8)`` for
   ``i = 13``). ``O(N log N)``. The bidirectional form (the mirrored future siblings) is ours: the paper's
   appendix defining it was not available.
+- ``"axial"``: the tokens as rows of ``region`` (default ``ceil(sqrt(N))``; an image's width): each query
+  attends its own row directly (causal: up to itself) and, for every column, the abstraction of the
+  column's part above its row (and below it, bidirectional). ``O(N sqrt N)``. The paper's vertical plan
+  keeps the query's own column above it direct; here it enters through its abstraction like every other
+  column, so that each product stays block-sparse (a direct column would be a strided read).
 - ``"mixture"``: the average of the fixed and logsparse attentions (the paper's
   ``A = (1/M) sum_m A(x_i; omega_m)``, M = 2).
 
@@ -35,9 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import attention
-from ..patterns.combiner import combiner_fixed, combiner_logsparse, logsparse_levels
+from ..patterns import causal as causal_pattern
+from ..patterns.combiner import combiner_axial, combiner_fixed, combiner_logsparse, logsparse_levels
 
-KINDS = ("fixed", "logsparse", "mixture")
+KINDS = ("fixed", "logsparse", "axial", "mixture")
 
 
 def _summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, size: int, *, dropout_p: float,
@@ -62,6 +68,53 @@ def _summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, size: int, *, drop
     v_sum = attention(q_sum.transpose(1, 2).reshape(b * t, h, 1, d), fold(k), fold(v),
                       key_padding_mask=real.reshape(b * t, size), dropout_p=dropout_p, backend=backend)
     return k_sum, v_sum.view(b, t, h, -1).transpose(1, 2), live
+
+
+def _column_prefixes(q: Tensor, k: Tensor, v: Tensor, real: Tensor, *, dropout_p: float,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """For columns folded into the batch (``(B', H, R, D)``, ``real: (B', R)``): the abstraction of each
+    column's rows *before* row p, for every p (row 0: none). The pooled query of rows ``< p`` is the running
+    max, so the values are one causal attention of the running-max queries along the column."""
+    keep = real[:, None, :, None]
+    live = real.cummax(1).values  # rows <= p hold a real token
+
+    def run(x: Tensor) -> Tensor:  # element-wise max over the real rows <= p; 0 before the first
+        return x.masked_fill(~keep, float("-inf")).cummax(2).values.masked_fill(~live[:, None, :, None], 0.0)
+
+    k_run, q_run = run(k), run(q)
+    v_run = attention(q_run, k, v, pattern=causal_pattern(), key_padding_mask=real, dropout_p=dropout_p,
+                      backend=backend)
+    shift = lambda x: nn.functional.pad(x, (0, 0, 1, 0))[:, :, :-1]  # noqa: E731  rows <= p-1 -> slot p
+    return shift(k_run), shift(v_run), nn.functional.pad(live, (1, 0))[:, :-1]
+
+
+def _axial_summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, width: int, causal: bool, *,
+                     dropout_p: float, backend: str) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Above-row (and, bidirectional, below-row) abstractions of every column, in the slot order of
+    ``combiner_axial``: ``[(keys (B, H, R W, D), values, live (B, R W)), ...]``."""
+    b, h, n, _ = k.shape
+    rows = -(-n // width)
+    pad = rows * width - n
+
+    def columns(x: Tensor) -> Tensor:  # (B, H, N, D) -> (B W, H, R, D)
+        x = nn.functional.pad(x, (0, 0, 0, pad)).view(b, h, rows, width, -1)
+        return x.permute(0, 3, 1, 2, 4).reshape(b * width, h, rows, x.shape[-1])
+
+    def slots(x: Tensor) -> Tensor:  # (B W, H, R, D) -> (B, H, R W, D)
+        return x.view(b, width, h, rows, -1).permute(0, 2, 3, 1, 4).reshape(b, h, rows * width, x.shape[-1])
+
+    cols = [columns(x) for x in (q, k, v)]
+    real_cols = nn.functional.pad(real, (0, pad)).view(b, rows, width).transpose(1, 2).reshape(b * width, rows)
+    common = {"dropout_p": dropout_p, "backend": backend}
+    out = []
+    for flip in (False,) if causal else (False, True):  # below a row = above it with the rows reversed
+        turn = (lambda x: x.flip(2)) if flip else (lambda x: x)
+        ks, vs, live = _column_prefixes(*(turn(x) for x in cols), real_cols.flip(1) if flip else real_cols,
+                                        **common)
+        live = live.flip(1) if flip else live
+        out.append((slots(turn(ks)), slots(turn(vs)),
+                    live.view(b, width, rows).transpose(1, 2).reshape(b, rows * width)))
+    return out
 
 
 def _combine(q: Tensor, k: Tensor, v: Tensor, real: Tensor, pattern, parts, *, dropout_p: float,
@@ -99,6 +152,10 @@ def combiner_attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str = "fixed", 
         size = region or math.ceil(math.sqrt(n))
         parts = [_summaries(q, k, v, real, size, **common)]
         outs.append(_combine(q, k, v, real, combiner_fixed(size, -(-n // size), causal=causal), parts, **common))
+    if kind == "axial":
+        width = region or math.ceil(math.sqrt(n))
+        parts = _axial_summaries(q, k, v, real, width, causal, **common)
+        outs.append(_combine(q, k, v, real, combiner_axial(width, n, causal=causal), parts, **common))
     if kind in ("logsparse", "mixture"):
         parts = [_summaries(q, k, v, real, 2**level, **common) for level in range(len(logsparse_levels(n)))]
         outs.append(_combine(q, k, v, real, combiner_logsparse(n, causal=causal), parts, **common))
@@ -110,8 +167,9 @@ class CombinerAttention(nn.Module):
 
     Args:
         dim: model width C; heads: H (``dim`` divisible by it).
-        kind: ``"fixed"``, ``"logsparse"`` or ``"mixture"``.
-        region: tokens per region of the fixed partition (default ``ceil(sqrt(N))`` for each input).
+        kind: ``"fixed"``, ``"logsparse"``, ``"axial"`` or ``"mixture"``.
+        region: tokens per region of the fixed partition, or the row width of the axial layout (default
+            ``ceil(sqrt(N))`` for each input).
         causal: the autoregressive form (no query sees a later token, through a key or a summary).
         dropout: on attention probabilities (the summaries' too), in training.
     """

@@ -15,6 +15,10 @@ over direct keys and summaries is Combiner's factorisation.
   directly and, at every level, the *sibling* of the level-``l`` block holding it (``b = (i >> l) ^ 1``): the
   siblings over all levels partition every position but ``i``. Causal: only siblings before ``i`` (the
   reference's past tiling: ``i = 13`` reads ``[12, 13)``, ``[8, 12)``, ``[0, 8)``).
+- ``combiner_axial(width, rows)``: the tokens as rows of ``width``; slot ``p * width + c`` summarises column
+  ``c`` above row ``p`` and (bidirectional) slot ``rows * width + p * width + c`` column ``c`` below row ``p``.
+  Query ``i`` attends its own row directly (causal: up to ``i``) and the ``width`` (or ``2 width``) slots of
+  its row.
 """
 
 from __future__ import annotations
@@ -119,6 +123,62 @@ class CombinerLogsparse(Pattern):
             out = out | ((k_lo <= hi) & (k_hi >= lo) & (k_lo < start + count) & (k_hi >= start))
             start += count
         return out
+
+
+@pattern_dataclass
+class CombinerAxial(Pattern):
+    width: int  # tokens per row
+    rows: int  # rows of the layout, ceil(N / width)
+    causal: bool = False
+    _name_format = "combiner_axial_{width}_{rows}_{causal}"
+
+    def __post_init__(self):
+        _check_int(self.width, "width", minimum=1)
+        _check_int(self.rows, "rows", minimum=1)
+
+    @property
+    def slots(self) -> int:
+        return self.rows * self.width * (1 if self.causal else 2)
+
+    def validate(self, geo: Geometry) -> None:
+        _check_keys(geo, self.slots, "combiner_axial")
+
+    def _row_of_slot(self, j: Tensor) -> Tensor:
+        """The query row a slot serves (above-slots, then below-slots, both row-major over (row, column))."""
+        return torch.div(j % (self.rows * self.width), self.width, rounding_mode="floor")
+
+    def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
+        s, w = self.slots, self.width
+
+        def allowed(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+            row = torch.div(i - s, w, rounding_mode="floor")
+            token = (j >= s) & (torch.div(j - s, w, rounding_mode="floor") == row)
+            if self.causal:
+                token = token & (j <= i)
+            return token | ((j < s) & (self._row_of_slot(j) == row))
+
+        return allowed
+
+    def _candidates(self, geo: Geometry, block: int, device: torch.device) -> Tensor:
+        q_lo, q_hi, k_lo, k_hi = block_ranges(geo, block, device)
+        s, w = self.slots, self.width
+        row = lambda t: torch.div(t - s, w, rounding_mode="floor")  # noqa: E731  token position -> row
+        token = (k_hi >= s) & (row(k_hi) >= row(q_lo)) & (row(k_lo.clamp(min=s)) <= row(q_hi))
+        if self.causal:
+            token = token & (k_lo <= q_hi)
+        half = self.rows * w  # slot rows of one half: [lo, hi] of the slots' rows in the key block
+        slot = torch.zeros_like(token)
+        for start in range(0, s, half):
+            lo = torch.div(k_lo.clamp(min=start) - start, w, rounding_mode="floor")
+            hi = torch.div(k_hi.clamp(max=start + half - 1) - start, w, rounding_mode="floor")
+            slot = slot | ((k_lo < start + half) & (k_hi >= start) & (hi >= row(q_lo)) & (lo <= row(q_hi)))
+        return token | slot
+
+
+def combiner_axial(width: int, length: int, *, causal: bool = False) -> Pattern:
+    """Combiner-Axial's keys ``[slots; tokens]`` for ``length`` tokens in rows of ``width``."""
+    _check_int(length, "length", minimum=1)
+    return CombinerAxial(width, -(-length // width), causal)
 
 
 def combiner_fixed(region: int, slots: int, *, causal: bool = False) -> Pattern:
