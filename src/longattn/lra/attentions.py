@@ -10,10 +10,17 @@ name or pattern expression (``"causal(sliding_window(64))"``) works too.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from ..models.encoder import CombinerMixer, FITMixer
 from ..patterns import PRESETS, Pattern, as_pattern
 
-#: the variants of the LRA paper, each a preset of the same name
-ATTENTIONS: tuple[str, ...] = ("full", "local", "longformer", "bigbird", "strided", "fixed")
+#: variants that are no pattern: Combiner attention in every block, or FIT's groups and latents
+MIXERS: dict[str, CombinerMixer | FITMixer] = {
+    **{f"combiner-{kind}": CombinerMixer(kind) for kind in ("fixed", "logsparse", "axial", "mixture")},
+    "fit": FITMixer()}
+#: the variants of the LRA paper, each a preset of the same name, then Combiner and FIT
+ATTENTIONS: tuple[str, ...] = ("full", "local", "longformer", "bigbird", "strided", "fixed", *MIXERS)
 ALIASES = {"transformer": "full", "sparse_transformer": "strided", "sparse-transformer": "strided"}
 #: LRA's settings over the presets' defaults: Longformer with a global CLS token, as LRA ran it
 LRA_SETTINGS: dict[str, dict] = {"longformer": {"global_cls": True}}
@@ -21,17 +28,19 @@ LRA_SETTINGS: dict[str, dict] = {"longformer": {"global_cls": True}}
 
 def check_attention(name: str) -> None:
     """The ``ValueError`` that ``build_attention`` would raise for ``name``, before any data is generated."""
-    if ALIASES.get(name, name) not in PRESETS:
+    if ALIASES.get(name, name) not in PRESETS and ALIASES.get(name, name) not in MIXERS:
         build_attention(name, 1)  # an expression does not depend on the length
 
 
-def build_attention(name: str, n: int, settings: dict | None = None) -> Pattern | None:
+def build_attention(name: str, n: int, settings: dict | None = None) -> Pattern | CombinerMixer | FITMixer | None:
     """The pattern of variant ``name`` for attention length ``n`` (None = full attention).
 
     ``name`` is one of ``ATTENTIONS`` (or an alias), or any preset of ``longattn.patterns.PRESETS``, with
     optional ``settings`` for its keywords; or a pattern expression for ``longattn.parse_pattern``.
     """
     key = ALIASES.get(name, name)
+    if key in MIXERS:  # settings: region for Combiner; group_size, latents for FIT
+        return replace(MIXERS[key], **(settings or {}))
     if key in PRESETS:
         return as_pattern(key, n, **{**LRA_SETTINGS.get(key, {}), **(settings or {})})
     if "(" not in name:

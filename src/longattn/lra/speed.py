@@ -25,6 +25,7 @@ from ..functional import explain
 from .attentions import build_attention
 from .configs import ModelShape
 from ..models import EncoderConfig, SparseEncoderClassifier
+from ..patterns import Pattern
 from ..training.progress import progress_bar
 
 LENGTHS = (1024, 2048, 3072, 4096)
@@ -51,6 +52,8 @@ class SpeedRow:
 def _backend(model: SparseEncoderClassifier, batch: int, device: torch.device) -> str:
     """The backend ``auto`` picks inside the model's attention (a label for the table)."""
     cfg = model.cfg
+    if model.pattern is not None and not isinstance(model.pattern, Pattern):
+        return f"{model.pattern.name}: auto per call"  # Combiner or FIT: several attention calls
     q = torch.empty(batch, cfg.heads, cfg.seq_len, (cfg.qkv_dim or cfg.dim) // cfg.heads, device=device)
     return explain(q, q, q, pattern=model.pattern).backend
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import EncoderConfig, SparseEncoderClassifier
+from ..patterns import Pattern
 from ..training.distributed import World, init_world
 from ..training.run import machine, majority_rate, optimizer_step, sharded_accuracy, warmup_cosine
 from ..training.setup import RunSpec, start
@@ -53,7 +54,7 @@ def build_model(cfg: LRAConfig, attention: str, task: Task, max_len: int, *, dev
                         dropout=shape.dropout, attn_dropout=shape.attn_dropout, pooling=task.pooling,
                         pair=task.pair, learned_positions=shape.learned_positions)
     pattern = build_attention(attention, enc.seq_len, cfg.attention_settings.get(key))
-    need = (pattern.head_period if pattern is not None else None) or 1
+    need = (pattern.head_period if isinstance(pattern, Pattern) else None) or 1
     if shape.heads % need:
         raise ValueError(f"attention {attention!r} alternates over {need} heads; the model has {shape.heads} "
                          f"(set model_overrides[{key!r}]['heads'] to a multiple of {need})")

@@ -18,14 +18,47 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..modules import SparseSelfAttention
+from ..modules import Block, CombinerAttention
 from ..patterns import Pattern
 from ..patterns import documents as documents_pattern
 from .config_fields import check_fields
+from .fit import FIT, FITConfig
 from ..patterns.documents import PAD
 from . import packing
 
 POOLINGS = ("cls", "mean")
+
+
+@dataclass(frozen=True)
+class CombinerMixer:
+    """Every block attends with ``CombinerAttention(kind, region)`` instead of a pattern."""
+
+    kind: str = "fixed"
+    region: int | None = None  # default ceil(sqrt(N)): the fixed blocks' size, or the axial rows' width
+    shift_invariant = False  # regions sit on absolute positions: documents cannot be packed
+
+    @property
+    def name(self) -> str:
+        return f"combiner-{self.kind}"
+
+
+@dataclass(frozen=True)
+class FITMixer:
+    """FIT's groups, latents and interleaved local/global layers instead of the stack of blocks: the
+    encoder's ``depth`` local layers split around one run of global layers, ``(ceil(d/2))max(1, d//2)(d//2)``."""
+
+    group_size: int | None = None  # default FIT's cost optimum (2 L m^2)^(1/3), a multiple of 8
+    latents: int = 4  # m, latent tokens per group
+    shift_invariant = False  # groups sit on absolute positions
+    name = "fit"
+
+    def group(self, length: int) -> int:
+        return self.group_size or max(8, round((2 * length * self.latents**2) ** (1 / 3) / 8) * 8)
+
+    @staticmethod
+    def schedule(depth: int) -> str:
+        first = -(-depth // 2)
+        return f"({first}){max(1, depth // 2)}({depth - first})"
 
 
 @dataclass(frozen=True)
@@ -67,28 +100,6 @@ def sinusoids(length: int, dim: int) -> Tensor:
     return table.float()
 
 
-class Block(nn.Module):
-    """Pre-LayerNorm Transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))`` (LRA's encoder block, and
-    FIT's local and global layers)."""
-
-    def __init__(self, dim: int, heads: int, ffn_dim: int, *, pattern: Pattern | None = None,
-                 qkv_dim: int | None = None, dropout: float = 0.0, attn_dropout: float = 0.0, backend: str = "auto",
-                 device=None, dtype=None):
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.norm1 = nn.LayerNorm(dim, **factory)
-        self.attn = SparseSelfAttention(dim, heads, pattern=pattern, qkv_dim=qkv_dim, dropout=attn_dropout,
-                                        backend=backend, **factory)
-        self.norm2 = nn.LayerNorm(dim, **factory)
-        self.mlp = nn.Sequential(nn.Linear(dim, ffn_dim, **factory), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(ffn_dim, dim, **factory))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None, documents: Pattern | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), key_padding_mask=key_padding_mask, documents=documents))
-        return x + self.drop(self.mlp(self.norm2(x)))
-
-
 class SparseEncoderClassifier(nn.Module):
     """LRA's encoder classifier over ``tokens: (B, N)`` with attention restricted to ``pattern``.
 
@@ -114,9 +125,24 @@ class SparseEncoderClassifier(nn.Module):
         else:
             self.register_buffer("positions", sinusoids(cfg.seq_len, cfg.dim).to(**factory), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
+        self.fit = None
+        if isinstance(pattern, FITMixer):
+            self.fit = FIT(FITConfig(dim=cfg.dim, heads=cfg.heads, group_size=pattern.group(cfg.seq_len),
+                                     latents=pattern.latents, max_len=cfg.seq_len,
+                                     schedule=pattern.schedule(cfg.depth), ffn_dim=cfg.ffn_dim,
+                                     dropout=cfg.dropout, attn_dropout=cfg.attn_dropout), backend=backend, **factory)
+
+        def attn() -> nn.Module | None:
+            if not isinstance(pattern, CombinerMixer):
+                return None
+            return CombinerAttention(cfg.dim, cfg.heads, kind=pattern.kind, region=pattern.region,
+                                     qkv_dim=cfg.qkv_dim, dropout=cfg.attn_dropout, backend=backend, **factory)
+
+        plain = pattern if isinstance(pattern, Pattern) else None
         self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.heads, cfg.ffn_dim, pattern=pattern, qkv_dim=cfg.qkv_dim, dropout=cfg.dropout,
-                  attn_dropout=cfg.attn_dropout, backend=backend, **factory) for _ in range(cfg.depth))
+            Block(cfg.dim, cfg.heads, cfg.ffn_dim, pattern=plain, qkv_dim=cfg.qkv_dim, dropout=cfg.dropout,
+                  attn_dropout=cfg.attn_dropout, backend=backend, attn=attn(), **factory)
+            for _ in range(0 if self.fit is not None else cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, **factory)
         features = 4 * cfg.dim if cfg.pair else cfg.dim
         self.head = nn.Sequential(nn.Linear(features, cfg.ffn_dim, **factory), nn.ReLU(),
@@ -153,6 +179,8 @@ class SparseEncoderClassifier(nn.Module):
             real = torch.cat([real.new_ones(b, 1), real], dim=1)
         x = self.drop(x + self.positions[: x.shape[1]])
         mask = None if bool(real.all()) else real
+        if self.fit is not None:
+            x = self.fit(x, key_padding_mask=mask).last_hidden_state
         for block in self.blocks:
             x = block(x, mask)
         x = self.norm(x)

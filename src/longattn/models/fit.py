@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..modules import Block
 from ..modules.cross_attention import CrossAttention
 from ..patterns import Pattern, causal
 from ..patterns.sparse_transformer import SameBlock
 from .config_fields import check_fields
-from .encoder import Block
 
 
 def parse_schedule(text: str) -> list[tuple[int, int]]:

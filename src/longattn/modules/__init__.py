@@ -7,7 +7,8 @@ from .global_local_attention import (QKV, EtcStructure, GlobalLocalAttention, Gl
                                      RelativeTable, etc_structure, global_local_attention)
 from .relative import RelativeAttention, RelativePositions, rel_shift
 from .sparse_self_attention import SparseSelfAttention
+from .transformer_block import Block
 
-__all__ = ["QKV", "BottleneckAttention2d", "CombinerAttention", "CrossAttention", "EtcStructure", "GlobalLocalAttention", "GlobalLocalOutput",
-           "GlobalLocalSpec", "RelativeAttention", "RelativePositions", "RelativeTable", "SparseSelfAttention",
+__all__ = ["QKV", "Block", "BottleneckAttention2d", "CombinerAttention", "CrossAttention", "EtcStructure",
+           "GlobalLocalAttention", "GlobalLocalOutput", "GlobalLocalSpec", "RelativeAttention", "RelativePositions", "RelativeTable", "SparseSelfAttention",
            "combiner_attention", "etc_structure", "global_local_attention", "rel_shift"]

@@ -166,7 +166,7 @@ class CombinerAttention(nn.Module):
     """Multi-head Combiner self-attention over ``x: (B, N, C)`` (see the module docstring).
 
     Args:
-        dim: model width C; heads: H (``dim`` divisible by it).
+        dim: model width C; heads: H (``qkv_dim``, default ``dim``, divisible by it).
         kind: ``"fixed"``, ``"logsparse"``, ``"axial"`` or ``"mixture"``.
         region: tokens per region of the fixed partition, or the row width of the axial layout (default
             ``ceil(sqrt(N))`` for each input).
@@ -175,21 +175,22 @@ class CombinerAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, *, kind: str = "fixed", region: int | None = None,
-                 causal: bool = False, qkv_bias: bool = True, dropout: float = 0.0, backend: str = "auto",
-                 device=None, dtype=None):
+                 causal: bool = False, qkv_dim: int | None = None, qkv_bias: bool = True, dropout: float = 0.0,
+                 backend: str = "auto", device=None, dtype=None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         for name, value in (("dim", dim), ("heads", heads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if dim % heads:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        inner = qkv_dim or dim
+        if inner % heads:
+            raise ValueError(f"{'qkv_dim' if qkv_dim else 'dim'} ({inner}) must be divisible by heads ({heads})")
         factory = {"device": device, "dtype": dtype}
-        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.dim, self.heads, self.head_dim, self.inner = dim, heads, inner // heads, inner
         self.kind, self.region, self.causal, self.dropout, self.backend = kind, region, causal, dropout, backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
-        self.proj = nn.Linear(dim, dim, **factory)
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias, **factory)
+        self.proj = nn.Linear(inner, dim, **factory)
 
     def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
@@ -199,7 +200,7 @@ class CombinerAttention(nn.Module):
         out = combiner_attention(q, k, v, kind=self.kind, region=self.region, causal=self.causal,
                                  key_padding_mask=key_padding_mask,
                                  dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
-        return self.proj(out.transpose(1, 2).reshape(b, n, self.dim))
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.inner))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, kind={self.kind!r}, region={self.region}, "
