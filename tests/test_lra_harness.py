@@ -253,3 +253,46 @@ def test_quick_suite_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     suite.run_suite(tmp_path, quick=True, tasks=["listops"], attentions=["full", "strided"], speed=False, jobs=1,
                     progress=False, log=logs.append)
     assert not any("generating" in line for line in logs) and len(logs) == 2  # both runs reused
+
+
+# --- Combiner and FIT as LRA variants ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["combiner-fixed", "combiner-logsparse", "combiner-axial", "combiner-mixture",
+                                  "fit"])
+def test_combiner_and_fit_variants_train_and_ignore_padding(name):
+    from longattn.models import CombinerMixer, FITMixer
+
+    mixer = build_attention(name, 65)
+    assert isinstance(mixer, CombinerMixer if name.startswith("combiner") else FITMixer)
+    torch.manual_seed(0)
+    cfg = EncoderConfig(vocab_size=20, num_classes=3, max_len=64, dim=16, depth=2, heads=2, ffn_dim=32,
+                        dropout=0.0, attn_dropout=0.0, pooling="cls")
+    model = SparseEncoderClassifier(cfg, mixer).double()
+    tokens = torch.randint(1, 20, (2, 64))
+    logits = model(tokens, torch.tensor([64, 40]))
+    logits.sum().backward()
+    unused = {"fit.norm_latents.weight", "fit.norm_latents.bias"}  # FIT's latent output: no classifier reads it
+    assert all(p.grad is not None for n, p in model.named_parameters() if n not in unused)
+    alone = model(tokens[1:, :40], torch.tensor([40]))
+    torch.testing.assert_close(logits[1:], alone, atol=1e-10, rtol=1e-10)  # padding never reaches a real row
+    with pytest.raises(ValueError, match="depends on absolute positions"):
+        model.encode_documents([tokens[0, :10], tokens[1, :12]])
+
+
+def test_variant_settings_reach_the_mixer():
+    assert build_attention("combiner-axial", 1024, {"region": 32}).region == 32
+    fit = build_attention("fit", 2048, {"group_size": 16, "latents": 2})
+    assert (fit.group(2048), fit.latents) == (16, 2)
+    assert build_attention("fit", 2048).group(2048) == 40  # (2 L m^2)^(1/3) = 40.3 for L = 2048, m = 4
+    assert {"combiner-fixed", "combiner-axial", "fit"} <= set(ATTENTIONS)
+
+
+def test_layer_cost_builds_every_layer_and_fits_slopes():
+    from longattn.tools.layer_cost import LAYERS, LayerRow, build_layer, layer_table, run, slope
+
+    for name in LAYERS:
+        out = run(build_layer(name, 50, dim=16, heads=2), torch.randn(1, 50, 16))
+        assert out.shape == (1, 50, 16)
+    rows = [LayerRow("full", n, "fwd", 1e-3 * n**2, None) for n in (256, 512, 1024)]
+    assert slope(rows, "full", "fwd") == pytest.approx(2.0)
+    assert "| full | 65.5 | 262.1 | 1048.6 | 2.00 | N^2 |" in layer_table(rows)

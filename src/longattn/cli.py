@@ -44,6 +44,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         bench_hf.run(args.hf, args.lengths or [4096], depth=args.depth, dim=args.dim, heads=args.heads,
                      repeats=args.repeats, out_dir=Path(args.out) if args.out else None)
         return 0
+    if args.layer_cost:
+        from .io import write_json
+        from .tools.layer_cost import layer_table, measure_layers
+
+        rows = measure_layers(args.layer_cost, args.lengths or [1024, 2048, 4096, 8192],
+                              heads=args.heads if args.heads != 12 else 4,
+                              min_run_time=args.min_run_time or 1.0, progress=not args.no_progress)
+        table = layer_table(rows)
+        print(table)
+        if args.out:
+            write_json(Path(args.out) / "layer_cost.json", [r.row() for r in rows])
+            print(f"wrote {Path(args.out) / 'layer_cost.json'}")
+        return 0
     if args.under_load:
         from .tools.contention import load_table, under_load
 
@@ -148,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     shape, as the config fields), ``--model`` for one registry name and ``--models`` for several, and
     ``--no-progress`` wherever a progress bar is drawn."""
     from .tools.bench import BENCH_PATTERNS, DEFAULT_PATTERNS, DTYPES, MODES, PATHS, QUICK, BenchConfig
+    from .tools.layer_cost import LAYERS
 
     parser = Parser(prog="longattn", description="Sparse attention for long inputs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dim", type=positive_int, default=768, help="--hf: model width (heads from --heads)")
     _renamed(b, "--hidden", "dim", type=positive_int)
     b.add_argument("--repeats", type=positive_int, default=3, help="--hf: timed forwards per model")
+    b.add_argument("--layer-cost", nargs="+", choices=list(LAYERS), metavar="LAYER", default=None,
+                   help=f"instead: one Transformer layer (width 256, 4 heads unless --heads) of each of "
+                        f"{listed(LAYERS)}, fwd and fwd+bwd, with the log-log slope of time against N "
+                        f"(default lengths 1024 2048 4096 8192)")
     b.add_argument("--under-load", action="store_true", help="instead: blocked and SDPA forwards idle, then beside "
                    "one busy process per core (default patterns longformer_512 bigbird_64, length 4096)")
     b.set_defaults(func=_cmd_bench)

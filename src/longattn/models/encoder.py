@@ -34,7 +34,7 @@ class CombinerMixer:
     """Every block attends with ``CombinerAttention(kind, region)`` instead of a pattern."""
 
     kind: str = "fixed"
-    region: int | None = None  # default ceil(sqrt(N)): the fixed blocks' size, or the axial rows' width
+    region: int | None = None  # fixed blocks' size or axial rows' width; default ceil(sqrt(seq_len))
     shift_invariant = False  # regions sit on absolute positions: documents cannot be packed
 
     @property
@@ -135,7 +135,9 @@ class SparseEncoderClassifier(nn.Module):
         def attn() -> nn.Module | None:
             if not isinstance(pattern, CombinerMixer):
                 return None
-            return CombinerAttention(cfg.dim, cfg.heads, kind=pattern.kind, region=pattern.region,
+            # one partition for every batch: the regions of the longest input, whatever a batch is padded to
+            region = pattern.region or math.ceil(math.sqrt(cfg.seq_len))
+            return CombinerAttention(cfg.dim, cfg.heads, kind=pattern.kind, region=region,
                                      qkv_dim=cfg.qkv_dim, dropout=cfg.attn_dropout, backend=backend, **factory)
 
         plain = pattern if isinstance(pattern, Pattern) else None

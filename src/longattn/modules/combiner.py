@@ -91,7 +91,7 @@ def _column_prefixes(q: Tensor, k: Tensor, v: Tensor, real: Tensor, *, dropout_p
 def _axial_summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, width: int, causal: bool, *,
                      dropout_p: float, backend: str) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Above-row (and, bidirectional, below-row) abstractions of every column, in the slot order of
-    ``combiner_axial``: ``[(keys (B, H, R W, D), values, live (B, R W)), ...]``."""
+    ``combiner_axial`` (each row's slots together): ``[(keys (B, H, S, D), values (B, H, S, Dv), live (B, S))]``."""
     b, h, n, _ = k.shape
     rows = -(-n // width)
     pad = rows * width - n
@@ -100,8 +100,8 @@ def _axial_summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, width: int, 
         x = nn.functional.pad(x, (0, 0, 0, pad)).view(b, h, rows, width, -1)
         return x.permute(0, 3, 1, 2, 4).reshape(b * width, h, rows, x.shape[-1])
 
-    def slots(x: Tensor) -> Tensor:  # (B W, H, R, D) -> (B, H, R W, D)
-        return x.view(b, width, h, rows, -1).permute(0, 2, 3, 1, 4).reshape(b, h, rows * width, x.shape[-1])
+    def slots(x: Tensor) -> Tensor:  # (B W, H, R, D) -> (B, H, R, W, D)
+        return x.view(b, width, h, rows, -1).permute(0, 2, 3, 1, 4)
 
     cols = [columns(x) for x in (q, k, v)]
     real_cols = nn.functional.pad(real, (0, pad)).view(b, rows, width).transpose(1, 2).reshape(b * width, rows)
@@ -112,9 +112,12 @@ def _axial_summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, width: int, 
         ks, vs, live = _column_prefixes(*(turn(x) for x in cols), real_cols.flip(1) if flip else real_cols,
                                         **common)
         live = live.flip(1) if flip else live
-        out.append((slots(turn(ks)), slots(turn(vs)),
-                    live.view(b, width, rows).transpose(1, 2).reshape(b, rows * width)))
-    return out
+        out.append((slots(turn(ks)), slots(turn(vs)), live.view(b, width, rows).transpose(1, 2)))
+    # interleave the halves row by row: row p's slots are [above (W); below (W)]
+    k_s, v_s, live_s = (torch.stack(parts, dim=-3 if i < 2 else -2) for i, parts in enumerate(zip(*out)))
+    halves = len(out)
+    return [(k_s.reshape(b, h, rows * halves * width, -1), v_s.reshape(b, h, rows * halves * width, -1),
+             live_s.reshape(b, rows * halves * width))]
 
 
 def _combine(q: Tensor, k: Tensor, v: Tensor, real: Tensor, pattern, parts, *, dropout_p: float,

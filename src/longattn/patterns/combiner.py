@@ -15,10 +15,10 @@ over direct keys and summaries is Combiner's factorisation.
   directly and, at every level, the *sibling* of the level-``l`` block holding it (``b = (i >> l) ^ 1``): the
   siblings over all levels partition every position but ``i``. Causal: only siblings before ``i`` (the
   reference's past tiling: ``i = 13`` reads ``[12, 13)``, ``[8, 12)``, ``[0, 8)``).
-- ``combiner_axial(width, rows)``: the tokens as rows of ``width``; slot ``p * width + c`` summarises column
-  ``c`` above row ``p`` and (bidirectional) slot ``rows * width + p * width + c`` column ``c`` below row ``p``.
-  Query ``i`` attends its own row directly (causal: up to ``i``) and the ``width`` (or ``2 width``) slots of
-  its row.
+- ``combiner_axial(width, rows)``: the tokens as rows of ``width``; row ``p``'s slots are contiguous: slot
+  ``p * width + c`` summarises column ``c`` above row ``p`` (causal), or slots ``2 p width + c`` and
+  ``2 p width + width + c`` column ``c`` above and below row ``p`` (bidirectional). Query ``i`` attends its own
+  row directly (causal: up to ``i``) and its row's ``width`` (or ``2 width``) slots.
 """
 
 from __future__ import annotations
@@ -144,8 +144,8 @@ class CombinerAxial(Pattern):
         _check_keys(geo, self.slots, "combiner_axial")
 
     def _row_of_slot(self, j: Tensor) -> Tensor:
-        """The query row a slot serves (above-slots, then below-slots, both row-major over (row, column))."""
-        return torch.div(j % (self.rows * self.width), self.width, rounding_mode="floor")
+        """The query row a slot serves (each row's slots contiguous: above, then below when bidirectional)."""
+        return torch.div(j, self.width * (1 if self.causal else 2), rounding_mode="floor")
 
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
         s, w = self.slots, self.width
@@ -166,13 +166,8 @@ class CombinerAxial(Pattern):
         token = (k_hi >= s) & (row(k_hi) >= row(q_lo)) & (row(k_lo.clamp(min=s)) <= row(q_hi))
         if self.causal:
             token = token & (k_lo <= q_hi)
-        half = self.rows * w  # slot rows of one half: [lo, hi] of the slots' rows in the key block
-        slot = torch.zeros_like(token)
-        for start in range(0, s, half):
-            lo = torch.div(k_lo.clamp(min=start) - start, w, rounding_mode="floor")
-            hi = torch.div(k_hi.clamp(max=start + half - 1) - start, w, rounding_mode="floor")
-            slot = slot | ((k_lo < start + half) & (k_hi >= start) & (hi >= row(q_lo)) & (lo <= row(q_hi)))
-        return token | slot
+        lo, hi = self._row_of_slot(k_lo), self._row_of_slot(k_hi.clamp(max=s - 1))  # rows served by the block
+        return token | ((k_lo < s) & (hi >= row(q_lo)) & (lo <= row(q_hi)))
 
 
 def combiner_axial(width: int, length: int, *, causal: bool = False) -> Pattern:
