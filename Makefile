@@ -19,7 +19,7 @@ venv: $(STAMP)
 # This machine's calibration first (once per machine: ~15 s, and ~40 s to compile the fused tile step), then
 # the quick Long Range Arena suite (generated ListOps + Pathfinder, every attention variant, speed/memory
 # table: results/lra/report.md and .html), then the quick legal benchmark on the ScanCode LicenseDB (retrieval
-# and classification, every system: results/longdoc/quick/report.md and .html). Under 12 minutes on 2 cores.
+# and classification, every system: results/longdoc/quick/report.md and .html). 12-15 minutes on 2 cores.
 demo: $(STAMP)
 	$(VENV)/bin/longattn calibrate --no-progress
 	$(VENV)/bin/longattn lra suite --quick --out results/lra

@@ -250,9 +250,10 @@ def test_quick_suite_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     assert "| strided |" in md and "vanilla" in md and "Quick suite" in md
     assert (tmp_path / "runs/listops/strided/result.json").exists() and (tmp_path / "data/listops-quick").is_dir()
     logs.clear()
-    suite.run_suite(tmp_path, quick=True, tasks=["listops"], attentions=["full", "strided"], speed=False, jobs=1,
-                    progress=False, log=logs.append)
+    suite.run_suite(tmp_path, quick=True, tasks=["listops"], attentions=["full", "strided", "combiner-axial"],
+                    speed=False, jobs=1, progress=False, log=logs.append)
     assert not any("generating" in line for line in logs) and len(logs) == 2  # both runs reused
+    assert not (tmp_path / "runs/listops/combiner-axial").exists()  # rows of an image: not run on ListOps
 
 
 # --- Combiner and FIT as LRA variants ---------------------------------------------------------------------------

@@ -19,6 +19,15 @@ from ..patterns import PRESETS, Pattern, as_pattern
 MIXERS: dict[str, CombinerMixer | FITMixer] = {
     **{f"combiner-{kind}": CombinerMixer(kind) for kind in ("fixed", "logsparse", "axial", "mixture")},
     "fit": FITMixer()}
+#: variants meant for inputs that are images (rows of pixels); the suite runs them on those tasks only
+IMAGE_ONLY = frozenset({"combiner-axial"})
+
+
+def suits(attention: str, task: str) -> bool:
+    """Whether the suite runs ``attention`` on ``task``: image-only variants need an image-shaped task."""
+    return attention not in IMAGE_ONLY or task.startswith(("pathfinder", "image", "pathx"))
+
+
 #: the variants of the LRA paper, each a preset of the same name, then Combiner and FIT
 ATTENTIONS: tuple[str, ...] = ("full", "local", "longformer", "bigbird", "strided", "fixed", *MIXERS)
 ALIASES = {"transformer": "full", "sparse_transformer": "strided", "sparse-transformer": "strided"}

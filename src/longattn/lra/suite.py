@@ -19,7 +19,7 @@ from ..io import write_json
 from ..training.progress import progress_bar
 from ..training.run import finished_result
 from . import speed as speed_mod
-from .attentions import check_attention
+from .attentions import check_attention, suits
 from .configs import LRAConfig, get_config, scaled
 from .report import ATTENTION_ORDER, write_report
 from .tasks import MissingDataError
@@ -120,6 +120,8 @@ def run_suite(out: Path | str, *, quick: bool = False, data_dir: Path | str | No
         if task.can_generate:
             generated.append(name)
         for attention in attentions:
+            if not suits(attention, name):  # combiner-axial: rows of an image, not of a token sequence
+                continue
             run_dir = out / "runs" / name / attention
             result = _finished(run_dir, cfg, attention)
             if result is None:
