@@ -11,6 +11,7 @@ import torch
 from torch.nn.attention.flex_attention import create_mask
 
 import longattn as la
+from longattn.patterns.combiner import combiner_axial, combiner_fixed, combiner_logsparse
 from longattn.patterns import Geometry, get_plan
 from longattn.patterns._base import Snapshot
 from longattn.patterns.sparse_transformer import SameBlock, StrideColumns, SummaryColumns
@@ -188,6 +189,7 @@ IDENTITY_SAMPLES = [
     StrideColumns(4), SameBlock(8), SummaryColumns(16, 3), la.window_2d(1, 2, 4),
     la.sliding_window(1) | la.global_tokens([0]), la.sliding_window(2) & la.dilated(8, 2),
     la.per_head([la.causal(), la.sliding_window(1)], name="two_heads"), la.documents([3, 4]),
+    combiner_fixed(4, 3), combiner_logsparse(13, causal=True), combiner_axial(4, 13),
 ]
 
 
@@ -245,7 +247,8 @@ def test_equal_parameters_give_equal_identity(pattern):
     for p in (twin, again):
         assert p is not pattern and p == pattern and p.key == pattern.key and hash(p) == hash(pattern)
         assert p.name == pattern.name and repr(p) == pattern.name
-        assert torch.equal(p.dense(8, num_heads=2, batch_size=2), pattern.dense(8, num_heads=2, batch_size=2))
+        kv = 8 + getattr(pattern, "slots", 0)  # Combiner's keys: [summary slots; the 8 tokens]
+        assert torch.equal(p.dense(8, kv, num_heads=2, batch_size=2), pattern.dense(8, kv, num_heads=2, batch_size=2))
     hash(pattern.key)
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(pattern, dataclasses.fields(pattern)[0].name if dataclasses.fields(pattern) else "x", 1)

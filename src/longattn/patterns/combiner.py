@@ -10,7 +10,7 @@ over direct keys and summaries is Combiner's factorisation.
 - ``combiner_fixed(region, slots)``: regions are the fixed blocks ``[r * region, (r + 1) * region)``; slot
   ``r`` summarises block ``r``. Query ``i`` attends the tokens of its own block directly and every other
   block's slot (causal: its own block up to ``i``, and the slots of blocks wholly before it).
-- ``combiner_logsparse(slots_per_level)``: regions are the dyadic blocks of every level ``l``
+- ``combiner_logsparse(length)``: regions are the dyadic blocks of every level ``l``
   (``[b 2^l, (b + 1) 2^l)``, level ``l``'s slots after those of the levels below). Query ``i`` attends itself
   directly and, at every level, the *sibling* of the level-``l`` block holding it (``b = (i >> l) ^ 1``): the
   siblings over all levels partition every position but ``i``. Causal: only siblings before ``i`` (the
@@ -77,14 +77,16 @@ class CombinerFixed(Pattern):
 
 @pattern_dataclass
 class CombinerLogsparse(Pattern):
-    slots_per_level: tuple[int, ...]  # level l holds ceil(N / 2^l) slots; levels until one block covers N
+    length: int  # N, the tokens: level l holds ceil(N / 2^l) slots, levels until one block covers N
     causal: bool = False
-    _name_format = "combiner_logsparse_{causal}"
+    _name_format = "combiner_logsparse_{length}_{causal}"
 
     def __post_init__(self):
-        object.__setattr__(self, "slots_per_level", tuple(self.slots_per_level))
-        for count in self.slots_per_level:
-            _check_int(count, "slots_per_level", minimum=1)
+        _check_int(self.length, "length", minimum=1)
+
+    @property
+    def slots_per_level(self) -> tuple[int, ...]:
+        return logsparse_levels(self.length)
 
     @property
     def slots(self) -> int:
@@ -183,8 +185,7 @@ def combiner_fixed(region: int, slots: int, *, causal: bool = False) -> Pattern:
 
 def combiner_logsparse(length: int, *, causal: bool = False) -> Pattern:
     """Combiner-Logsparse's keys ``[slots; tokens]`` for ``length`` tokens (see the module docstring)."""
-    _check_int(length, "length", minimum=1)
-    return CombinerLogsparse(logsparse_levels(length), causal)
+    return CombinerLogsparse(length, causal)
 
 
 def logsparse_levels(length: int) -> tuple[int, ...]:
