@@ -35,6 +35,21 @@ def _check_keys(geo: Geometry, slots: int, name: str) -> None:
                          f"Nk={geo.kv_len} for Nq={geo.q_len}")
 
 
+def _same_chunk(i: Tensor, j: Tensor, slots: int, size: int, causal: bool) -> Tensor:
+    """Token key ``j`` lies in query ``i``'s chunk of ``size`` tokens (both after the ``slots`` summaries)."""
+    chunk = lambda t: torch.div(t - slots, size, rounding_mode="floor")  # noqa: E731
+    token = (j >= slots) & (chunk(j) == chunk(i))
+    return token & (j <= i) if causal else token
+
+
+def _same_chunk_blocks(q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor, slots: int, size: int,
+                       causal: bool) -> Tensor:
+    """``_same_chunk`` at block level: the key blocks that may hold a token of a query's chunk."""
+    chunk = lambda t: torch.div(t - slots, size, rounding_mode="floor")  # noqa: E731
+    token = (k_hi >= slots) & (chunk(k_hi) >= chunk(q_lo)) & (chunk(k_lo.clamp(min=slots)) <= chunk(q_hi))
+    return token & (k_lo <= q_hi) if causal else token
+
+
 @pattern_dataclass
 class CombinerFixed(Pattern):
     region: int  # tokens per region (the fixed block size)
@@ -54,22 +69,17 @@ class CombinerFixed(Pattern):
 
         def allowed(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
             own = torch.div(i - s, region, rounding_mode="floor")
-            token = (j >= s) & (torch.div(j - s, region, rounding_mode="floor") == own)
             slot = (j < s) & ((j < own) if self.causal else (j != own))
-            if self.causal:
-                token = token & (j <= i)
-            return token | slot
+            return _same_chunk(i, j, s, region, self.causal) | slot
 
         return allowed
 
     def _candidates(self, geo: Geometry, block: int, device: torch.device) -> Tensor:
         q_lo, q_hi, k_lo, k_hi = block_ranges(geo, block, device)
         s, region = self.slots, self.region
-        fl = lambda t: torch.div(t - s, region, rounding_mode="floor")  # noqa: E731  token position -> region
-        token = (k_hi >= s) & (fl(k_hi) >= fl(q_lo)) & (fl(k_lo.clamp(min=s)) <= fl(q_hi))
-        if self.causal:
-            token = token & (k_lo <= q_hi)
-            slot = (k_lo < s) & (k_lo < fl(q_hi))  # some slot before some query's region
+        token = _same_chunk_blocks(q_lo, q_hi, k_lo, k_hi, s, region, self.causal)
+        if self.causal:  # some slot before some query's region
+            slot = (k_lo < s) & (k_lo < torch.div(q_hi - s, region, rounding_mode="floor"))
         else:  # every slot but the queries' own (the plan drops a block that holds only that one)
             slot = k_lo < s
         return token | slot
@@ -154,10 +164,7 @@ class CombinerAxial(Pattern):
 
         def allowed(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
             row = torch.div(i - s, w, rounding_mode="floor")
-            token = (j >= s) & (torch.div(j - s, w, rounding_mode="floor") == row)
-            if self.causal:
-                token = token & (j <= i)
-            return token | ((j < s) & (self._row_of_slot(j) == row))
+            return _same_chunk(i, j, s, w, self.causal) | ((j < s) & (self._row_of_slot(j) == row))
 
         return allowed
 
@@ -165,9 +172,7 @@ class CombinerAxial(Pattern):
         q_lo, q_hi, k_lo, k_hi = block_ranges(geo, block, device)
         s, w = self.slots, self.width
         row = lambda t: torch.div(t - s, w, rounding_mode="floor")  # noqa: E731  token position -> row
-        token = (k_hi >= s) & (row(k_hi) >= row(q_lo)) & (row(k_lo.clamp(min=s)) <= row(q_hi))
-        if self.causal:
-            token = token & (k_lo <= q_hi)
+        token = _same_chunk_blocks(q_lo, q_hi, k_lo, k_hi, s, w, self.causal)
         lo, hi = self._row_of_slot(k_lo), self._row_of_slot(k_hi.clamp(max=s - 1))  # rows served by the block
         return token | ((k_lo < s) & (hi >= row(q_lo)) & (lo <= row(q_hi)))
 
