@@ -158,3 +158,23 @@ def test_bad_arguments_are_named():
         combiner_attention(*(torch.randn(1, 1, 5, 4) for _ in range(3)), region=0)
     with pytest.raises(ValueError, match=r"x must have shape \(B, N, C=16\)"):
         CombinerAttention(16, 2)(torch.randn(2, 5, 8))
+
+
+@pytest.mark.parametrize("kind, causal", [("fixed", False), ("logsparse", True), ("mixture", False)])
+def test_whole_blocks_without_padding_equal_the_paper(kind, causal):
+    """N = 32 with regions of 8: every block whole and real, the summaries' no-copy path."""
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 32, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    real = torch.ones(2, 32, dtype=torch.bool)
+    weights = torch.randn(2, 2, 32, 8, dtype=torch.float64)
+    results = []
+    for fn in (lambda: combiner_attention(q, k, v, kind=kind, region=8, causal=causal),
+               lambda: reference(q, k, v, real, kind, 8, causal)):
+        out = fn()
+        (out * weights).sum().backward()
+        results.append((out.detach(), [t.grad.clone() for t in (q, k, v)]))
+        for t in (q, k, v):
+            t.grad = None
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-10, rtol=1e-10)
+    for ours, ref in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)

@@ -53,6 +53,14 @@ def _summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, size: int, *, drop
     b, h, n, d = k.shape
     t = -(-n // size)
     pad = t * size - n
+    if pad == 0 and bool(real.all()):
+        # Every block whole and real: pool and attend on views of the inputs, no copies (each level of
+        # logsparse would otherwise keep its own copies of q, k and v for the backward pass).
+        blocks = lambda x: x.reshape(b, h * t, size, x.shape[-1])  # noqa: E731  the blocks as extra heads
+        k_sum, q_sum = blocks(k).amax(2), blocks(q).amax(2)  # (B, H T, D)
+        v_sum = attention(q_sum.unsqueeze(2), blocks(k), blocks(v), dropout_p=dropout_p, backend=backend)
+        shape = lambda x: x.reshape(b, h, t, x.shape[-1])  # noqa: E731
+        return shape(k_sum), shape(v_sum), real.new_ones(b, t)
     q, k, v = (nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
     real = nn.functional.pad(real, (0, pad)).view(b, t, size)
     live = real.any(-1)
@@ -63,7 +71,8 @@ def _summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, size: int, *, drop
         return pooled.masked_fill(~live[:, None, :, None], 0.0)
 
     k_sum, q_sum = pool(k), pool(q)
-    # one query per block (its pooled query) over the block's keys: fold the blocks into the batch
+    # one query per block (its pooled query) over the block's keys: fold the blocks into the batch, where
+    # each block can have its own key padding
     fold = lambda x: x.view(b, h, t, size, -1).transpose(1, 2).reshape(b * t, h, size, x.shape[-1])  # noqa: E731
     v_sum = attention(q_sum.transpose(1, 2).reshape(b * t, h, 1, d), fold(k), fold(v),
                       key_padding_mask=real.reshape(b * t, size), dropout_p=dropout_p, backend=backend)
