@@ -70,6 +70,25 @@ def reference(q, k, v, real, kind, region, causal):
     return out
 
 
+def _same_outputs_and_gradients(n: int, region: int | None, kind: str, causal: bool, seed: int) -> None:
+    """``combiner_attention`` and the reference on random (2, 2, n, 8) inputs: outputs and the gradients of a
+    random weighting of them, to 1e-10."""
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(2, 2, n, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    real = torch.ones(2, n, dtype=torch.bool)
+    weights = torch.randn(2, 2, n, 8, dtype=torch.float64)
+    results = []
+    for fn in (lambda: combiner_attention(q, k, v, kind=kind, region=region, causal=causal),
+               lambda: reference(q, k, v, real, kind, region, causal)):
+        out = fn()
+        (out * weights).sum().backward()
+        results.append([out.detach()] + [t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
+
+
 CASES = [(kind, causal) for kind in ("fixed", "logsparse", "axial", "mixture") for causal in (False, True)]
 
 
@@ -89,19 +108,7 @@ def test_combiner_equals_the_paper(kind, causal):
 @pytest.mark.parametrize("kind, causal", [("fixed", True), ("logsparse", False), ("axial", False),
                                           ("axial", True), ("mixture", True)])
 def test_combiner_gradients_equal_the_paper(kind, causal):
-    torch.manual_seed(1)
-    q, k, v = (torch.randn(1, 2, 23, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    real = torch.ones(1, 23, dtype=torch.bool)
-    weights = torch.randn(1, 2, 23, 8, dtype=torch.float64)
-    grads = []
-    for fn in (lambda: combiner_attention(q, k, v, kind=kind, causal=causal),
-               lambda: reference(q, k, v, real, kind, None, causal)):
-        (fn() * weights).sum().backward()
-        grads.append([t.grad.clone() for t in (q, k, v)])
-        for t in (q, k, v):
-            t.grad = None
-    for ours, ref in zip(*grads):
-        torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
+    _same_outputs_and_gradients(23, None, kind, causal, seed=1)
 
 
 @pytest.mark.parametrize("n", [97, 1025])
@@ -163,18 +170,4 @@ def test_bad_arguments_are_named():
 @pytest.mark.parametrize("kind, causal", [("fixed", False), ("logsparse", True), ("mixture", False)])
 def test_whole_blocks_without_padding_equal_the_paper(kind, causal):
     """N = 32 with regions of 8: every block whole and real, the summaries' no-copy path."""
-    torch.manual_seed(5)
-    q, k, v = (torch.randn(2, 2, 32, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    real = torch.ones(2, 32, dtype=torch.bool)
-    weights = torch.randn(2, 2, 32, 8, dtype=torch.float64)
-    results = []
-    for fn in (lambda: combiner_attention(q, k, v, kind=kind, region=8, causal=causal),
-               lambda: reference(q, k, v, real, kind, 8, causal)):
-        out = fn()
-        (out * weights).sum().backward()
-        results.append((out.detach(), [t.grad.clone() for t in (q, k, v)]))
-        for t in (q, k, v):
-            t.grad = None
-    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-10, rtol=1e-10)
-    for ours, ref in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
+    _same_outputs_and_gradients(32, 8, kind, causal, seed=5)
