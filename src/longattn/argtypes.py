@@ -11,13 +11,22 @@ import argparse
 import math
 
 
-class Number:
+class _Type:
+    """A flag's value type; argparse names it by ``__name__`` in its own messages."""
+
+    __name__ = "value"
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+
+class Number(_Type):
     """An int or float flag within ``[low, high]`` (``low_open``: ``low`` itself refused); finite always."""
 
     def __init__(self, kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
                  name: str | None = None, why: str = "", bad: tuple[str, ...] = ()) -> None:
         self.kind, self.low, self.high, self.low_open, self.why = kind, low, high, low_open, why
-        self.__name__ = name or kind.__name__  # argparse names the type in its own messages
+        self.__name__ = name or kind.__name__
         self.bad = ("x", "1e400" if kind is float else "1.5") + bad
 
     def __call__(self, text: str):
@@ -40,9 +49,6 @@ class Number:
             what = f"{what} {'>' if self.low_open else '>='} {self.low:g}"
         return f"{what} ({self.why})" if self.why else what
 
-    def __repr__(self) -> str:
-        return self.__name__
-
 
 positive_int = Number(int, 1, name="positive int", bad=("0", "-1"))
 nonnegative_int = Number(int, 0, name="non-negative int", bad=("-1",))
@@ -58,7 +64,7 @@ def at_least(low: int, why: str) -> Number:
     return Number(int, low, name=f"int >= {low}", why=why, bad=(str(low - 1),))
 
 
-class Device:
+class Device(_Type):
     """A torch device string that names a device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
 
     __name__ = "device"
@@ -83,14 +89,11 @@ class Device:
             raise argparse.ArgumentTypeError(f"expected cpu, cuda[:N], mps or xpu, got {text!r}")
         return text
 
-    def __repr__(self) -> str:
-        return self.__name__
-
 
 device = Device()
 
 
-class ExistingPath:
+class ExistingPath(_Type):
     """A path that must exist already (an input: a run, a checkpoint, a data folder)."""
 
     def __init__(self, what: str, *, folder: bool | None = None) -> None:
@@ -109,9 +112,6 @@ class ExistingPath:
         if self.folder is False and path.is_dir():
             raise argparse.ArgumentTypeError(f"{self.what} {text!r} is a folder, expected a file")
         return text
-
-    def __repr__(self) -> str:
-        return self.__name__
 
 
 TYPES = (Number, Device, ExistingPath)  # what a numeric or input flag's ``type`` must be (tests check it)

@@ -49,7 +49,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from .tools.layer_cost import layer_table, measure_layers
 
         rows = measure_layers(args.layer_cost, args.lengths or [1024, 2048, 4096, 8192],
-                              heads=args.heads if args.heads != 12 else 4,
+                              head_dim=args.head_dim,
                               min_run_time=args.min_run_time or 1.0, progress=not args.no_progress)
         table = layer_table(rows)
         print(table)
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _renamed(b, "--hidden", "dim", type=positive_int)
     b.add_argument("--repeats", type=positive_int, default=3, help="--hf: timed forwards per model")
     b.add_argument("--layer-cost", nargs="+", choices=list(LAYERS), metavar="LAYER", default=None,
-                   help=f"instead: one Transformer layer (width 256, 4 heads unless --heads) of each of "
+                   help=f"instead: one Transformer layer (width 256, heads of --head-dim: 4 of 64) of each of "
                         f"{listed(LAYERS)}, fwd and fwd+bwd, with the log-log slope of time against N "
                         f"(default lengths 1024 2048 4096 8192)")
     b.add_argument("--under-load", action="store_true", help="instead: blocked and SDPA forwards idle, then beside "

@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..models.encoder import CombinerMixer, FITMixer
+from ..modules.combiner import KINDS as COMBINER_KINDS
 from ..patterns import PRESETS, Pattern, as_pattern
 
 #: variants that are no pattern: Combiner attention in every block, or FIT's groups and latents
 MIXERS: dict[str, CombinerMixer | FITMixer] = {
-    **{f"combiner-{kind}": CombinerMixer(kind) for kind in ("fixed", "logsparse", "axial", "mixture")},
+    **{f"combiner-{kind}": CombinerMixer(kind) for kind in COMBINER_KINDS},
     "fit": FITMixer()}
 #: variants meant for inputs that are images (rows of pixels); the suite runs them on those tasks only
 IMAGE_ONLY = frozenset({"combiner-axial"})

@@ -46,6 +46,11 @@ from ..patterns.combiner import combiner_axial, combiner_fixed, combiner_logspar
 KINDS = ("fixed", "logsparse", "axial", "mixture")
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
 def _summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, size: int, *, dropout_p: float,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Abstractions of the blocks ``[r size, (r + 1) size)``: keys ``(B, H, T, D)``, values ``(B, H, T, Dv)``
@@ -146,8 +151,7 @@ def combiner_attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str = "fixed", 
 
     ``kind`` and ``region`` as in the module docstring; ``key_padding_mask: (B, N)`` True for real tokens.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    _check_kind(kind)
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k, v must have shapes (B, H, N, D), (B, H, N, D), (B, H, N, Dv); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -190,8 +194,7 @@ class CombinerAttention(nn.Module):
                  causal: bool = False, qkv_dim: int | None = None, qkv_bias: bool = True, dropout: float = 0.0,
                  backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        _check_kind(kind)
         for name, value in (("dim", dim), ("heads", heads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

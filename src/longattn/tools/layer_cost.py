@@ -25,11 +25,12 @@ from ..io import markdown_table
 from ..models.encoder import FITMixer
 from ..models.fit import FIT, FITConfig
 from ..modules import Block, CombinerAttention
+from ..modules.combiner import KINDS as COMBINER_KINDS
 from ..patterns.sparse_transformer import SameBlock
 from ..training.progress import progress_bar
 from .measure import median_ms, peak_mb
 
-LAYERS = ("full", "fixed", "combiner-fixed", "combiner-logsparse", "combiner-axial", "combiner-mixture", "fit")
+LAYERS = ("full", "fixed", *(f"combiner-{kind}" for kind in COMBINER_KINDS), "fit")
 
 
 @dataclass
@@ -59,9 +60,12 @@ def build_layer(name: str, length: int, *, dim: int, heads: int) -> torch.nn.Mod
     return Block(dim, heads, ffn, pattern=pattern)
 
 
-def measure_layers(layers: list[str], lengths: list[int], *, dim: int = 256, heads: int = 4, batch: int = 1,
+def measure_layers(layers: list[str], lengths: list[int], *, dim: int = 256, head_dim: int = 64, batch: int = 1,
                    min_run_time: float = 1.0, progress: bool = True) -> list[LayerRow]:
-    """Time and peak memory of every (layer, length, mode) on the CPU, fp32."""
+    """Time and peak memory of every (layer, length, mode) on the CPU, fp32; ``dim / head_dim`` heads."""
+    if dim % head_dim:
+        raise ValueError(f"head_dim ({head_dim}) must divide the layers' width {dim}")
+    heads = dim // head_dim
     device = torch.device("cpu")
     jobs = [(name, n, mode) for n in lengths for name in layers for mode in ("fwd", "fwd+bwd")]
     bar = progress_bar(progress, total=len(jobs), desc="layers", unit="run", leave=False)

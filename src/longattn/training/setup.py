@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..argtypes import device, positive_int
 from ..io import remove_leftover_temps
 from .distributed import World, barrier, wrap
 from .progress import progress_bar
@@ -48,8 +49,6 @@ def add_run_arguments(parser, *, stop_after: bool = True) -> None:
     """The flags of how a run executes, the same on every training command (``lra run``, ``lm train``, ``vision
     train``): ``--device``, ``--strategy``, ``--no-resume``, ``--stop-after`` and ``--no-progress``. None of
     them enters a run's identity, so a run may resume on another device or after ``--stop-after``."""
-    from ..argtypes import device, positive_int
-
     parser.add_argument("--device", type=device, default="cpu", help="torch device")
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="data parallelism under torchrun")
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
