@@ -23,13 +23,12 @@ import torch
 from torch import Tensor
 
 from ..io import markdown_table, write_text
-from ..models.xl import TransformerXL
 from ..training.run import finished_result, optimizer_step, write_result
 from ..training.setup import MODEL_DIR, RESULT
 from ..tools.viz import pyplot, save_figure
 from .corpus import Corpus, load_corpus, num_segments, segment, streams, unigram_bits_per_byte
 from .evaluate import evaluate
-from .train import LMRunConfig, load_lm, preset, train_lm
+from .train import LMRunConfig, build_lm, load_lm, preset, train_lm
 
 DEFAULT_PATTERNS = ("full", "window", "strided", "fixed", "bigbird")
 EVALUATIONS = "evaluations.json"
@@ -74,7 +73,7 @@ def paired_step_seconds(configs: dict[str, LMRunConfig], corpus: Corpus, *, repe
     runs = {}  # name -> (model, optimizer, training streams)
     for name, cfg in configs.items():
         torch.manual_seed(0)
-        model = TransformerXL(cfg.model).train()
+        model = build_lm(cfg.model).train()
         runs[name] = model, torch.optim.AdamW(model.parameters(), lr=cfg.train.lr), streams(corpus.train,
                                                                                               cfg.train.batch_size)
     memory = dict.fromkeys(configs)

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..models.xl import TransformerXL, XLConfig
+from ..models.fit_lm import FITLM
+from ..models.hf_checkpoint import read_config
+from ..models.xl import FIT_LM, TransformerXL, XLConfig
 from ..training import checkpoint
 from ..training.distributed import World, init_world
 from ..training.run import machine, optimizer_step, warmup_cosine
@@ -72,6 +74,16 @@ def preset(name: str, *, model: dict | None = None, train: dict | None = None, c
                        TrainConfig(**{**base["train"], **(train or {})}), corpus)
 
 
+def lm_class(cfg: XLConfig) -> type[nn.Module]:
+    """``FITLM`` for ``pattern="fit"``, else ``TransformerXL`` (every pattern and Combiner kind)."""
+    return FITLM if cfg.pattern == FIT_LM else TransformerXL
+
+
+def build_lm(cfg: XLConfig, **kwargs) -> nn.Module:
+    """The LM a config stands for, freshly initialised (``kwargs``: backend, device, dtype)."""
+    return lm_class(cfg)(cfg, **kwargs)
+
+
 def learning_rate(t: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to zero at ``t.steps`` (the paper's schedule)."""
     return warmup_cosine(t.lr, step, t.warmup, t.steps)
@@ -113,7 +125,7 @@ def train_lm(cfg: LMRunConfig, *, out_dir: Path | str, corpus: Corpus | None = N
                    differs="config, corpus or process count", seed=t.seed, batch_size=t.batch_size, steps=t.steps,
                    optimizer=dict(lr=t.lr, weight_decay=t.weight_decay), label="lm train", strategy=strategy,
                    progress=progress, resume=resume)
-    trainer = start(spec, world, lambda dev: TransformerXL(mcfg, device=dev))
+    trainer = start(spec, world, lambda dev: build_lm(mcfg, device=dev))
     model, net, run = trainer.model, trainer.net, trainer.run
     memory = None  # this process's streams' memory, carried from step to step
     if trainer.state is not None and trainer.state["memory"] is not None:
@@ -155,16 +167,16 @@ def train_lm(cfg: LMRunConfig, *, out_dir: Path | str, corpus: Corpus | None = N
     }, save_model=True)
 
 
-def load_lm(path: Path | str, *, device: str = "cpu") -> TransformerXL:
+def load_lm(path: Path | str, *, device: str = "cpu") -> nn.Module:
     """A trained LM from a run directory (its ``model/`` or, mid-run, its checkpoint) or a model directory."""
     path = Path(path)
-    if (path / "config.json").exists():
-        return TransformerXL.from_pretrained(path, device=device)
-    if (path / MODEL_DIR / "config.json").exists():
-        return TransformerXL.from_pretrained(path / MODEL_DIR, device=device)
+    for folder in (path, path / MODEL_DIR):
+        if (folder / "config.json").exists():
+            cls = FITLM if read_config(folder).get("model_type") == FITLM.MODEL_TYPE else TransformerXL
+            return cls.from_pretrained(folder, device=device)
     if (path / CHECKPOINT).exists():
         state = checkpoint.load(path / CHECKPOINT)
-        model = TransformerXL(LMRunConfig.from_dict(state["identity"]["config"]).model, device=device)
+        model = build_lm(LMRunConfig.from_dict(state["identity"]["config"]).model, device=device)
         model.load_state_dict(state["model"])
         return model.eval()
     raise FileNotFoundError(f"{path}: no config.json, {MODEL_DIR}/ or {CHECKPOINT} (not a model or LM run directory)")

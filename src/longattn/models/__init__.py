@@ -6,11 +6,12 @@ from .botnet import BotNet, BotNetConfig, FeatureMaps
 from .encoder import CombinerMixer, EncoderConfig, FITMixer, SparseEncoderClassifier
 from .etc import EtcConfig, EtcModel, EtcOutput, EtcStructure, etc_structure
 from .fit import FIT, FITConfig, FITOutput
+from .fit_lm import FITLM
 from .longformer import LongformerConfig, LongformerModel
 from .paraformer import DocumentStates, ParaformerConfig, ParaformerRetriever, pad_documents
 from .xl import TransformerXL, XLConfig, XLOutput
 
-__all__ = ["FIT", "BigBirdConfig", "BigBirdModel", "BotNet", "BotNetConfig", "CombinerMixer", "DocumentStates",
+__all__ = ["FIT", "FITLM", "BigBirdConfig", "BigBirdModel", "BotNet", "BotNetConfig", "CombinerMixer", "DocumentStates",
            "EncoderConfig", "EtcConfig", "EtcModel", "EtcOutput", "EtcStructure", "FITConfig", "FITMixer", "FITOutput",
            "FeatureMaps", "LongformerConfig", "LongformerModel", "ParaformerConfig", "ParaformerRetriever",
            "SparseEncoderClassifier", "TransformerXL", "XLConfig", "XLOutput", "create_model", "default_config",

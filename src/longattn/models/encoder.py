@@ -22,7 +22,7 @@ from ..modules import Block, CombinerAttention
 from ..patterns import Pattern
 from ..patterns import documents as documents_pattern
 from .config_fields import check_fields
-from .fit import FIT, FITConfig
+from .fit import FIT, FITConfig, best_group_size, schedule_for_depth
 from ..patterns.documents import PAD
 from . import packing
 
@@ -53,12 +53,9 @@ class FITMixer:
     name = "fit"
 
     def group(self, length: int) -> int:
-        return self.group_size or max(8, round((2 * length * self.latents**2) ** (1 / 3) / 8) * 8)
+        return self.group_size or best_group_size(length, self.latents)
 
-    @staticmethod
-    def schedule(depth: int) -> str:
-        first = -(-depth // 2)
-        return f"({first}){max(1, depth // 2)}({depth - first})"
+    schedule = staticmethod(schedule_for_depth)
 
 
 @dataclass(frozen=True)

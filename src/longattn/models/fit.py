@@ -1,7 +1,8 @@
 """FIT, Far-reaching Interleaved Transformers (Chen & Li, 2023), as an encoder and as a causal decoder.
 
 The tokens ``x: (B, N, C)`` are cut into ``t = ceil(N / n)`` groups of ``n = group_size`` (the last one padded);
-each group owns ``m = latents`` latent tokens, learned per (group, slot). One FIT block, in the order of the
+each group owns ``m = latents`` latent tokens, learned per (group, slot) (or per slot, shared by every group,
+with ``shared_latents``: the byte LM's choice, so that it runs on contexts longer than it was trained on). One FIT block, in the order of the
 reference (``pix2seq``'s ``architectures/transformers.py``):
 
 1. *local* layers: pre-LN Transformer layers inside each group (block-diagonal attention; causal inside the
@@ -65,6 +66,7 @@ class FITConfig:
     dropout: float = 0.0  # on residual branches and the feed-forward hidden layer
     attn_dropout: float = 0.0  # on attention probabilities
     causal: bool = False  # the decoder: causal local layers, block-causal global layers, shifted reads
+    shared_latents: bool = False  # one learned set of latents for every group: no max_len, no absolute groups
 
     def __post_init__(self):
         check_fields(self, rates=("dropout", "attn_dropout"))
@@ -75,6 +77,18 @@ class FITConfig:
     @property
     def max_groups(self) -> int:
         return math.ceil(self.max_len / self.group_size)
+
+
+def best_group_size(length: int, latents: int) -> int:
+    """FIT's cost optimum ``n = (2 L m^2)^(1/3)`` for ``length`` tokens and ``latents`` per group, a multiple
+    of 8 (at least 8)."""
+    return max(8, round((2 * length * latents**2) ** (1 / 3) / 8) * 8)
+
+
+def schedule_for_depth(depth: int) -> str:
+    """``depth`` local layers split around one run of global layers: ``(ceil(d/2))max(1, d//2)(d//2)``."""
+    first = -(-depth // 2)
+    return f"({first}){max(1, depth // 2)}({depth - first})"
 
 
 @dataclass
@@ -127,7 +141,8 @@ class FIT(nn.Module):
         self.cfg = cfg
         factory = {"device": device, "dtype": dtype}
         schedule = parse_schedule(cfg.schedule)
-        self.latent_init = nn.Parameter(torch.empty(cfg.max_groups * cfg.latents, cfg.dim, **factory))
+        groups = 1 if cfg.shared_latents else cfg.max_groups
+        self.latent_init = nn.Parameter(torch.empty(groups * cfg.latents, cfg.dim, **factory))
         self.blocks = nn.ModuleList(FITBlock(cfg, a, g, read=i < len(schedule) - 1, backend=backend, **factory)
                                     for i, (a, g) in enumerate(schedule))
         self.norm = nn.LayerNorm(cfg.dim, **factory)
@@ -141,7 +156,7 @@ class FIT(nn.Module):
         b, length, c = x.shape
         n, m = cfg.group_size, cfg.latents
         t = max(1, math.ceil(length / n))
-        if t > cfg.max_groups:
+        if t > cfg.max_groups and not cfg.shared_latents:
             raise ValueError(f"x has {length} tokens, more than max_len ({cfg.max_len}) allows")
         if key_padding_mask is not None and key_padding_mask.shape != (b, length):
             raise ValueError(f"key_padding_mask must have shape (B, N) = ({b}, {length}), got "
@@ -152,7 +167,8 @@ class FIT(nn.Module):
         token_mask = None if bool(real.all()) else real.reshape(b * t, n)
         live = real.view(b, t, n).any(-1)  # (B, t): groups with a real token
         latent_mask = None if bool(live.all()) else live.repeat_interleave(m, dim=1)  # (B, t * m)
-        latents = self.latent_init[: t * m].unsqueeze(0).expand(b, -1, -1)  # (B, t * m, C)
+        init = self.latent_init.repeat(t, 1) if cfg.shared_latents else self.latent_init[: t * m]
+        latents = init.unsqueeze(0).expand(b, -1, -1)  # (B, t * m, C)
         for block in self.blocks:
             for layer in block.local:
                 tokens = layer(tokens, token_mask)

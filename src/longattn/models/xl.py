@@ -3,8 +3,10 @@
 Each layer keeps a memory: its inputs for the last ``mem_len`` positions, detached. A segment of ``Nq`` new
 bytes attends ``[memory; segment]`` (``Nk = M + Nq`` keys, queries bottom-right aligned) through
 ``RelativeAttention``, whose causal pattern may be any longattn pattern (full, sliding window, Sparse
-Transformer strided/fixed, causal BigBird). Relative encodings make positions independent of where the
-segment starts, so evaluation can use a longer memory than training did (the paper's claim).
+Transformer strided/fixed, causal BigBird), or causal Combiner attention (``pattern="combiner-fixed"``,
+``"combiner-logsparse"``, ``"combiner-mixture"``: every earlier position of the context reachable through
+region summaries). Relative encodings make positions independent of where the segment starts, so evaluation
+can use a longer memory than training did (the paper's claim).
 
 Running segment after segment with memory equals one pass over the concatenated segments in which a query
 of segment ``s`` sees keys from ``start(s) - mem_len`` on (``block_recurrent_mask``), and decoding one byte
@@ -15,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modules.relative import METHODS, RelativeAttention, RelativePositions
+from ..modules.relative import COMBINER_KINDS, METHODS, RelativeAttention, RelativePositions
 from ..patterns import Pattern, as_pattern, causal, sliding_window
 from . import hf_checkpoint as ckpt
 from .config_fields import check_fields
@@ -35,6 +38,26 @@ PATTERN_PRESETS: dict[str, str | None] = {
     "fixed": "fixed_32_4",  # Sparse Transformer: heads alternate own 32-block / last 4 of every block
     "bigbird": "bigbird_32",  # causal BigBird: window, global and random blocks of 32 tokens
 }
+
+
+#: ``XLConfig.pattern`` names that are not patterns: causal Combiner layers (``combiner-<kind>[-<region>]``,
+#: region default 32) and ``"fit"``, the byte LM on FIT's causal decoder (``longattn.models.FITLM``)
+COMBINER_REGION = 32
+FIT_LM = "fit"
+
+
+def combiner_spec(spec: str | None) -> tuple[str, int] | None:
+    """``"combiner-fixed"``, ``"combiner-logsparse-64"`` ... -> ``(kind, region)``; None for anything else."""
+    if not isinstance(spec, str) or not spec.startswith("combiner"):
+        return None
+    found = re.fullmatch(rf"combiner-({'|'.join(COMBINER_KINDS)})(?:-(\d+))?", spec)
+    if not found:
+        raise ValueError(f"pattern {spec!r}: the LM's Combiner layers are combiner-<kind>[-<region>] with kind one "
+                         f"of {', '.join(COMBINER_KINDS)} (axial needs a 2-D layout), e.g. combiner-fixed-64")
+    region = int(found.group(2) or COMBINER_REGION)
+    if region < 1:
+        raise ValueError(f"pattern {spec!r}: the region must be a positive number of tokens")
+    return found.group(1), region
 
 
 def resolve_pattern(spec: str | None) -> Pattern | None:
@@ -76,7 +99,8 @@ class XLConfig:
     pos_dim: int | None = None  # sinusoid width of the relative encodings, default dim (the paper's)
     dropout: float = 0.1  # on embeddings, attention output and feed-forward
     attn_dropout: float = 0.0  # on attention probabilities
-    pattern: str | None = None  # a PATTERN_PRESETS name, a preset or a pattern expression; None = full causal
+    pattern: str | None = None  # a PATTERN_PRESETS name, a preset, a pattern expression, combiner-<kind>, "fit";
+    # None = full causal
     seg_len: int = 512  # bytes per training segment (the paper's tgt_len)
     mem_len: int = 512  # memory length in training; evaluation may pass a longer one
     same_length: bool = False  # every query attends the same number (mem_len) of keys
@@ -90,7 +114,12 @@ class XLConfig:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads}), or set head_dim")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        resolve_pattern(self.pattern)  # fail here, not at the first forward
+        if self.pattern == FIT_LM or combiner_spec(self.pattern):
+            if self.same_length or self.clamp_len is not None or self.method == "shift":
+                raise ValueError(f"pattern {self.pattern!r} has no same_length, clamp_len or method='shift' (those "
+                                 "need Transformer-XL's attention over its keys; this one attends through summaries)")
+        else:
+            resolve_pattern(self.pattern)  # fail here, not at the first forward
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -116,9 +145,10 @@ class XLBlock(nn.Module):
         factory = {"device": device, "dtype": dtype}
         ffn = cfg.ffn_dim or 4 * cfg.dim
         self.norm1 = nn.LayerNorm(cfg.dim, **factory)
+        kind, region = combiner_spec(cfg.pattern) or (None, COMBINER_REGION)
         self.attn = RelativeAttention(cfg.dim, cfg.heads, head_dim=cfg.head_dim, pattern=pattern,
                                       pos_dim=cfg.pos_dim, clamp_len=cfg.clamp_len, dropout=cfg.attn_dropout,
-                                      method=cfg.method, backend=backend, **factory)
+                                      method=cfg.method, backend=backend, combiner=kind, region=region, **factory)
         self.norm2 = nn.LayerNorm(cfg.dim, **factory)
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, ffn, **factory), nn.GELU(), nn.Dropout(cfg.dropout),
                                  nn.Linear(ffn, cfg.dim, **factory))
@@ -147,7 +177,10 @@ class TransformerXL(ckpt.Pretrained, nn.Module):
         super().__init__()
         self.cfg = cfg
         factory = {"device": device, "dtype": dtype}
-        self.base_pattern = resolve_pattern(cfg.pattern)
+        if cfg.pattern == FIT_LM:
+            raise ValueError("pattern 'fit' is the FIT decoder LM: build longattn.models.FITLM (longattn.lm.build_lm "
+                             "picks the class from the config)")
+        self.base_pattern = None if combiner_spec(cfg.pattern) else resolve_pattern(cfg.pattern)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, **factory)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(XLBlock(cfg, self.base_pattern, backend=backend, **factory)

@@ -35,11 +35,13 @@ Padding: padded keys belong to no region; a region with none but padding has no 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..functional import attention
+from ..patterns import Pattern
 from ..patterns import causal as causal_pattern
 from ..patterns.combiner import combiner_axial, combiner_fixed, combiner_logsparse, logsparse_levels
 
@@ -52,12 +54,15 @@ def _check_kind(kind: str) -> None:
 
 
 def _summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, size: int, *, dropout_p: float,
-               backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Abstractions of the blocks ``[r size, (r + 1) size)``: keys ``(B, H, T, D)``, values ``(B, H, T, Dv)``
-    and which blocks hold a real token ``(B, T)``."""
+               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Abstractions of the blocks ``[r size, (r + 1) size)``: keys ``(B, H, T, D)``, values ``(B, H, T, Dv)``,
+    which blocks hold a real token ``(B, T)`` and the mean position of each block's real tokens ``(B, T)``."""
     b, h, n, d = k.shape
     t = -(-n // size)
     pad = t * size - n
+    positions = torch.arange(t * size, device=k.device, dtype=torch.float64).view(t, size)
+    if size == 1 and not dropout_p:  # a region of one token is its own abstraction (logsparse's level 0)
+        return k, v, real, positions.view(1, n).expand(b, n)
     if pad == 0 and bool(real.all()):
         # Every block whole and real: pool and attend on views of the inputs, no copies (each level of
         # logsparse would otherwise keep its own copies of q, k and v for the backward pass).
@@ -65,11 +70,12 @@ def _summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, size: int, *, drop
         k_sum, q_sum = blocks(k).amax(2), blocks(q).amax(2)  # (B, H T, D)
         v_sum = attention(q_sum.unsqueeze(2), blocks(k), blocks(v), dropout_p=dropout_p, backend=backend)
         shape = lambda x: x.reshape(b, h, t, x.shape[-1])  # noqa: E731
-        return shape(k_sum), shape(v_sum), real.new_ones(b, t)
+        return shape(k_sum), shape(v_sum), real.new_ones(b, t), positions.mean(1).expand(b, t)
     q, k, v = (nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
     real = nn.functional.pad(real, (0, pad)).view(b, t, size)
     live = real.any(-1)
     keep = real[:, None, :, :, None]  # (B, 1, T, size, 1)
+    centres = (positions * real).sum(-1) / real.sum(-1).clamp(min=1)
 
     def pool(x: Tensor) -> Tensor:  # element-wise max over each block's real rows; 0 for a block with none
         pooled = x.view(b, h, t, size, -1).masked_fill(~keep, float("-inf")).amax(3)
@@ -81,7 +87,7 @@ def _summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, size: int, *, drop
     fold = lambda x: x.view(b, h, t, size, -1).transpose(1, 2).reshape(b * t, h, size, x.shape[-1])  # noqa: E731
     v_sum = attention(q_sum.transpose(1, 2).reshape(b * t, h, 1, d), fold(k), fold(v),
                       key_padding_mask=real.reshape(b * t, size), dropout_p=dropout_p, backend=backend)
-    return k_sum, v_sum.view(b, t, h, -1).transpose(1, 2), live
+    return k_sum, v_sum.view(b, t, h, -1).transpose(1, 2), live, centres
 
 
 def _column_prefixes(q: Tensor, k: Tensor, v: Tensor, real: Tensor, *, dropout_p: float,
@@ -103,9 +109,9 @@ def _column_prefixes(q: Tensor, k: Tensor, v: Tensor, real: Tensor, *, dropout_p
 
 
 def _axial_summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, width: int, causal: bool, *,
-                     dropout_p: float, backend: str) -> list[tuple[Tensor, Tensor, Tensor]]:
+                     dropout_p: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Above-row (and, bidirectional, below-row) abstractions of every column, in the slot order of
-    ``combiner_axial`` (each row's slots together): ``[(keys (B, H, S, D), values (B, H, S, Dv), live (B, S))]``."""
+    ``combiner_axial`` (each row's slots together): keys ``(B, H, S, D)``, values ``(B, H, S, Dv)``, live ``(B, S)``."""
     b, h, n, _ = k.shape
     rows = -(-n // width)
     pad = rows * width - n
@@ -130,18 +136,76 @@ def _axial_summaries(q: Tensor, k: Tensor, v: Tensor, real: Tensor, width: int, 
     # interleave the halves row by row: row p's slots are [above (W); below (W)]
     k_s, v_s, live_s = (torch.stack(parts, dim=-3 if i < 2 else -2) for i, parts in enumerate(zip(*out)))
     halves = len(out)
-    return [(k_s.reshape(b, h, rows * halves * width, -1), v_s.reshape(b, h, rows * halves * width, -1),
-             live_s.reshape(b, rows * halves * width))]
+    return (k_s.reshape(b, h, rows * halves * width, -1), v_s.reshape(b, h, rows * halves * width, -1),
+            live_s.reshape(b, rows * halves * width))
 
 
-def _combine(q: Tensor, k: Tensor, v: Tensor, real: Tensor, pattern, parts, *, dropout_p: float,
-             backend: str) -> Tensor:
-    """One attention over ``[summaries; tokens]`` under ``pattern``; ``parts``: the summaries, in slot order."""
-    keys = torch.cat([p[0] for p in parts] + [k], dim=2)
-    values = torch.cat([p[1] for p in parts] + [v], dim=2)
-    mask = torch.cat([p[2] for p in parts] + [real], dim=1)
-    return attention(q, keys, values, pattern=pattern, key_padding_mask=None if bool(mask.all()) else mask,
-                     dropout_p=dropout_p, backend=backend)
+@dataclass(frozen=True)
+class Abstractions:
+    """One partition's summaries and the pattern over ``[slots; tokens]`` that reads them. Each field is a
+    list of pieces (logsparse: one per level) that lie in slot order when concatenated along the slot axis;
+    ``attend`` concatenates them once, with the tokens."""
+
+    pattern: Pattern
+    keys: list[Tensor]  # (B, H, S_i, D)
+    values: list[Tensor]  # (B, H, S_i, Dv)
+    live: list[Tensor]  # (B, S_i): the slot's region holds a real token
+    centres: list[Tensor] | None  # (B, S_i) float64: mean position of the region's real tokens (not axial)
+
+
+def abstractions(q: Tensor, k: Tensor, v: Tensor, *, kind: str = "fixed", region: int | None = None,
+                 causal: bool = False, key_padding_mask: Tensor | None = None, dropout_p: float = 0.0,
+                 backend: str = "auto") -> list[Abstractions]:
+    """The summaries of every region of ``q, k, v: (B, H, N, D)``: one ``Abstractions`` per partition (two for
+    ``"mixture"``). ``key_padding_mask: (B, N)`` True for real tokens."""
+    _check_kind(kind)
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k, v must have shapes (B, H, N, D), (B, H, N, D), (B, H, N, Dv); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, _, n, _ = q.shape
+    if region is not None and (isinstance(region, bool) or not isinstance(region, int) or region < 1):
+        raise ValueError(f"region must be a positive int or None, got {region!r}")
+    real = _real(key_padding_mask, b, n, q.device)
+    common = {"dropout_p": dropout_p, "backend": backend}
+    parts = []
+    if kind in ("fixed", "mixture"):
+        size = region or math.ceil(math.sqrt(n))
+        parts.append(Abstractions(combiner_fixed(size, -(-n // size), causal=causal),
+                                  *([x] for x in _summaries(q, k, v, real, size, **common))))
+    if kind == "axial":
+        width = region or math.ceil(math.sqrt(n))
+        keys, values, live = _axial_summaries(q, k, v, real, width, causal, **common)
+        parts.append(Abstractions(combiner_axial(width, n, causal=causal), [keys], [values], [live], None))
+    if kind in ("logsparse", "mixture"):
+        levels = [_summaries(q, k, v, real, 2**level, **common) for level in range(len(logsparse_levels(n)))]
+        parts.append(Abstractions(combiner_logsparse(n, causal=causal), *(list(x) for x in zip(*levels))))
+    return parts
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, parts: list[Abstractions], *, key_padding_mask: Tensor | None = None,
+           scale: float | None = None, dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
+    """One attention over ``[summaries; tokens]`` per partition, averaged (Combiner-Mixture's mean).
+
+    ``q: (B, H, Nq, D)`` are the queries of the last ``Nq`` of the ``N`` tokens of ``k, v: (B, H, N, D)``
+    (bottom-right aligned, as in ``attention``); the summaries' keys must have the width of ``k``.
+    """
+    real = _real(key_padding_mask, k.shape[0], k.shape[2], k.device)
+    outs = []
+    for part in parts:
+        mask = torch.cat([*part.live, real], dim=1)
+        outs.append(attention(q, torch.cat([*part.keys, k], dim=2), torch.cat([*part.values, v], dim=2),
+                              pattern=part.pattern, key_padding_mask=None if bool(mask.all()) else mask,
+                              scale=scale, dropout_p=dropout_p, backend=backend))
+    return outs[0] if len(outs) == 1 else sum(outs) / len(outs)
+
+
+def _real(key_padding_mask: Tensor | None, b: int, n: int, device) -> Tensor:
+    if key_padding_mask is None:
+        return torch.ones(b, n, dtype=torch.bool, device=device)
+    if key_padding_mask.shape != (b, n):
+        raise ValueError(f"key_padding_mask must have shape (B, N) = ({b}, {n}), got "
+                         f"{tuple(key_padding_mask.shape)}")
+    return key_padding_mask
 
 
 def combiner_attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str = "fixed", region: int | None = None,
@@ -151,31 +215,8 @@ def combiner_attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str = "fixed", 
 
     ``kind`` and ``region`` as in the module docstring; ``key_padding_mask: (B, N)`` True for real tokens.
     """
-    _check_kind(kind)
-    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k, v must have shapes (B, H, N, D), (B, H, N, D), (B, H, N, Dv); got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    b, _, n, _ = q.shape
-    if region is not None and (isinstance(region, bool) or not isinstance(region, int) or region < 1):
-        raise ValueError(f"region must be a positive int or None, got {region!r}")
-    if key_padding_mask is not None and key_padding_mask.shape != (b, n):
-        raise ValueError(f"key_padding_mask must have shape (B, N) = ({b}, {n}), got "
-                         f"{tuple(key_padding_mask.shape)}")
-    real = key_padding_mask if key_padding_mask is not None else q.new_ones(b, n, dtype=torch.bool)
-    common = {"dropout_p": dropout_p, "backend": backend}
-    outs = []
-    if kind in ("fixed", "mixture"):
-        size = region or math.ceil(math.sqrt(n))
-        parts = [_summaries(q, k, v, real, size, **common)]
-        outs.append(_combine(q, k, v, real, combiner_fixed(size, -(-n // size), causal=causal), parts, **common))
-    if kind == "axial":
-        width = region or math.ceil(math.sqrt(n))
-        parts = _axial_summaries(q, k, v, real, width, causal, **common)
-        outs.append(_combine(q, k, v, real, combiner_axial(width, n, causal=causal), parts, **common))
-    if kind in ("logsparse", "mixture"):
-        parts = [_summaries(q, k, v, real, 2**level, **common) for level in range(len(logsparse_levels(n)))]
-        outs.append(_combine(q, k, v, real, combiner_logsparse(n, causal=causal), parts, **common))
-    return outs[0] if len(outs) == 1 else sum(outs) / len(outs)
+    common = {"key_padding_mask": key_padding_mask, "dropout_p": dropout_p, "backend": backend}
+    return attend(q, k, v, abstractions(q, k, v, kind=kind, region=region, causal=causal, **common), **common)
 
 
 class CombinerAttention(nn.Module):

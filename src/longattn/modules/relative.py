@@ -20,10 +20,21 @@ The position term is computed one of two exact ways:
   beyond it share one encoding, which breaks the rotation identity).
 
 ``"auto"`` takes ``"factorised"`` unless ``clamp_len`` is shorter than the context.
+
+With ``combiner=kind`` (``"fixed"``, ``"logsparse"`` or ``"mixture"``) the layer is causal Combiner attention
+(``longattn.modules.combiner``) over ``[memory; segment]`` instead of a pattern: each query attends its own
+region directly and every earlier region through its abstraction. The abstractions are taken over the whole
+context (queries are computed for the memory too, for the pooled queries) with the content parts
+``q + u`` and ``k``; an abstraction's position is the mean position of its region's tokens, so its score is
+``(q_i + u) . k_Omega + (q_i + v) . W_r R_{i - centre(Omega)}``: the factorised form with the key feature
+``[cos(c w), sin(c w)]`` at the centre ``c``. Regions are aligned to the segment's start (the context is
+front-padded when the memory is not a whole number of regions), so a segment is cut the same way whatever
+the memory's length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -32,13 +43,21 @@ from torch import Tensor, nn
 
 from ..functional import attention
 from ..patterns import Pattern, causal
+from .combiner import abstractions, attend
 
 METHODS = ("auto", "factorised", "shift")
+COMBINER_KINDS = ("fixed", "logsparse", "mixture")  # the causal kinds on a 1-D sequence (axial needs rows)
 
 
 def inverse_frequencies(dim: int, *, device=None) -> Tensor:
     """Transformer-XL's ``1 / 10000^(2k / dim)`` for ``k < dim / 2``, in float64."""
     return 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim))
+
+
+def key_features(positions: Tensor, dim: int) -> Tensor:
+    """``(..., dim)`` features ``[cos(p w), sin(p w)]`` of (possibly fractional) ``positions``, in float64."""
+    angles = positions.to(torch.float64)[..., None] * inverse_frequencies(dim, device=positions.device)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
 def sinusoid(positions: Tensor, dim: int) -> Tensor:
@@ -87,14 +106,13 @@ class RelativePositions:
             raise ValueError(f"the sinusoid dimension must be even, got {dim}")
         if q_len > kv_len:
             raise ValueError(f"q_len ({q_len}) must be <= kv_len ({kv_len})")
-        inv = inverse_frequencies(dim, device=device)
-        key_angles = torch.arange(kv_len, device=device, dtype=torch.float64)[:, None] * inv
-        query_angles = key_angles[kv_len - q_len:]
+        query_angles = (torch.arange(kv_len - q_len, kv_len, device=device, dtype=torch.float64)[:, None]
+                        * inverse_frequencies(dim, device=device))
         distances = torch.arange(kv_len - 1, -1, -1, device=device, dtype=torch.float64)
         if clamp_len is not None:
             distances = distances.clamp(max=clamp_len)
         cast = lambda t: t.to(dtype)  # noqa: E731
-        return cls(q_len, kv_len, clamp_len, cast(torch.cat([key_angles.cos(), key_angles.sin()], -1)),
+        return cls(q_len, kv_len, clamp_len, cast(key_features(torch.arange(kv_len, device=device), dim)),
                    cast(query_angles.cos()), cast(query_angles.sin()), cast(sinusoid(distances, dim)))
 
     @property
@@ -116,6 +134,8 @@ class RelativeAttention(nn.Module):
         dropout: attention-probability dropout, training mode only.
         method: ``"auto"``, ``"factorised"`` or ``"shift"`` (see the module docstring).
         backend: passed to ``longattn.attention``.
+        combiner: a Combiner kind (``COMBINER_KINDS``) to attend with instead of ``pattern`` (module docstring).
+        region: tokens per region for ``combiner`` (fixed blocks; logsparse's regions are dyadic).
 
     Parameters: ``qkv`` (no bias), ``r_net`` = W_r (no bias), ``u`` and ``v`` ``(H, d)`` (the paper's
     position-independent biases, ``r_w_bias`` and ``r_r_bias`` in its code), ``proj`` (no bias).
@@ -123,7 +143,8 @@ class RelativeAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, pattern: Pattern | None = None,
                  pos_dim: int | None = None, clamp_len: int | None = None, dropout: float = 0.0,
-                 method: str = "auto", backend: str = "auto", device=None, dtype=None):
+                 method: str = "auto", backend: str = "auto", combiner: str | None = None, region: int = 32,
+                 device=None, dtype=None):
         super().__init__()
         head_dim = dim // heads if head_dim is None else head_dim
         pos_dim = dim if pos_dim is None else pos_dim
@@ -137,6 +158,15 @@ class RelativeAttention(nn.Module):
             raise TypeError(f"pattern must be a longattn Pattern or None, got {type(pattern).__name__}")
         if clamp_len is not None and clamp_len < 0:
             raise ValueError(f"clamp_len must be >= 0 or None, got {clamp_len}")
+        if combiner is not None:
+            if combiner not in COMBINER_KINDS:
+                raise ValueError(f"combiner must be one of {', '.join(COMBINER_KINDS)} or None, got {combiner!r}")
+            if pattern is not None or method == "shift" or clamp_len is not None:
+                raise ValueError("combiner attends through abstractions: it takes no pattern, and its position "
+                                 "term is the factorised one (no method='shift', no clamp_len)")
+            if isinstance(region, bool) or not isinstance(region, int) or region < 1:
+                raise ValueError(f"region must be a positive int, got {region!r}")
+        self.combiner, self.region = combiner, region
         self.dim, self.heads, self.head_dim, self.pos_dim = dim, heads, head_dim, pos_dim
         self.pattern = causal(pattern)
         self.clamp_len, self.dropout, self.method, self.backend = clamp_len, dropout, method, backend
@@ -182,8 +212,15 @@ class RelativeAttention(nn.Module):
             raise ValueError(f"positions are for (Nq, Nk) = {(positions.q_len, positions.kv_len)}, got {(nq, nk)}")
         h, d = self.heads, self.head_dim
         w_q, w_kv = self.qkv.weight.split([h * d, 2 * h * d])
-        q = nn.functional.linear(x, w_q).view(b, nq, h, d).transpose(1, 2)  # (B, H, Nq, d)
         k, v = nn.functional.linear(context, w_kv).view(b, nk, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.combiner is not None:
+            if attn_mask is not None:
+                raise ValueError("attn_mask: Combiner attention takes no extra mask (its regions decide the keys)")
+            q_all = nn.functional.linear(context, w_q).view(b, nk, h, d).transpose(1, 2)  # pooled over regions
+            out = self._combiner_attention(q_all, k, v, nq, positions, key_padding_mask, dropout_p)
+            return self.proj(out.transpose(1, 2).reshape(b, nq, h * d))
+        q = nn.functional.linear(x, w_q).view(b, nq, h, d).transpose(1, 2)  # (B, H, Nq, d)
         method = self.method
         if method == "auto":
             method = "shift" if positions.clamped else "factorised"
@@ -203,8 +240,37 @@ class RelativeAttention(nn.Module):
             # by the dense backend, and gradients flow into the bias like any other input.
             q_in, k_in, mask, backend = q_content, k, self._shift_bias(q_position, positions, attn_mask), "dense"
         out = attention(q_in, k_in, v, pattern=pattern, attn_mask=mask, key_padding_mask=key_padding_mask,
-                        scale=d ** -0.5, dropout_p=self.dropout if self.training else 0.0, backend=backend)
+                        scale=d ** -0.5, dropout_p=dropout_p, backend=backend)
         return self.proj(out.transpose(1, 2).reshape(b, nq, h * d))  # (B, Nq, C)
+
+    def _combiner_attention(self, q_all: Tensor, k: Tensor, v: Tensor, nq: int, pos: RelativePositions,
+                            key_padding_mask: Tensor | None, dropout_p: float) -> Tensor:
+        """Causal Combiner over the context ``k, v: (B, H, Nk, d)`` for the last ``nq`` queries of ``q_all``."""
+        b, h, nk, d = k.shape
+        real = k.new_ones(b, nk, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+        pad = -(nk - nq) % self._alignment(nq)  # keys in front, so that a region starts at the segment
+        q_content = nn.functional.pad(q_all + self.u[:, None], (0, 0, pad, 0))  # (B, H, pad + Nk, d)
+        k, v = (nn.functional.pad(x, (0, 0, pad, 0)) for x in (k, v))
+        real = nn.functional.pad(real, (pad, 0))
+        parts = abstractions(q_content, k, v, kind=self.combiner, region=self.region, causal=True,
+                             key_padding_mask=real, dropout_p=dropout_p, backend=self.backend)
+
+        def at(centres: Tensor) -> Tensor:  # (B, S) padded positions -> (B, H, S, p) key features
+            return key_features(centres - pad, self.pos_dim).to(k.dtype)[:, None].expand(b, h, -1, -1)
+
+        parts = [dataclasses.replace(p, keys=[torch.cat([key, at(c)], dim=-1) for key, c in zip(p.keys, p.centres)])
+                 for p in parts]
+        token_features = nn.functional.pad(pos.key_features, (0, 0, pad, 0)).expand(b, h, -1, -1)
+        q_wide = torch.cat([q_content[:, :, -nq:], self._rotated_queries(q_all[:, :, -nq:] + self.v[:, None], pos)],
+                           dim=-1)
+        return attend(q_wide, torch.cat([k, token_features], dim=-1), v, parts, key_padding_mask=real,
+                      scale=d ** -0.5, dropout_p=dropout_p, backend=self.backend)
+
+    def _alignment(self, nq: int) -> int:
+        """Regions start at a multiple of this many keys before the segment: a fixed block, or for logsparse
+        the dyadic block that covers the segment."""
+        dyadic = 1 << max(0, nq - 1).bit_length()
+        return {"fixed": self.region, "logsparse": dyadic, "mixture": math.lcm(self.region, dyadic)}[self.combiner]
 
     def _rotated_queries(self, q_position: Tensor, pos: RelativePositions) -> Tensor:
         """The factorised position term's query side q'_i ``(B, H, Nq, p)``: ``W_r^T (q_i + v)`` rotated by i."""
@@ -229,5 +295,6 @@ class RelativeAttention(nn.Module):
         return bias + attn_mask
 
     def extra_repr(self) -> str:
+        attends = f"combiner={self.combiner!r}, region={self.region}" if self.combiner else f"pattern={self.pattern}"
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, pos_dim={self.pos_dim}, "
-                f"pattern={self.pattern}, clamp_len={self.clamp_len}, method={self.method!r}")
+                f"{attends}, clamp_len={self.clamp_len}, method={self.method!r}")

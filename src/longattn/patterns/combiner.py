@@ -3,7 +3,8 @@
 Combiner attends each query *directly* to the keys of its own region and *indirectly* to every other region
 through one summary key and value per region. ``longattn.modules.combiner`` puts the ``S`` summaries in front
 of the ``N`` token keys, so the keys are ``[slots (S); tokens (N)]`` and, by the bottom-right alignment, query
-``i`` sits at absolute position ``S + i``, over token key ``S + i``. These patterns say which of those keys
+``i`` sits at absolute position ``S + i``, over token key ``S + i`` (with a memory, the ``Nq`` queries are the
+last ``Nq`` tokens: query ``r`` over token ``N - Nq + r``). These patterns say which of those keys
 each query may attend; the module computes the summaries and runs one ``attention`` call, whose single softmax
 over direct keys and summaries is Combiner's factorisation.
 
@@ -29,10 +30,13 @@ from torch import Tensor
 from ._base import AllowedFn, Geometry, Pattern, _check_int, block_ranges, pattern_dataclass
 
 
-def _check_keys(geo: Geometry, slots: int, name: str) -> None:
-    if geo.kv_len != geo.q_len + slots:
-        raise ValueError(f"{name}: the keys must be [{slots} summary slots; the {geo.q_len} tokens], got "
-                         f"Nk={geo.kv_len} for Nq={geo.q_len}")
+def _check_keys(geo: Geometry, slots: int, name: str, fits) -> None:
+    """The keys are ``[slots; tokens]`` with ``fits(tokens)`` (the layout was built for that many tokens) and the
+    queries the last ``Nq <= tokens`` of them (all of them in self-attention; the newest with a memory)."""
+    tokens = geo.kv_len - slots
+    if tokens < geo.q_len or not fits(tokens):
+        raise ValueError(f"{name}: the keys must be [{slots} summary slots; the tokens], the queries the last "
+                         f"tokens; got Nk={geo.kv_len} for Nq={geo.q_len}")
 
 
 def _same_chunk(i: Tensor, j: Tensor, slots: int, size: int, causal: bool) -> Tensor:
@@ -62,7 +66,7 @@ class CombinerFixed(Pattern):
         _check_int(self.slots, "slots", minimum=1)
 
     def validate(self, geo: Geometry) -> None:
-        _check_keys(geo, self.slots, "combiner_fixed")
+        _check_keys(geo, self.slots, "combiner_fixed", lambda n: -(-n // self.region) == self.slots)
 
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
         s, region = self.slots, self.region
@@ -103,7 +107,7 @@ class CombinerLogsparse(Pattern):
         return sum(self.slots_per_level)
 
     def validate(self, geo: Geometry) -> None:
-        _check_keys(geo, self.slots, "combiner_logsparse")
+        _check_keys(geo, self.slots, "combiner_logsparse", lambda n: n == self.length)
 
     def _offsets(self, device: torch.device) -> Tensor:
         return torch.tensor((0, *self.slots_per_level), device=device).cumsum(0)  # level l's first slot
@@ -153,7 +157,7 @@ class CombinerAxial(Pattern):
         return self.rows * self.width * (1 if self.causal else 2)
 
     def validate(self, geo: Geometry) -> None:
-        _check_keys(geo, self.slots, "combiner_axial")
+        _check_keys(geo, self.slots, "combiner_axial", lambda n: -(-n // self.width) == self.rows)
 
     def _row_of_slot(self, j: Tensor) -> Tensor:
         """The query row a slot serves (each row's slots contiguous: above, then below when bidirectional)."""
