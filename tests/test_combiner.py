@@ -171,3 +171,61 @@ def test_bad_arguments_are_named():
 def test_whole_blocks_without_padding_equal_the_paper(kind, causal):
     """N = 32 with regions of 8: every block whole and real, the summaries' no-copy path."""
     _same_outputs_and_gradients(32, 8, kind, causal, seed=5)
+
+
+@pytest.mark.parametrize("kind", ["fixed", "logsparse", "axial", "mixture"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_last_queries_alone_get_their_rows_of_the_whole(kind, causal):
+    """``attend`` with the queries of the last Nq tokens only (a segment after a memory) gives those rows of
+    the full layer, on both backends: the patterns align queries bottom-right."""
+    from longattn.modules.combiner import abstractions, attend
+
+    torch.manual_seed(6)
+    n = 53
+    q, k, v = (torch.randn(2, 2, n, 8, dtype=torch.float64) for _ in range(3))
+    real = torch.ones(2, n, dtype=torch.bool)
+    real[1, :4] = False
+    whole = combiner_attention(q, k, v, kind=kind, region=6, causal=causal, key_padding_mask=real)
+    parts = abstractions(q, k, v, kind=kind, region=6, causal=causal, key_padding_mask=real)
+    for nq in (1, 20):
+        for backend in ("dense", "blocked"):
+            out = attend(q[:, :, -nq:], k, v, parts, key_padding_mask=real, backend=backend)
+            torch.testing.assert_close(out, whole[:, :, -nq:], atol=1e-10, rtol=1e-10)
+
+
+def _pattern_case(kind: str, causal: bool, nq: int, dtype):
+    """A Combiner layout over [slots; 97 tokens] with random q, k, v (the final attention on its own), the
+    last ``nq`` tokens as queries, the second example's last 20 tokens padded."""
+    from conftest import qkv
+    from longattn.patterns.combiner import combiner_axial, combiner_fixed, combiner_logsparse
+
+    n = 97
+    pattern = {"fixed": combiner_fixed(10, 10, causal=causal), "logsparse": combiner_logsparse(n, causal=causal),
+               "axial": combiner_axial(10, n, causal=causal)}[kind]
+    nk = n + pattern.slots
+    q, k, v = qkv(2, 2, nq, nk, 40, dtype)
+    kpm = torch.ones(2, nk, dtype=torch.bool)
+    kpm[1, -20:] = False
+    keep = pattern.dense(nq, nk, num_heads=2, batch_size=2) & kpm[:, None, None, :]
+    return pattern, q, k, v, kpm, keep
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-fp32-compute", "bf16-bf16-compute"])
+@pytest.mark.parametrize("kind", ["fixed", "logsparse", "axial"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_combiner_layouts_match_the_oracle_in_every_precision(kind, causal, precision):
+    """The blocked backend on each layout, fp32 and bf16 (both compute modes), outputs and gradients."""
+    from conftest import assert_close_to_reference, forced_compute
+
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    pattern, q, k, v, kpm, keep = _pattern_case(kind, causal, 33, dtype)
+    with forced_compute(None if precision == "fp32" else precision.split("-")[1]):
+        assert_close_to_reference("blocked", q, k, v, keep, pattern=pattern, key_padding_mask=kpm)
+
+
+def test_combiner_layout_on_flex_cpu_forward():
+    """FlexAttention on CPU (forward only, one compile): the block mask built from the layout is exact."""
+    from conftest import assert_close_to_reference
+
+    pattern, q, k, v, kpm, keep = _pattern_case("logsparse", True, 97, torch.float32)
+    assert_close_to_reference("flex", q, k, v, keep, grad=False, pattern=pattern, key_padding_mask=kpm)

@@ -113,14 +113,19 @@ class CombinerLogsparse(Pattern):
         return torch.tensor((0, *self.slots_per_level), device=device).cumsum(0)  # level l's first slot
 
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
-        s, offsets = self.slots, self._offsets(device)
+        s, offsets = self.slots, self._offsets(torch.device("cpu")).tolist()
 
         def allowed(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
             i, j = torch.broadcast_tensors(i, j)
             token = (j >= s) & (j == i)
-            level = (torch.searchsorted(offsets, j.clamp(max=s - 1).contiguous(), right=True) - 1).clamp(min=0)
+            # slot j's level and that level's first slot, by comparisons with Python ints: pointwise, so that
+            # FlexAttention can compile it (a searchsorted cannot be lowered into its mask)
+            level, first = torch.zeros_like(j), torch.zeros_like(j)
+            for lvl, start in enumerate(offsets[1:-1], start=1):
+                past = j >= start
+                level, first = torch.where(past, lvl, level), torch.where(past, start, first)
             sibling = torch.bitwise_right_shift(i - s, level) ^ 1
-            slot = (j < s) & (j - offsets[level] == sibling)
+            slot = (j < s) & (j - first == sibling)
             if self.causal:
                 slot = slot & (sibling < torch.bitwise_right_shift(i - s, level))
             return token | slot

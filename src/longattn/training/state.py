@@ -14,11 +14,19 @@ def model_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
 
 
 def load_model_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
-    """Inverse of ``model_state``; every process loads the full state (no broadcast needed)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    """Inverse of ``model_state``; every process loads the full state (no broadcast needed).
 
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    The model must match exactly; the optimizer may lack state for a parameter that never had a gradient (FIT's
+    final latent norm when only the tokens are used): such a parameter has no state in the run either.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_model_state_dict(model, model_sd, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True,
+                                                                                  broadcast_from_rank0=False,
+                                                                                  strict=False))
 
 
 def rng_state() -> dict:
