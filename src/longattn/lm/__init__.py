@@ -10,6 +10,6 @@ from .generate import generate
 from .sweep import run_sweep
 from .train import LMRunConfig, TrainConfig, build_lm, load_lm, preset, train_lm
 
-__all__ = ["Corpus", "EvalResult", "LMRunConfig", "SpeedComparison", "TrainConfig", "build_lm", "evaluate", "evaluate_recompute",
-           "generate", "load_corpus", "load_lm", "memory_speedup", "preset", "read_corpus", "run_sweep",
-           "stdlib_corpus", "train_lm", "unigram_bits_per_byte"]
+__all__ = ["Corpus", "EvalResult", "LMRunConfig", "SpeedComparison", "TrainConfig", "build_lm", "evaluate",
+           "evaluate_recompute", "generate", "load_corpus", "load_lm", "memory_speedup", "preset", "read_corpus",
+           "run_sweep", "stdlib_corpus", "train_lm", "unigram_bits_per_byte"]

@@ -2,8 +2,8 @@
 
 The tokens ``x: (B, N, C)`` are cut into ``t = ceil(N / n)`` groups of ``n = group_size`` (the last one padded);
 each group owns ``m = latents`` latent tokens, learned per (group, slot) (or per slot, shared by every group,
-with ``shared_latents``: the byte LM's choice, so that it runs on contexts longer than it was trained on). One FIT block, in the order of the
-reference (``pix2seq``'s ``architectures/transformers.py``):
+with ``shared_latents``: the byte LM's choice, so that it runs on contexts longer than it was trained on).
+One FIT block, in the order of the reference (``pix2seq``'s ``architectures/transformers.py``):
 
 1. *local* layers: pre-LN Transformer layers inside each group (block-diagonal attention; causal inside the
    group for the decoder);

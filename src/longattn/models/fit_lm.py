@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import hf_checkpoint as ckpt
 from .fit import FIT, FITConfig, best_group_size, schedule_for_depth
-from .xl import FIT_LM, XLConfig, XLOutput
+from .xl import FIT_LM, XLConfig, XLOutput, byte_loss, check_ids
 
 LATENTS = 4  # per group
 
@@ -67,9 +67,7 @@ class FITLM(ckpt.Pretrained, nn.Module):
     def forward(self, ids: Tensor, memory: list[Tensor] | None = None, *, targets: Tensor | None = None,
                 mem_len: int | None = None, attn_mask: Tensor | None = None) -> XLOutput:
         """Decode the segment ``ids: (B, Nq)`` after the bytes in ``memory`` (a previous ``XLOutput.memory``)."""
-        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"ids must be an int64 tensor of shape (B, N), got "
-                             f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+        check_ids(ids)
         if attn_mask is not None:
             raise ValueError("attn_mask: the FIT LM's groups and latents decide what each byte sees")
         b, n = ids.shape
@@ -86,10 +84,5 @@ class FITLM(ckpt.Pretrained, nn.Module):
             real[:, :pad] = False
         hidden = self.decoder(x, key_padding_mask=real).last_hidden_state[:, -n:]  # (B, Nq, C)
         logits = F.linear(self.drop(hidden), self.embed.weight, self.out_bias)
-        loss = None
-        if targets is not None:
-            if targets.shape != ids.shape:
-                raise ValueError(f"targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         new_memory = [context[:, max(0, context.shape[1] - mem_len):] if mem_len else context[:, :0]]
-        return XLOutput(logits, new_memory, loss, hidden)
+        return XLOutput(logits, new_memory, byte_loss(logits, targets, ids), hidden)

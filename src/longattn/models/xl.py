@@ -137,6 +137,21 @@ class XLOutput:
     hidden: Tensor | None = field(default=None, repr=False)  # (B, Nq, C) final hidden states
 
 
+def check_ids(ids: Tensor) -> None:
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"ids must be an int64 tensor of shape (B, N), got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+
+
+def byte_loss(logits: Tensor, targets: Tensor | None, ids: Tensor) -> Tensor | None:
+    """Mean cross-entropy (nats) of ``targets`` (the shape of ``ids``) under ``logits``; None without targets."""
+    if targets is None:
+        return None
+    if targets.shape != ids.shape:
+        raise ValueError(f"targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
 class XLBlock(nn.Module):
     """Pre-norm Transformer-XL layer: relative attention over ``[memory; x]``, then a feed-forward net."""
 
@@ -227,9 +242,7 @@ class TransformerXL(ckpt.Pretrained, nn.Module):
                 more than training did.
             attn_mask: optional ``(Nq, M + Nq)`` bool mask applied on top of the pattern (tests use it).
         """
-        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"ids must be an int64 tensor of shape (B, N), got "
-                             f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+        check_ids(ids)
         b, n = ids.shape
         if memory is None:
             memory = self.init_memory(b)
@@ -251,9 +264,4 @@ class TransformerXL(ckpt.Pretrained, nn.Module):
                       for mem, h in zip(memory, inputs)]
         hidden = self.norm(x)
         logits = F.linear(self.drop(hidden), self.embed.weight, self.out_bias)  # (B, Nq, vocab)
-        loss = None
-        if targets is not None:
-            if targets.shape != ids.shape:
-                raise ValueError(f"targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        return XLOutput(logits, new_memory, loss, hidden)
+        return XLOutput(logits, new_memory, byte_loss(logits, targets, ids), hidden)
