@@ -1,4 +1,4 @@
-"""``longattn lm sweep``: the pattern x memory table of the Transformer-XL byte LM.
+"""``longattn lm sweep``: the pattern x memory table of the byte LMs (Transformer-XL's patterns, Combiner, FIT).
 
 One run per attention pattern, all with the same preset and number of steps (finished runs are reused,
 interrupted ones resume), then each evaluated on one split at several memory lengths, by default the
@@ -30,7 +30,7 @@ from .corpus import Corpus, load_corpus, num_segments, segment, streams, unigram
 from .evaluate import evaluate
 from .train import LMRunConfig, build_lm, load_lm, preset, train_lm
 
-DEFAULT_PATTERNS = ("full", "window", "strided", "fixed", "bigbird")
+DEFAULT_PATTERNS = ("full", "window", "strided", "fixed", "bigbird", "combiner-fixed", "combiner-logsparse", "fit")
 EVALUATIONS = "evaluations.json"
 
 
