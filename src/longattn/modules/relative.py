@@ -249,9 +249,10 @@ class RelativeAttention(nn.Module):
         b, h, nk, d = k.shape
         real = k.new_ones(b, nk, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
         pad = -(nk - nq) % self._alignment(nq)  # keys in front, so that a region starts at the segment
-        q_content = nn.functional.pad(q_all + self.u[:, None], (0, 0, pad, 0))  # (B, H, pad + Nk, d)
-        k, v = (nn.functional.pad(x, (0, 0, pad, 0)) for x in (k, v))
-        real = nn.functional.pad(real, (pad, 0))
+        front = (lambda x: nn.functional.pad(x, (0, 0, pad, 0))) if pad else (lambda x: x)  # noqa: E731
+        q_content = front(q_all + self.u[:, None])  # (B, H, pad + Nk, d)
+        k, v = front(k), front(v)
+        real = nn.functional.pad(real, (pad, 0)) if pad else real
         parts = abstractions(q_content, k, v, kind=self.combiner, region=self.region, causal=True,
                              key_padding_mask=real, dropout_p=dropout_p, backend=self.backend)
 
@@ -260,7 +261,7 @@ class RelativeAttention(nn.Module):
 
         parts = [dataclasses.replace(p, keys=[torch.cat([key, at(c)], dim=-1) for key, c in zip(p.keys, p.centres)])
                  for p in parts]
-        token_features = nn.functional.pad(pos.key_features, (0, 0, pad, 0)).expand(b, h, -1, -1)
+        token_features = front(pos.key_features).expand(b, h, -1, -1)
         q_wide = torch.cat([q_content[:, :, -nq:], self._rotated_queries(q_all[:, :, -nq:] + self.v[:, None], pos)],
                            dim=-1)
         return attend(q_wide, torch.cat([k, token_features], dim=-1), v, parts, key_padding_mask=real,

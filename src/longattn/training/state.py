@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -24,9 +26,7 @@ def load_model_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     set_model_state_dict(model, model_sd, options=options)
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True,
-                                                                                  broadcast_from_rank0=False,
-                                                                                  strict=False))
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=dataclasses.replace(options, strict=False))
 
 
 def rng_state() -> dict:
