@@ -15,6 +15,9 @@
    ``cost.FACTORED_COST_PER_SCORE``.
 5. CUDA and FlexAttention can serve the call: flex.
 6. Otherwise: blocked (trains everywhere, no compilation).
+7. Content-dependent patterns (``topk_blocks``) have no plan before the call and skip rules 2-6: dense SDPA with
+   the chosen mask up to the crossover, flex on CUDA, else the blocked pair kernel. The keys are chosen once
+   per call, whichever backend runs them.
 
 Dropout rules out flex. The choice is logged at DEBUG level on ``longattn`` and returned by
 ``longattn.explain``.
@@ -29,10 +32,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from dataclasses import replace
+
 from ..patterns import Geometry
 from ..patterns.causal import CausalMask
+from ..patterns.topk_blocks import is_content_dependent, resolve
 from . import flex, machine
 from .blocked import blocked_attention, native
+from .blocked.selected import selected_attention
 from .cost import blocked_work
 from .dense import dense_attention
 from .inputs import BACKENDS, AttentionInputs
@@ -86,6 +93,8 @@ def choose(inp: AttentionInputs, backend: str = "auto") -> Choice:
         return Choice("dense", "no sparse pattern: full attention is SDPA")
     if isinstance(inp.sparse_pattern, CausalMask) and geo.q_len == geo.kv_len and not inp.has_extra_masks:
         return Choice("dense", "plain causal: SDPA's fused causal kernel needs no mask and skips the upper half")
+    if is_content_dependent(inp.pattern):
+        return _choose_content_dependent(inp)
     work, mask_elements, how = _plan_shape(inp)
     profile = machine.current()
     source = profile.source if profile.source.startswith("calibration") else "defaults (no `longattn calibrate`)"
@@ -108,8 +117,32 @@ def choose(inp: AttentionInputs, backend: str = "auto") -> Choice:
     return Choice("blocked", f"blocked cost {work:.3f} of all scores{how}; {why}: {kernel}", source)
 
 
+def _choose_content_dependent(inp: AttentionInputs) -> Choice:
+    """Rule 7: a pattern that chooses keys from q and k (``topk_blocks``) has no plan before the call: short
+    inputs go to dense SDPA with the chosen mask, CUDA to FlexAttention with a per-call block mask, the rest to
+    the blocked pair kernel (``blocked/selected.py``)."""
+    geo = inp.geometry
+    profile = machine.current()
+    on_cpu = inp.q.device.type == "cpu"
+    crossover = profile.limits_for(inp.q.dtype if on_cpu else torch.float32).crossover
+    mask_elements = geo.batch * geo.num_heads * geo.q_len * geo.kv_len
+    if geo.kv_len <= crossover and mask_elements <= DENSE_MASK_ELEMENTS:
+        return Choice("dense", f"content-chosen blocks, {geo.kv_len} keys <= crossover {crossover}: SDPA with the "
+                      "chosen mask", profile.source)
+    if inp.q.device.type == "cuda" and flex.unsupported_reason(inp) is None:
+        return Choice("flex", "content-chosen blocks on CUDA: FlexAttention with a block mask built per call",
+                      profile.source)
+    return Choice("blocked", "content-chosen blocks: query rows grouped by the key block they chose (pair kernel)",
+                  profile.source)
+
+
 def run(inp: AttentionInputs, backend: str = "auto") -> Tensor:
     choice = choose(inp, backend)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("attention %s q=%s k=%s -> %s", inp.pattern, tuple(inp.q.shape), tuple(inp.k.shape), choice)
+    if is_content_dependent(inp.pattern):  # choose the keys now, once, for whichever backend runs them
+        resolved = resolve(inp.pattern, inp.q, inp.k, inp.key_padding_mask)
+        if choice.backend == "blocked":
+            return selected_attention(inp, resolved)
+        inp = replace(inp, pattern=resolved.pattern)
     return IMPLEMENTATIONS[choice.backend](inp)
