@@ -160,12 +160,13 @@ class SelectedBlocks(Pattern):
         last_b, last_h, last_r = blocks.shape[0] - 1, blocks.shape[1] - 1, blocks.shape[2] - 1
 
         def allowed(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-            # indices are clamped: kernels also evaluate padding rows (masked afterwards)
-            row = blocks[b.clamp(max=last_b), h.clamp(max=last_h), (i - offset).clamp(0, last_r)]
+            # Indices are clamped: kernels also evaluate padding rows (masked afterwards). Each place is read
+            # as a scalar: FlexAttention's compiled kernel gets a vector read per position wrong.
+            bb, hh, rr = b.clamp(max=last_b), h.clamp(max=last_h), (i - offset).clamp(0, last_r)
             jb = j.div(block, rounding_mode="floor")
-            out = row[..., 0] == jb
+            out = blocks[bb, hh, rr, 0] == jb
             for t in range(1, blocks.shape[-1]):  # a plain loop: FlexAttention traces it
-                out = out | (row[..., t] == jb)
+                out = out | (blocks[bb, hh, rr, t] == jb)
             return out & (j <= i) if causal else out
 
         return allowed
