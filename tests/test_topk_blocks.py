@@ -157,7 +157,7 @@ def test_attn_mask_and_dropout_on_the_pair_kernel():
         torch.manual_seed(0)
         return la.attention(q, k, v, pattern=pattern, dropout_p=0.3, backend="blocked")
 
-    leaves = [t[:, :, :40].clone().requires_grad_() for t in (q, k, v)]
+    leaves = [t[:, :1, :33, :8].clone().requires_grad_() for t in (q, k, v)]
     assert torch.autograd.gradcheck(dropped, leaves, eps=1e-6, atol=1e-7)
     assert not torch.equal(dropped(*leaves), la.attention(*leaves, pattern=pattern, backend="blocked"))
 

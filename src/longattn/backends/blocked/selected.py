@@ -29,28 +29,33 @@ from ...patterns import Geometry
 from ...patterns.layout import get_plan
 from ...patterns.topk_blocks import Resolved
 from ..inputs import AttentionInputs
-from .kernel import TILE_BYTES
+from .kernel import TILE_BYTES, _Workspace
 
 PairMask = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+GROUP_BYTES = 32 << 20  # partial outputs kept at once (whole heads; one head at least)
 
 
 @dataclass(frozen=True, eq=False)
 class Chunks:
     """A call's pairs grouped by key block: chunk c holds up to Qc query rows of one (example, head) that
-    attend key block ``key[c]``."""
+    attend key block ``key[c]``. Chunks are ordered by (example, head), then unmasked before masked, then key
+    block. Empty slots point at a spare row past the last query row (index BH * Nq), whose log-sum-exp is +inf:
+    its probabilities are 0 without a mask, and what is added to it is dropped."""
 
-    rows: Tensor  # (C, Qc) long: flat query row (b * H + h) * Nq + r; empty slots hold 0
-    live: Tensor  # (C, Qc) bool: the slot holds a pair
+    rows: Tensor  # (C, Qc) long: flat query row (b * H + h) * Nq + r, or the spare row
     chosen: Tensor | None  # (C, Qc) bool: the pair's block came from the choice (None: all did)
     key: Tensor  # (C,) long: flat key block (b * H + h) * nKB + block
+    masked: Tensor  # (C,) bool: some pair of the chunk needs a token mask
+    head: Tensor  # (C,) long: b * H + h
 
     @property
-    def pairs(self) -> int:
-        return int(self.live.sum())
+    def spare_row(self) -> int:
+        return int(self.rows.max()) if self.rows.numel() else 0
 
 
-def chunk_pairs(blocks: Tensor, chosen: Tensor | None, num_kv_blocks: int, qc: int) -> Chunks:
-    """Group the pairs of ``blocks`` (B, H, Nq, K) long (-1 = none) into chunks of at most ``qc`` rows."""
+def chunk_pairs(blocks: Tensor, chosen: Tensor | None, num_kv_blocks: int, qc: int) -> tuple[Tensor, ...]:
+    """Group the pairs of ``blocks`` (B, H, Nq, K) long (-1 = none) into chunks of at most ``qc`` rows ordered
+    by key: rows (C, Qc) (-1 for empty slots), chosen flags (C, Qc) or None, and keys (C,)."""
     b, h, nq, width = blocks.shape
     device = blocks.device
     flat = blocks.reshape(b * h, nq * width)
@@ -70,14 +75,34 @@ def chunk_pairs(blocks: Tensor, chosen: Tensor | None, num_kv_blocks: int, qc: i
     pos = (starts[chunk_key] + within * qc)[:, None] + torch.arange(qc, device=device)  # (C, Qc)
     live = pos < (starts + counts)[chunk_key][:, None]
     pos = torch.where(live, pos, 0)
-    rows = torch.where(live, row[pos], 0) if row.numel() else pos
+    rows = torch.where(live, row[pos], -1) if row.numel() else pos - 1
     flags = None if flag is None else (flag[pos] & live if flag.numel() else live)
-    return Chunks(rows, live, flags, chunk_key)
+    return rows, flags, chunk_key
+
+
+def build_chunks(blocks: Tensor, chosen: Tensor | None, geo: Geometry, block: int, qc: int, key_real: Tensor,
+                 causal_only: bool, mask_all: bool) -> Chunks:
+    """The call's chunks, each marked when it needs a token mask: its key block holds padding, the pattern
+    has parts besides the choice (``mask_all``), or (``causal_only``) the block reaches past a row's query."""
+    nkb = -(-geo.kv_len // block)
+    rows, flags, key = chunk_pairs(blocks, chosen, nkb, qc)
+    spare = geo.batch * geo.num_heads * geo.q_len
+    head, blk = key.div(nkb, rounding_mode="floor"), key % nkb
+    b = head.div(geo.num_heads, rounding_mode="floor")
+    masked = ~key_real.view(geo.batch, nkb, block).all(-1)[b, blk]
+    if mask_all:
+        masked = torch.ones_like(masked)
+    elif causal_only:
+        first_row = torch.where(rows >= 0, rows % geo.q_len, geo.q_len).amin(-1)  # rows are increasing
+        masked |= (blk + 1) * block - 1 > first_row + geo.offset
+    order = torch.sort(head * 2 + masked.long(), stable=True).indices
+    rows = torch.where(rows >= 0, rows, spare)[order]
+    return Chunks(rows, None if flags is None else flags[order], key[order], masked[order], head[order])
 
 
 @dataclass(frozen=True, eq=False)
 class PairCall:
-    """One call: the chunks, the masks every chunk evaluates, and the settings forward and backward share."""
+    """One call: the chunks, the masks masked chunks evaluate, and the settings forward and backward share."""
 
     chunks: Chunks
     geo: Geometry
@@ -86,28 +111,51 @@ class PairCall:
     key_real: Tensor  # (B * nKB, s) bool: a real key (not padding, not past Nk)
     mask: PairMask | None  # mask(b, h, i, j, chosen) of the pattern; None: every listed key is allowed
     attn_mask: Tensor | None  # broadcastable to (B, H, Nq, Nk), bool or float
-    scale: float
     dropout_p: float
     seed: int
 
-    def batches(self) -> Iterator[tuple[int, slice]]:
-        total = self.chunks.key.numel()
-        for n, start in enumerate(range(0, total, self.batch_chunks)):
-            yield n, slice(start, min(total, start + self.batch_chunks))
+    def groups(self, dv: int) -> list[slice]:
+        """Chunk ranges of whole heads whose partial outputs fit ``GROUP_BYTES`` (one head at least)."""
+        heads = self.chunks.head
+        if not heads.numel():
+            return []
+        ends = torch.nonzero(torch.diff(heads, append=heads.new_full((1,), -1))).flatten().add(1).tolist()
+        per_chunk = self.chunks.rows.shape[1] * (dv + 2) * 4
+        out, start = [], 0
+        for prev, end in zip([0] + ends[:-1], ends):
+            if prev > start and (end - start) * per_chunk > GROUP_BYTES:
+                out.append(slice(start, prev))
+                start = prev
+        out.append(slice(start, ends[-1]))
+        return out
 
-    def bias(self, sl: slice, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Additive mask (c, Qc, s) (0 / -inf, plus a float attn_mask) and the allowed pairs of a batch."""
+    def batches(self, within: slice) -> Iterator[tuple[int, slice, bool]]:
+        """Batches of at most ``batch_chunks`` chunks that are all masked or all not, with their first chunk's
+        index (a batch's dropout seed)."""
+        masked = self.chunks.masked
+        start = within.start
+        while start < within.stop:
+            stop = min(within.stop, start + self.batch_chunks)
+            flag = bool(masked[start])
+            run = torch.nonzero(masked[start:stop] != flag)
+            if run.numel():
+                stop = start + int(run[0])
+            yield start, slice(start, stop), flag
+            start = stop
+
+    def bias(self, sl: slice, dtype: torch.dtype) -> Tensor:
+        """Additive mask (c, Qc, s) of a batch of masked chunks: 0 / -inf, plus a float attn_mask."""
         geo, s = self.geo, self.block
         nkb = -(-geo.kv_len // s)
-        key, rows, live = self.chunks.key[sl], self.chunks.rows[sl], self.chunks.live[sl]
-        bh, blk = key.div(nkb, rounding_mode="floor"), key % nkb
+        key, rows = self.chunks.key[sl], self.chunks.rows[sl]
+        bh, blk = self.chunks.head[sl], key % nkb
         b, h = bh.div(geo.num_heads, rounding_mode="floor"), bh % geo.num_heads
-        keep = live[:, :, None] & self.key_real[b * nkb + blk][:, None, :]
-        r = (rows % geo.q_len)[:, :, None]  # (c, Qc, 1)
+        keep = self.key_real[b * nkb + blk][:, None, :].expand(-1, rows.shape[1], -1)
+        r = (rows % geo.q_len)[:, :, None]  # (c, Qc, 1); the spare row's value is masked by its lse
         j = (blk[:, None] * s + torch.arange(s, device=key.device))[:, None, :]  # (c, 1, s)
         b3, h3 = b.view(-1, 1, 1), h.view(-1, 1, 1)
         if self.mask is not None:
-            chosen = live if self.chunks.chosen is None else self.chunks.chosen[sl]
+            chosen = torch.ones_like(rows, dtype=torch.bool) if self.chunks.chosen is None else self.chunks.chosen[sl]
             keep = keep & self.mask(b3, h3, r + geo.offset, j, chosen[:, :, None])
         bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
         if self.attn_mask is not None:
@@ -120,8 +168,7 @@ class PairCall:
                 keep = keep & picked
             else:
                 bias += picked.to(dtype)
-                keep = keep & (picked > float("-inf"))
-        return bias.masked_fill_(~keep, float("-inf")), keep
+        return bias.masked_fill_(~keep, float("-inf"))
 
     def dropout_keep(self, n: int, like: Tensor) -> Tensor | None:
         """Batch n's dropout mask scaled by 1/(1-p), regenerated identically in backward from its seed."""
@@ -131,6 +178,12 @@ class PairCall:
         keep = torch.rand(like.shape, generator=gen, device=like.device, dtype=like.dtype) >= self.dropout_p
         return keep.to(like.dtype) / (1 - self.dropout_p)
 
+    def scores(self, ws: _Workspace, sl: slice, masked: bool, qg: Tensor, kg: Tensor) -> Tensor:
+        """A batch's scores (c, Qc, s) in the workspace (queries come scaled), masked chunks' bias added."""
+        out = ws.get("scores", (*qg.shape[:2], kg.shape[1]), qg)
+        torch.bmm(qg, kg.transpose(1, 2), out=out)
+        return out.add_(self.bias(sl, qg.dtype)) if masked else out
+
 
 def _operands(call: PairCall, sl: slice, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A batch's gathered query rows (c, Qc, d) and key and value blocks (c, s, d)."""
@@ -139,48 +192,42 @@ def _operands(call: PairCall, sl: slice, q: Tensor, k: Tensor, v: Tensor) -> tup
     return qg, k.index_select(0, key), v.index_select(0, key)
 
 
-def _probabilities(call: PairCall, sl: slice, qg: Tensor, kg: Tensor, lse: Tensor) -> Tensor:
-    """exp(s - lse) of a batch (c, Qc, s): the exact probabilities, 0 where masked or the row is empty."""
-    bias, keep = call.bias(sl, qg.dtype)
-    scores = torch.baddbmm(bias, qg, kg.transpose(1, 2), alpha=call.scale)
-    row_lse = lse.index_select(0, call.chunks.rows[sl].reshape(-1)).view(*qg.shape[:2], 1)
-    return torch.where(keep, torch.exp(scores - row_lse.clamp(min=torch.finfo(scores.dtype).min)), 0.0)
-
-
-def _log_sum_exp(call: PairCall, q: Tensor, k: Tensor) -> Tensor:
-    """Pass 1: every row's log-sum-exp over all its pairs (BH * Nq,), -inf for rows with no allowed key."""
-    maxima, sums = [], []
-    for _, sl in call.batches():
-        qg, kg, _ = _operands(call, sl, q, k, k)
-        bias, _ = call.bias(sl, qg.dtype)
-        scores = torch.baddbmm(bias, qg, kg.transpose(1, 2), alpha=call.scale)
-        m = scores.amax(-1)  # (c, Qc)
-        safe = torch.where(m > float("-inf"), m, 0.0)
-        maxima.append(m.reshape(-1))
-        sums.append(torch.exp(scores - safe[..., None]).sum(-1).reshape(-1))
-    rows = call.chunks.rows.reshape(-1)
-    m, l = torch.cat(maxima), torch.cat(sums)
-    top = torch.full((q.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)
-    top.scatter_reduce_(0, rows, m, "amax")
-    weight = torch.where(m > float("-inf"), torch.exp(m - top[rows].clamp(min=torch.finfo(q.dtype).min)), 0.0)
-    total = torch.zeros_like(top).index_add_(0, rows, l * weight)
-    return torch.where(total > 0, top + torch.log(total), float("-inf"))
-
-
 class _PairAttention(torch.autograd.Function):
-    """q (BH * Nq, d), k (BH * nKB, s, d), v (BH * nKB, s, dv) -> out (BH * Nq, dv) and lse (BH * Nq,)."""
+    """q (BH * Nq + 1, d) scaled, with the spare row last; k (BH * nKB, s, d), v (BH * nKB, s, dv)
+    -> out (BH * Nq + 1, dv) and lse (BH * Nq + 1,) (the spare row's is +inf)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, call: PairCall):
-        lse = _log_sum_exp(call, q, k)
-        out = torch.zeros(q.shape[0], v.shape[-1], dtype=q.dtype, device=q.device)
-        for n, sl in call.batches():
-            qg, kg, vg = _operands(call, sl, q, k, v)
-            probs = _probabilities(call, sl, qg, kg, lse)
-            keep = call.dropout_keep(n, probs)
-            if keep is not None:
-                probs = probs * keep
-            out.index_add_(0, call.chunks.rows[sl].reshape(-1), torch.bmm(probs, vg).view(-1, v.shape[-1]))
+        ws = _Workspace()
+        top = torch.full((q.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)
+        total = torch.zeros_like(top)
+        out = q.new_zeros(q.shape[0], v.shape[-1])
+        # One pass per group of heads: each chunk row's maximum, sum and unnormalised output, merged over the
+        # row's chunks once the group is done (the online softmax's reduction, by scatter).
+        for group in call.groups(v.shape[-1]):
+            maxima, sums, parts = [], [], []
+            for n, sl, masked in call.batches(group):
+                qg, kg, vg = _operands(call, sl, q, k, v)
+                scores = call.scores(ws, sl, masked, qg, kg)
+                m = scores.amax(-1, keepdim=True)  # (c, Qc, 1)
+                if masked:  # rows with no allowed key in this chunk: -inf, weight 0 in the merge
+                    scores.sub_(torch.where(m > float("-inf"), m, 0.0)).exp_()
+                else:
+                    scores.sub_(m).exp_()
+                maxima.append(m.flatten())
+                sums.append(scores.sum(-1).flatten())
+                keep = call.dropout_keep(n, scores)
+                parts.append(torch.bmm(scores if keep is None else scores * keep, vg).flatten(0, 1))
+            rows = call.chunks.rows[group].reshape(-1)
+            m = torch.cat(maxima)
+            top.scatter_reduce_(0, rows, m, "amax")
+            weight = torch.where(m > float("-inf"), torch.exp(m - top[rows].clamp(min=torch.finfo(q.dtype).min)), 0.0)
+            total.index_add_(0, rows, torch.cat(sums) * weight)
+            out.index_add_(0, rows, torch.cat(parts).mul_(weight[:, None]))
+        live = total > 0
+        out = torch.where(live[:, None], out / torch.where(live, total, 1.0)[:, None], 0.0)
+        lse = torch.where(live, top + torch.log(total), float("-inf"))
+        lse[-1] = float("inf")  # the spare row: probabilities 0 in backward
         ctx.call = call
         ctx.save_for_backward(q, k, v, out, lse)
         return out, lse
@@ -189,26 +236,31 @@ class _PairAttention(torch.autograd.Function):
     def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
         q, k, v, out, lse = ctx.saved_tensors
         call: PairCall = ctx.call
+        ws = _Workspace()
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         if dout is None:
             dout = torch.zeros_like(out)
         delta = (dout * out).sum(-1)  # rowsum(dO * O)
         if dlse is not None:  # d lse / d s = p: it enters as a shift of delta
-            delta = delta - torch.where(lse > float("-inf"), dlse, 0.0)
-        for n, sl in call.batches():
-            rows = call.chunks.rows[sl].reshape(-1)
-            qg, kg, vg = _operands(call, sl, q, k, v)
-            probs = _probabilities(call, sl, qg, kg, lse)
-            dog = dout.index_select(0, rows).view(*qg.shape[:2], -1)
-            keep = call.dropout_keep(n, probs)
-            dropped = probs if keep is None else probs * keep
-            dv.index_add_(0, call.chunks.key[sl], torch.bmm(dropped.transpose(1, 2), dog))
-            dp = torch.bmm(dog, vg.transpose(1, 2))
-            if keep is not None:
-                dp *= keep
-            ds = probs * (dp - delta.index_select(0, rows).view(*qg.shape[:2], 1))
-            dq.index_add_(0, rows, torch.bmm(ds, kg).view(-1, q.shape[-1]), alpha=call.scale)
-            dk.index_add_(0, call.chunks.key[sl], torch.bmm(ds.transpose(1, 2), qg), alpha=call.scale)
+            delta = delta - torch.where(lse.abs() < float("inf"), dlse, 0.0)
+        neg_lse = torch.where(lse > float("-inf"), -lse, float("-inf"))  # empty rows: probabilities 0
+        for group in call.groups(v.shape[-1]):
+            for n, sl, masked in call.batches(group):
+                rows = call.chunks.rows[sl].reshape(-1)
+                key = call.chunks.key[sl]
+                qg, kg, vg = _operands(call, sl, q, k, v)
+                probs = call.scores(ws, sl, masked, qg, kg)
+                probs.add_(neg_lse.index_select(0, rows).view(*qg.shape[:2], 1)).exp_()
+                dog = dout.index_select(0, rows).view(*qg.shape[:2], -1)
+                keep = call.dropout_keep(n, probs)
+                dropped = probs if keep is None else probs * keep
+                dv.index_add_(0, key, torch.bmm(dropped.transpose(1, 2), dog))
+                dp = torch.bmm(dog, vg.transpose(1, 2), out=ws.get("dp", probs.shape, probs))
+                if keep is not None:
+                    dp *= keep
+                ds = dp.sub_(delta.index_select(0, rows).view(*qg.shape[:2], 1)).mul_(probs)
+                dq.index_add_(0, rows, torch.bmm(ds, kg).flatten(0, 1))
+                dk.index_add_(0, key, torch.bmm(ds.transpose(1, 2), qg))
         return dq, dk, dv, None
 
 
@@ -249,17 +301,20 @@ def selected_attention(inp: AttentionInputs, resolved: Resolved, *, qc: int | No
     nk, dv = inp.k.shape[2], inp.v.shape[-1]
     nkb = -(-nk // block)
     qc = qc or block
-    blocks, chosen = pair_blocks(resolved, geo, block, device)
-    chunks = chunk_pairs(blocks, chosen, nkb, qc)
     real = torch.ones(b, nk, dtype=torch.bool, device=device) if inp.key_padding_mask is None \
         else inp.key_padding_mask
     key_real = F.pad(real, (0, nkb * block - nk)).view(b * nkb, block)
+    mask = resolved.pair_mask(geo, device)
+    blocks, chosen = pair_blocks(resolved, geo, block, device)
+    static_parts = resolved.base is not None or resolved.gate is not None
+    chunks = build_chunks(blocks, chosen, geo, block, qc, key_real, causal_only=resolved.node.causal,
+                          mask_all=static_parts or inp.attn_mask is not None)
     acc = torch.float32 if inp.q.dtype in (torch.float16, torch.bfloat16) else inp.q.dtype
     seed = int(torch.randint(0, 2**62, (1,))) if inp.dropout_p > 0 else 0
     call = PairCall(chunks=chunks, geo=geo, block=block, batch_chunks=max(1, TILE_BYTES // (qc * block * 4)),
-                    key_real=key_real, mask=resolved.pair_mask(geo, device), attn_mask=inp.attn_mask,
-                    scale=inp.scale, dropout_p=inp.dropout_p, seed=seed)
+                    key_real=key_real, mask=mask, attn_mask=inp.attn_mask, dropout_p=inp.dropout_p, seed=seed)
+    q = F.pad((inp.q.to(acc) * inp.scale).reshape(b * h * nq, d), (0, 0, 0, 1))  # scaled, and the spare row
     pad = lambda t: F.pad(t.to(acc), (0, 0, 0, nkb * block - nk)).reshape(b * h * nkb, block, t.shape[-1])  # noqa
-    out, lse = _PairAttention.apply(inp.q.to(acc).reshape(b * h * nq, d), pad(inp.k), pad(inp.v), call)
-    out = out.view(b, h, nq, dv).to(inp.q.dtype)
-    return (out, lse.view(b, h, nq)) if return_lse else out
+    out, lse = _PairAttention.apply(q, pad(inp.k), pad(inp.v), call)
+    out = out[:-1].view(b, h, nq, dv).to(inp.q.dtype)
+    return (out, lse[:-1].view(b, h, nq)) if return_lse else out
