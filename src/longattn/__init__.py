@@ -5,7 +5,7 @@ import sys as _sys
 from .backends import Choice
 from .caches import cache_sizes, clear_caches
 from .functional import attention, explain
-from .modules import BottleneckAttention2d, RelativeAttention, SparseSelfAttention
+from .modules import BottleneckAttention2d, MoBAAttention, RelativeAttention, SparseSelfAttention
 from .patterns import (
     PRESETS,
     Pattern,
@@ -25,6 +25,7 @@ from .patterns import (
     sliding_window,
     sparse_transformer,
     strided,
+    topk_blocks,
     window_2d,
 )
 
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BottleneckAttention2d",
     "Choice",
+    "MoBAAttention",
     "PRESETS",
     "Pattern",
     "RelativeAttention",
@@ -57,6 +59,7 @@ __all__ = [
     "sliding_window",
     "sparse_transformer",
     "strided",
+    "topk_blocks",
     "window_2d",
 ]
 

@@ -34,6 +34,7 @@ from .config_fields import check_fields
 PATTERN_PRESETS: dict[str, str | None] = {
     "full": None,
     "window": "lookback",  # the last 256 keys: sliding_window(255, 0)
+    "moba": "moba_32_causal",  # MoBA: the top 8 of the 32-token key blocks (256 keys), chosen per query
     "strided": "strided_32",  # Sparse Transformer: heads alternate 32 local keys / every 32nd key
     "fixed": "fixed_32_4",  # Sparse Transformer: heads alternate own 32-block / last 4 of every block
     "bigbird": "bigbird_32",  # causal BigBird: window, global and random blocks of 32 tokens

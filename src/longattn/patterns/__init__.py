@@ -8,6 +8,7 @@ a readable name; ``|``, ``&`` and ``per_head`` compose them. ``presets`` is the 
 from ._base import AllowedFn, Geometry, Pattern, Snapshot, block_ranges, dense_mask, pattern_dataclass
 from .bigbird import bigbird
 from .causal import causal
+from .compressed import compressed_causal
 from .compose import per_head
 from .documents import documents, segment_ids
 from .full import full
@@ -18,6 +19,7 @@ from .parse import parse_pattern
 from .presets import PRESETS, Preset, as_pattern, build_preset
 from .random_blocks import random_blocks
 from .sparse_transformer import fixed, sparse_transformer, strided
+from .topk_blocks import SelectedBlocks, topk_blocks
 from .window import dilated, sliding_window
 from .window_2d import window_2d
 
@@ -28,12 +30,14 @@ __all__ = [
     "PRESETS",
     "Pattern",
     "Preset",
+    "SelectedBlocks",
     "Snapshot",
     "as_pattern",
     "bigbird",
     "block_ranges",
     "build_preset",
     "causal",
+    "compressed_causal",
     "dense_mask",
     "dilated",
     "documents",
@@ -50,5 +54,6 @@ __all__ = [
     "sliding_window",
     "sparse_transformer",
     "strided",
+    "topk_blocks",
     "window_2d",
 ]

@@ -19,13 +19,14 @@ from .global_tokens import global_tokens
 from .longformer import longformer
 from .random_blocks import random_blocks
 from .sparse_transformer import fixed, sparse_transformer, strided
+from .topk_blocks import topk_blocks
 from .window import dilated, sliding_window
 from .window_2d import window_2d
 
 CONSTRUCTORS: dict[str, Callable[..., Pattern]] = {
     f.__name__: f
     for f in (full, sliding_window, dilated, global_tokens, random_blocks, bigbird, strided, fixed, causal,
-              per_head, longformer, sparse_transformer, window_2d, documents)
+              per_head, longformer, sparse_transformer, window_2d, documents, topk_blocks)
 }
 
 

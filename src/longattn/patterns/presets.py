@@ -28,6 +28,7 @@ from .compose import per_head
 from .longformer import longformer
 from .parse import CONSTRUCTORS, parse_pattern
 from .sparse_transformer import StrideColumns, sparse_transformer
+from .topk_blocks import topk_blocks
 from .window import check_window, sliding_window
 
 Builder = Callable[..., "Pattern | None"]
@@ -117,6 +118,10 @@ def _fixed(n: int | None, *, block: int | None = None, c: int = 8, causal: bool 
     return sparse_transformer("fixed", block=block, c=min(c, block), causal=causal)
 
 
+def _moba(n: int | None, *, block: int = 64, top_k: int = 3, causal: bool = False) -> Pattern:
+    return topk_blocks(top_k, block, causal=causal)
+
+
 def _table(*presets: Preset) -> dict[str, Preset]:
     return {p.name: p for p in presets}
 
@@ -133,6 +138,10 @@ _FIXED = Preset("fixed", "Sparse Transformer fixed, heads alternate: the own `bl
 _LOOKBACK = Preset("lookback", "the last `keys` keys, the query's own included (a causal model's local window)",
                    _lookback)
 
+_MOBA = Preset("moba", "MoBA: each query attends the `top_k` key blocks of `block` tokens whose mean key scores "
+               "highest with it, its own block included (chosen per call from q and k); `causal` for decoders",
+               _moba)
+
 #: every named pattern, by name
 PRESETS: dict[str, Preset] = _table(
     Preset("full", "every query attends every key (None: SDPA without a mask)", _full),
@@ -142,6 +151,7 @@ PRESETS: dict[str, Preset] = _table(
     _BIGBIRD,
     _STRIDED,
     _FIXED,
+    _MOBA,
     # The benchmark's patterns (DESIGN.md's reference points).
     _LONGFORMER.variant("longformer_512", "Longformer's window of 512 (256 each side), no global tokens",
                         window=512),
@@ -160,6 +170,8 @@ PRESETS: dict[str, Preset] = _table(
                    block=32, c=4),
     _BIGBIRD.variant("bigbird_32", "BigBird-32: 3 window, 2 global and 3 random blocks of 32 tokens, seed 0",
                      block=32),
+    _MOBA.variant("moba_32_causal", "causal MoBA: the top 8 of the key blocks of 32 tokens (256 keys, as lookback)",
+                  block=32, top_k=8, causal=True),
 )
 
 

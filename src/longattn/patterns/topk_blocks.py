@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._base import AllowedFn, Geometry, Pattern, _cdiv, _check_int, pattern_dataclass
+from .causal import CausalMask
 from .full import Empty, Full
 
 #: scores evaluated at once while choosing (batch x heads x query rows x key blocks)
@@ -142,18 +143,32 @@ def _increasing(index: Tensor) -> Tensor:
 
 
 class SelectedBlocks(Pattern):
-    """The blocks one call chose (``TopKBlocks.select``) as a concrete pattern: query row r attends key j when
-    j's block is one of ``blocks[b, h, r]`` (and ``j <= i`` where causal). Held by value, never cached."""
+    """Blocks chosen for one call (``TopKBlocks.select``, or by the caller: NSA) as a concrete pattern: query
+    row r attends key j when j's block is one of ``blocks[b, h, r]`` (-1 = an empty place) and, where causal,
+    ``j <= i``. Held by value, never cached; ``longattn.attention`` runs it on the pair kernel."""
 
-    def __init__(self, blocks: Tensor, block: int, causal: bool):
+    def __init__(self, blocks: Tensor, block: int, causal: bool = False):
+        if not isinstance(blocks, Tensor) or blocks.dim() != 4 or blocks.dtype != torch.long:
+            raise ValueError("blocks must be a (B, H, Nq, K) long tensor of key block indices (-1 = none)")
+        _check_int(block, "block", minimum=1)
         self.blocks, self.block, self.causal = blocks, block, causal
         self.name = f"selected_blocks_{blocks.shape[-1]}_{block}" + ("_causal" if causal else "")
+
+    def select(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        return self.blocks
+
+    @property
+    def preferred_block(self) -> int:  # type: ignore[override]
+        return self.block
 
     def validate(self, geo: Geometry) -> None:
         b, h, nq, _ = self.blocks.shape
         if nq != geo.q_len or b not in (1, geo.batch) or h not in (1, geo.num_heads):
             raise ValueError(f"selected blocks of shape {tuple(self.blocks.shape)} do not fit (B, H, Nq) = "
                              f"({geo.batch}, {geo.num_heads}, {geo.q_len})")
+        if self.blocks.numel() and int(self.blocks.max()) >= _cdiv(geo.kv_len, self.block):
+            raise ValueError(f"selected blocks: block {int(self.blocks.max())} is past the last of "
+                             f"{_cdiv(geo.kv_len, self.block)} key blocks")
 
     def _allowed_fn(self, geo: Geometry, device: torch.device) -> AllowedFn:
         blocks, block, causal, offset = self.blocks.to(device), self.block, self.causal, geo.offset
@@ -199,8 +214,8 @@ class Resolved:
     pairs of ``base``'s plan and of the choice, masked by ``base | (chosen & gate)``.
     """
 
-    node: TopKBlocks
-    blocks: Tensor  # (B, H, Nq, k) the chosen blocks, -1 = none
+    node: TopKBlocks | SelectedBlocks
+    blocks: Tensor  # (B', H', Nq, k) the chosen blocks, -1 = none
     pattern: Pattern  # f(chosen blocks)
     base: Pattern | None  # f(nothing); None when it allows nothing
     gate: Pattern | None  # f(everything); None when it allows everything
@@ -227,11 +242,12 @@ class Resolved:
         return mask
 
 
-def content_parts(pattern: Pattern) -> list[TopKBlocks]:
-    """The content-dependent parts of a pattern (a composition's, recursively)."""
-    if isinstance(pattern, TopKBlocks):
+def content_parts(pattern: Pattern) -> list[TopKBlocks | SelectedBlocks]:
+    """The content-dependent parts of a pattern (a composition's, recursively): ``topk_blocks``, and blocks
+    chosen by the caller (``SelectedBlocks``: NSA's selection), which the same kernels run."""
+    if isinstance(pattern, (TopKBlocks, SelectedBlocks)):
         return [pattern]
-    out: list[TopKBlocks] = []
+    out: list[TopKBlocks | SelectedBlocks] = []
     for child in _children(pattern):
         out += [p for p in content_parts(child) if p not in out]
     return out
@@ -251,8 +267,11 @@ def resolve(pattern: Pattern, q: Tensor, k: Tensor, key_padding_mask: Tensor | N
     blocks = node.select(q, k, key_padding_mask)
     base = _substitute(pattern, node, Empty())
     gate = _substitute(pattern, node, Full())
-    return Resolved(node, blocks, _substitute(pattern, node, SelectedBlocks(blocks, node.block, node.causal)),
-                    None if isinstance(base, Empty) else base, None if isinstance(gate, Full) else gate)
+    if node.causal and isinstance(gate, CausalMask):  # causal(topk_blocks(..., causal=True)): nothing to add
+        gate = Full()
+    chosen = node if isinstance(node, SelectedBlocks) else SelectedBlocks(blocks, node.block, node.causal)
+    return Resolved(node, blocks, _substitute(pattern, node, chosen), None if isinstance(base, Empty) else base,
+                    None if isinstance(gate, Full) else gate)
 
 
 def _children(pattern: Pattern) -> list[Pattern]:
