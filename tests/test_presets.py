@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import longattn as la
+from longattn.patterns.topk_blocks import is_content_dependent
 from longattn.tools.bench import BENCH_PATTERNS, DEFAULT_PATTERNS
 from longattn.lra.attentions import ALIASES, ATTENTIONS, MIXERS, build_attention
 from longattn.models.xl import PATTERN_PRESETS, resolve_pattern
@@ -20,7 +21,10 @@ def test_every_preset_builds_and_says_what_it_is(name):
     assert p.name == name and p.description and "\n" not in p.description
     pattern = build_preset(name, 1024)
     assert pattern is None if name == "full" else isinstance(pattern, la.Pattern)
-    if pattern is not None:  # applies at that length, on a head count every preset divides
+    if pattern is not None and is_content_dependent(pattern):  # no mask before a call: it says so
+        with pytest.raises(ValueError, match="chooses its keys from q and k"):
+            pattern.density(1024, num_heads=2)
+    elif pattern is not None:  # applies at that length, on a head count every preset divides
         assert 0 < pattern.density(1024, num_heads=2) <= 1
 
 

@@ -25,7 +25,7 @@ class MoBAAttention(SparseSelfAttention):
         top_k: blocks each query attends, its own included (the paper's 3).
         causal: a decoder: future blocks are never chosen, the own block is causal inside.
         extra: a pattern united with the choice (``sliding_window(256)``, ``global_tokens([0])``); None: none.
-        Other arguments as ``SparseSelfAttention``.
+        **kwargs: the other arguments of ``SparseSelfAttention`` (``qkv_dim``, ``dropout``, ``backend``, ...).
     """
 
     def __init__(self, dim: int, heads: int, *, block: int = 64, top_k: int = 3, causal: bool = False,
