@@ -1,4 +1,4 @@
-"""Combiner and FIT as byte LMs (``longattn lm train --pattern combiner-fixed|combiner-logsparse|fit``).
+"""Combiner, FIT, MoBA and NSA as byte LMs (``longattn lm train --pattern combiner-fixed|...|fit|moba|nsa``).
 
 Transformer-XL's causal Combiner layer equals a float64 loop written from its definition (the paper's
 factorisation with Transformer-XL's relative scores, an abstraction placed at its region's mean position),
@@ -16,7 +16,8 @@ import torch
 from longattn.lm import build_lm, load_lm, preset, train_lm
 from longattn.lm.corpus import Corpus
 from longattn.models import FITLM
-from longattn.models.xl import TransformerXL, XLConfig
+from longattn.models.xl import NSA_LM_SHAPE, TransformerXL, XLConfig
+from longattn.patterns import sliding_window
 from longattn.modules.relative import RelativeAttention, sinusoid
 from longattn.training import checkpoint
 from longattn.training.setup import CHECKPOINT
@@ -98,7 +99,8 @@ def _lm(pattern: str, **kw):
     return build_lm(cfg).double().eval()
 
 
-LMS = ["combiner-fixed-4", "combiner-logsparse", "combiner-mixture-4", "fit"]
+LMS = ["combiner-fixed-4", "combiner-logsparse", "combiner-mixture-4", "fit", "moba", "topk_blocks(2, 4, causal=True)",
+       "nsa"]
 
 
 @pytest.mark.parametrize("pattern", LMS)
@@ -122,6 +124,20 @@ def test_one_combiner_layer_reaches_every_memory_state(pattern):
     block = model.blocks[0]
     jac = torch.autograd.functional.jacobian(lambda m: block.attn(x, m)[0, 0], memory)  # (C, 1, M, C)
     assert (jac.abs().sum((0, 1, 3)) > 0).all()
+
+
+def test_nsa_layer_trains_every_branch_and_reads_the_memory():
+    """Every NSA parameter of an LM layer gets a gradient, and the segment depends on the memory (through the
+    summaries and the chosen blocks, beyond the window's reach of 128 keys for the first byte)."""
+    model = _lm("nsa", depth=1)
+    attn = model.blocks[0].attn
+    x = torch.randn(1, 16, 32, dtype=torch.float64)
+    memory = torch.randn(1, 200, 32, dtype=torch.float64, requires_grad=True)
+    out = attn(x, memory)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attn.parameters())
+    reach = memory.grad.abs().sum((0, 2))  # (M,)
+    assert (reach[:72] > 0).sum() > 16, "the first 72 memory states, outside every window, are read"
 
 
 def test_fit_lm_memory_is_the_previous_bytes_and_groups_start_at_the_segment():
@@ -157,6 +173,10 @@ def test_bad_lm_configs_are_named():
         _lm("combiner-fixed")(torch.zeros(1, 4, dtype=torch.long), attn_mask=torch.ones(4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="combiner attends through abstractions"):
         RelativeAttention(16, 2, combiner="fixed", clamp_len=4)
+    with pytest.raises(ValueError, match="no same_length, clamp_len"):
+        XLConfig(pattern="nsa", same_length=True)
+    with pytest.raises(ValueError, match="nsa chooses its own keys"):
+        RelativeAttention(16, 2, nsa=NSA_LM_SHAPE, pattern=sliding_window(3))
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +186,7 @@ def tiny_corpus() -> Corpus:
     return Corpus("letters", data[:24_000], data[24_000:27_000], data[27_000:], "0" * 16, "generated")
 
 
-@pytest.mark.parametrize("pattern", ["combiner-logsparse", "fit"])
+@pytest.mark.parametrize("pattern", ["combiner-logsparse", "fit", "nsa"])
 def test_training_resumes_exactly_and_loads_back(pattern, tiny_corpus, tmp_path):
     torch.set_num_threads(1)
     cfg = preset("tiny", model={"pattern": pattern, "dropout": 0.1}, train={"steps": 8, "eval_every": 4})

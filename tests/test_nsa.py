@@ -42,8 +42,9 @@ def reference_nsa(module: NativeSparseAttention, x, kpm=None):
             out = []
             for p in range(n):
                 def visible_summaries():
-                    return [t for t in range(s) if real[e, t * shape.cmp_stride:t * shape.cmp_stride + shape.cmp_length].any()
-                            and (not causal or t * shape.cmp_stride + shape.cmp_length - 1 <= p)]
+                    first = [t * shape.cmp_stride for t in range(s)]
+                    return [t for t in range(s) if real[e, first[t]:first[t] + shape.cmp_length].any()
+                            and (not causal or first[t] + shape.cmp_length - 1 <= p)]
                 vis = visible_summaries()
                 o_cmp = softmax_mix(q[e, hq, p], k_cmp[e, kh, vis], v_cmp[e, kh, vis], scale)
                 # importance: the summed compressed probabilities of the group's heads, spread over stride cells

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..modules.native_sparse import NSAShape
 from ..modules.relative import COMBINER_KINDS, METHODS, RelativeAttention, RelativePositions
 from ..patterns import Pattern, as_pattern, causal, sliding_window
 from . import hf_checkpoint as ckpt
@@ -45,6 +46,12 @@ PATTERN_PRESETS: dict[str, str | None] = {
 #: region default 32) and ``"fit"``, the byte LM on FIT's causal decoder (``longattn.models.FITLM``)
 COMBINER_REGION = 32
 FIT_LM = "fit"
+#: ``XLConfig.pattern = "nsa"``: causal Native Sparse Attention in every layer, sized for the byte LM's 256 + 256
+#: keys: 16-token summaries every 8, the top 4 of the 32-token blocks (the first and the two latest included)
+#: and the last 128 keys
+NSA_LM = "nsa"
+NSA_LM_SHAPE = NSAShape(cmp_length=16, cmp_stride=8, select_block=32, select_top=4, window=128, init_blocks=1,
+                        local_blocks=2)
 
 
 def combiner_spec(spec: str | None) -> tuple[str, int] | None:
@@ -100,7 +107,7 @@ class XLConfig:
     pos_dim: int | None = None  # sinusoid width of the relative encodings, default dim (the paper's)
     dropout: float = 0.1  # on embeddings, attention output and feed-forward
     attn_dropout: float = 0.0  # on attention probabilities
-    pattern: str | None = None  # a PATTERN_PRESETS name, a preset, a pattern expression, combiner-<kind>, "fit";
+    pattern: str | None = None  # a PATTERN_PRESETS name, a preset, a pattern expression, combiner-<kind>, "fit", "nsa";
     # None = full causal
     seg_len: int = 512  # bytes per training segment (the paper's tgt_len)
     mem_len: int = 512  # memory length in training; evaluation may pass a longer one
@@ -115,7 +122,7 @@ class XLConfig:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads}), or set head_dim")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.pattern == FIT_LM or combiner_spec(self.pattern):
+        if self.pattern in (FIT_LM, NSA_LM) or combiner_spec(self.pattern):
             if self.same_length or self.clamp_len is not None or self.method == "shift":
                 raise ValueError(f"pattern {self.pattern!r} has no same_length, clamp_len or method='shift' (those "
                                  "need Transformer-XL's attention over its keys; this one attends through summaries)")
@@ -164,7 +171,8 @@ class XLBlock(nn.Module):
         kind, region = combiner_spec(cfg.pattern) or (None, COMBINER_REGION)
         self.attn = RelativeAttention(cfg.dim, cfg.heads, head_dim=cfg.head_dim, pattern=pattern,
                                       pos_dim=cfg.pos_dim, clamp_len=cfg.clamp_len, dropout=cfg.attn_dropout,
-                                      method=cfg.method, backend=backend, combiner=kind, region=region, **factory)
+                                      method=cfg.method, backend=backend, combiner=kind, region=region,
+                                      nsa=NSA_LM_SHAPE if cfg.pattern == NSA_LM else None, **factory)
         self.norm2 = nn.LayerNorm(cfg.dim, **factory)
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, ffn, **factory), nn.GELU(), nn.Dropout(cfg.dropout),
                                  nn.Linear(ffn, cfg.dim, **factory))
@@ -196,7 +204,8 @@ class TransformerXL(ckpt.Pretrained, nn.Module):
         if cfg.pattern == FIT_LM:
             raise ValueError("pattern 'fit' is the FIT decoder LM: build longattn.models.FITLM (longattn.lm.build_lm "
                              "picks the class from the config)")
-        self.base_pattern = None if combiner_spec(cfg.pattern) else resolve_pattern(cfg.pattern)
+        attends_itself = combiner_spec(cfg.pattern) or cfg.pattern == NSA_LM  # no pattern: its own keys
+        self.base_pattern = None if attends_itself else resolve_pattern(cfg.pattern)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, **factory)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(XLBlock(cfg, self.base_pattern, backend=backend, **factory)

@@ -12,6 +12,6 @@ from .sparse_self_attention import SparseSelfAttention
 from .transformer_block import Block
 
 __all__ = ["QKV", "Block", "BottleneckAttention2d", "CombinerAttention", "CrossAttention", "EtcStructure",
-           "GlobalLocalAttention", "GlobalLocalOutput", "GlobalLocalSpec", "MoBAAttention", "NSAShape", "NativeSparseAttention", "RelativeAttention", "RelativePositions",
-           "RelativeTable", "SparseSelfAttention", "combiner_attention", "etc_structure", "global_local_attention", "native_sparse_attention",
-           "rel_shift"]
+           "GlobalLocalAttention", "GlobalLocalOutput", "GlobalLocalSpec", "MoBAAttention", "NSAShape",
+           "NativeSparseAttention", "RelativeAttention", "RelativePositions", "RelativeTable", "SparseSelfAttention",
+           "combiner_attention", "etc_structure", "global_local_attention", "native_sparse_attention", "rel_shift"]

@@ -21,6 +21,12 @@ The position term is computed one of two exact ways:
 
 ``"auto"`` takes ``"factorised"`` unless ``clamp_len`` is shorter than the context.
 
+With ``nsa=NSAShape(...)`` the layer is causal Native Sparse Attention (``longattn.modules.native_sparse``)
+over ``[memory; segment]``: the selected branch uses the layer's keys and values, the compressed and window
+branches their own. Scores keep the factorised relative term: tokens carry ``[cos(j w), sin(j w)]``, a summary
+the features of its block's mean position; the choice reads the compressed branch's probabilities, position
+term included.
+
 With ``combiner=kind`` (``"fixed"``, ``"logsparse"`` or ``"mixture"``) the layer is causal Combiner attention
 (``longattn.modules.combiner``) over ``[memory; segment]`` instead of a pattern: each query attends its own
 region directly and every earlier region through its abstraction. The abstractions are taken over the whole
@@ -44,6 +50,7 @@ from torch import Tensor, nn
 from ..functional import attention
 from ..patterns import Pattern, causal
 from .combiner import abstractions, attend
+from .native_sparse import BRANCHES, BlockCompressor, NSAShape, native_sparse_attention
 
 METHODS = ("auto", "factorised", "shift")
 COMBINER_KINDS = ("fixed", "logsparse", "mixture")  # the causal kinds on a 1-D sequence (axial needs rows)
@@ -136,6 +143,8 @@ class RelativeAttention(nn.Module):
         backend: passed to ``longattn.attention``.
         combiner: a Combiner kind (``COMBINER_KINDS``) to attend with instead of ``pattern`` (module docstring).
         region: tokens per region for ``combiner`` (fixed blocks; logsparse's regions are dyadic).
+        nsa: the branch sizes of causal Native Sparse Attention to attend with instead of ``pattern`` (module
+            docstring); adds the compressed and window branches' keys and values, their compressors and gates.
 
     Parameters: ``qkv`` (no bias), ``r_net`` = W_r (no bias), ``u`` and ``v`` ``(H, d)`` (the paper's
     position-independent biases, ``r_w_bias`` and ``r_r_bias`` in its code), ``proj`` (no bias).
@@ -144,7 +153,7 @@ class RelativeAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, pattern: Pattern | None = None,
                  pos_dim: int | None = None, clamp_len: int | None = None, dropout: float = 0.0,
                  method: str = "auto", backend: str = "auto", combiner: str | None = None, region: int = 32,
-                 device=None, dtype=None):
+                 nsa: NSAShape | None = None, device=None, dtype=None):
         super().__init__()
         head_dim = dim // heads if head_dim is None else head_dim
         pos_dim = dim if pos_dim is None else pos_dim
@@ -166,7 +175,13 @@ class RelativeAttention(nn.Module):
                                  "term is the factorised one (no method='shift', no clamp_len)")
             if isinstance(region, bool) or not isinstance(region, int) or region < 1:
                 raise ValueError(f"region must be a positive int, got {region!r}")
-        self.combiner, self.region = combiner, region
+        if nsa is not None:
+            if not isinstance(nsa, NSAShape):
+                raise TypeError(f"nsa must be an NSAShape or None, got {type(nsa).__name__}")
+            if pattern is not None or combiner is not None or method == "shift" or clamp_len is not None:
+                raise ValueError("nsa chooses its own keys: it takes no pattern or combiner, and its position term is "
+                                 "the factorised one (no method='shift', no clamp_len)")
+        self.combiner, self.region, self.nsa = combiner, region, nsa
         self.dim, self.heads, self.head_dim, self.pos_dim = dim, heads, head_dim, pos_dim
         self.pattern = causal(pattern)
         self.clamp_len, self.dropout, self.method, self.backend = clamp_len, dropout, method, backend
@@ -177,6 +192,11 @@ class RelativeAttention(nn.Module):
         self.u = nn.Parameter(torch.empty(heads, head_dim, **factory))
         self.v = nn.Parameter(torch.empty(heads, head_dim, **factory))
         self.proj = nn.Linear(inner, dim, bias=False, **factory)
+        if nsa is not None:  # the compressed and window branches' own keys and values (selected: qkv's)
+            self.nsa_kv = nn.Linear(dim, 4 * inner, bias=False, **factory)
+            self.compress_k = BlockCompressor(nsa.cmp_length, head_dim, **factory)
+            self.compress_v = BlockCompressor(nsa.cmp_length, head_dim, **factory)
+            self.gate = nn.Linear(dim, len(BRANCHES) * heads, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -184,6 +204,10 @@ class RelativeAttention(nn.Module):
             nn.init.normal_(lin.weight, std=0.02)
         nn.init.normal_(self.u, std=0.02)
         nn.init.normal_(self.v, std=0.02)
+        if self.nsa is not None:
+            for lin in (self.nsa_kv, self.gate):
+                nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(self.gate.bias)
 
     def positions(self, q_len: int, kv_len: int, *, device=None, dtype=torch.float32) -> RelativePositions:
         return RelativePositions.build(q_len, kv_len, self.pos_dim, clamp_len=self.clamp_len, device=device,
@@ -221,6 +245,11 @@ class RelativeAttention(nn.Module):
             out = self._combiner_attention(q_all, k, v, nq, positions, key_padding_mask, dropout_p)
             return self.proj(out.transpose(1, 2).reshape(b, nq, h * d))
         q = nn.functional.linear(x, w_q).view(b, nq, h, d).transpose(1, 2)  # (B, H, Nq, d)
+        if self.nsa is not None:
+            if attn_mask is not None:
+                raise ValueError("attn_mask: NSA takes no extra mask (its branches decide the keys)")
+            out = self._nsa_attention(x, context, q, k, v, positions, key_padding_mask, dropout_p)
+            return self.proj(out.transpose(1, 2).reshape(b, nq, h * d))
         method = self.method
         if method == "auto":
             method = "shift" if positions.clamped else "factorised"
@@ -267,6 +296,26 @@ class RelativeAttention(nn.Module):
         return attend(q_wide, torch.cat([k, token_features], dim=-1), v, parts, key_padding_mask=real,
                       scale=d ** -0.5, dropout_p=dropout_p, backend=self.backend)
 
+    def _nsa_attention(self, x: Tensor, context: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: RelativePositions,
+                       key_padding_mask: Tensor | None, dropout_p: float) -> Tensor:
+        """Causal NSA over the context for the queries of ``x``, with factorised relative positions: tokens carry
+        their key features, a summary those of its block's mean position (as Combiner's abstractions)."""
+        b, h, nk, d = k.shape
+        shape = self.nsa
+        kc, vc, kw, vw = nn.functional.linear(context, self.nsa_kv.weight).view(b, nk, 4, h, d).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        if key_padding_mask is not None:  # padded keys never enter a summary
+            kc, vc = (t * key_padding_mask[:, None, :, None].to(t.dtype) for t in (kc, vc))
+        k_sum, v_sum = self.compress_k(kc, shape.cmp_stride), self.compress_v(vc, shape.cmp_stride)
+        centres = torch.arange(k_sum.shape[2], device=k.device) * shape.cmp_stride + (shape.cmp_length - 1) / 2
+        widen = lambda t, feats: torch.cat([t, feats.to(t.dtype).expand(b, h, -1, -1)], dim=-1)  # noqa: E731
+        branches = {"compressed": (widen(k_sum, key_features(centres, self.pos_dim)), v_sum),
+                    "selected": (widen(k, pos.key_features), v), "window": (widen(kw, pos.key_features), vw)}
+        q_wide = torch.cat([q + self.u[:, None], self._rotated_queries(q + self.v[:, None], pos)], dim=-1)
+        gates = torch.sigmoid(self.gate(x)).view(b, -1, h, len(BRANCHES)).transpose(1, 2)  # (B, H, Nq, 3)
+        return native_sparse_attention(q_wide, branches, gates, shape, causal=True, key_padding_mask=key_padding_mask,
+                                       scale=d ** -0.5, dropout_p=dropout_p, backend=self.backend)
+
     def _alignment(self, nq: int) -> int:
         """Regions start at a multiple of this many keys before the segment: a fixed block, or for logsparse
         the dyadic block that covers the segment."""
@@ -297,5 +346,6 @@ class RelativeAttention(nn.Module):
 
     def extra_repr(self) -> str:
         attends = f"combiner={self.combiner!r}, region={self.region}" if self.combiner else f"pattern={self.pattern}"
+        attends = f"nsa={self.nsa}" if self.nsa is not None else attends
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, pos_dim={self.pos_dim}, "
                 f"{attends}, clamp_len={self.clamp_len}, method={self.method!r}")

@@ -72,7 +72,8 @@ def block_means(k: Tensor, block: int, key_padding_mask: Tensor | None = None) -
     """Mean of each key block's real keys (B, H, nKB, D) and whether it has any (B, 1, nKB) bool."""
     b, h, n, d = k.shape
     nkb = _cdiv(n, block)
-    real = torch.ones(b, n, dtype=k.dtype, device=k.device) if key_padding_mask is None else key_padding_mask.to(k.dtype)
+    real = (torch.ones(b, n, dtype=k.dtype, device=k.device) if key_padding_mask is None
+            else key_padding_mask.to(k.dtype))
     real = torch.nn.functional.pad(real, (0, nkb * block - n)).view(b, 1, nkb, block)
     kp = torch.nn.functional.pad(k, (0, 0, 0, nkb * block - n)).view(b, h, nkb, block, d)
     counts = real.sum(-1)  # (B, 1, nKB)
