@@ -90,7 +90,9 @@ def test_every_variant_builds_and_matches_the_dense_oracle(name):
     torch.manual_seed(0)
     cfg = EncoderConfig(vocab_size=16, num_classes=3, max_len=96, dim=32, depth=1, heads=2, ffn_dim=32,
                         dropout=0.0, attn_dropout=0.0)
-    settings = {"local": {"window": 16}, "longformer": {"window": 16}, "bigbird": {"block": 8}}.get(name)
+    settings = {"local": {"window": 16}, "longformer": {"window": 16}, "bigbird": {"block": 8},
+                "moba": {"block": 16, "top_k": 2}, "nsa": {"cmp_length": 16, "cmp_stride": 8, "select_block": 16,
+                                                           "select_top": 3, "window": 16}}.get(name)
     pattern = build_attention(name, cfg.seq_len, settings)
     tokens, lengths = torch.randint(1, 16, (2, 96)), torch.tensor([96, 50])
     outs = []
@@ -256,15 +258,17 @@ def test_quick_suite_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     assert not (tmp_path / "runs/listops/combiner-axial").exists()  # rows of an image: not run on ListOps
 
 
-# --- Combiner and FIT as LRA variants ---------------------------------------------------------------------------
+# --- Combiner, FIT and NSA as LRA variants ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["combiner-fixed", "combiner-logsparse", "combiner-axial", "combiner-mixture",
-                                  "fit"])
-def test_combiner_and_fit_variants_train_and_ignore_padding(name):
-    from longattn.models import CombinerMixer, FITMixer
+                                  "fit", "nsa"])
+def test_combiner_fit_and_nsa_variants_train_and_ignore_padding(name):
+    from longattn.models import CombinerMixer, FITMixer, NSAMixer
 
-    mixer = build_attention(name, 65)
-    assert isinstance(mixer, CombinerMixer if name.startswith("combiner") else FITMixer)
+    settings = {"cmp_length": 8, "cmp_stride": 4, "select_block": 8, "select_top": 3, "window": 8} if name == "nsa" \
+        else None
+    mixer = build_attention(name, 65, settings)
+    assert isinstance(mixer, {"fit": FITMixer, "nsa": NSAMixer}.get(name, CombinerMixer))
     torch.manual_seed(0)
     cfg = EncoderConfig(vocab_size=20, num_classes=3, max_len=64, dim=16, depth=2, heads=2, ffn_dim=32,
                         dropout=0.0, attn_dropout=0.0, pooling="cls")

@@ -43,7 +43,7 @@ def reference_nsa(module: NativeSparseAttention, x, kpm=None):
             for p in range(n):
                 def visible_summaries():
                     first = [t * shape.cmp_stride for t in range(s)]
-                    return [t for t in range(s) if real[e, first[t]:first[t] + shape.cmp_length].any()
+                    return [t for t in range(s) if real[e, first[t]:first[t] + shape.cmp_length].all()
                             and (not causal or first[t] + shape.cmp_length - 1 <= p)]
                 vis = visible_summaries()
                 o_cmp = softmax_mix(q[e, hq, p], k_cmp[e, kh, vis], v_cmp[e, kh, vis], scale)

@@ -30,7 +30,8 @@ from .corpus import Corpus, load_corpus, num_segments, segment, streams, unigram
 from .evaluate import evaluate
 from .train import LMRunConfig, build_lm, load_lm, preset, train_lm
 
-DEFAULT_PATTERNS = ("full", "window", "strided", "fixed", "bigbird", "combiner-fixed", "combiner-logsparse", "fit")
+DEFAULT_PATTERNS = ("full", "window", "strided", "fixed", "bigbird", "combiner-fixed", "combiner-logsparse", "fit",
+                    "moba", "nsa")
 EVALUATIONS = "evaluations.json"
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..models.encoder import CombinerMixer, FITMixer
+from ..models.encoder import CombinerMixer, FITMixer, NSAMixer
 from ..modules.combiner import KINDS as COMBINER_KINDS
 from ..patterns import PRESETS, Pattern, as_pattern
 
-#: variants that are no pattern: Combiner attention in every block, or FIT's groups and latents
-MIXERS: dict[str, CombinerMixer | FITMixer] = {
+#: variants that are no pattern: Combiner attention in every block, FIT's groups and latents, or NSA's branches
+MIXERS: dict[str, CombinerMixer | FITMixer | NSAMixer] = {
     **{f"combiner-{kind}": CombinerMixer(kind) for kind in COMBINER_KINDS},
-    "fit": FITMixer()}
+    "fit": FITMixer(), "nsa": NSAMixer()}
 #: variants meant for inputs that are images (rows of pixels); the suite runs them on those tasks only
 IMAGE_ONLY = frozenset({"combiner-axial"})
 
@@ -29,8 +29,8 @@ def suits(attention: str, task: str) -> bool:
     return attention not in IMAGE_ONLY or task.startswith(("pathfinder", "image", "pathx"))
 
 
-#: the variants of the LRA paper, each a preset of the same name, then Combiner and FIT
-ATTENTIONS: tuple[str, ...] = ("full", "local", "longformer", "bigbird", "strided", "fixed", *MIXERS)
+#: the variants of the LRA paper, each a preset of the same name, then MoBA (a preset), Combiner, FIT and NSA
+ATTENTIONS: tuple[str, ...] = ("full", "local", "longformer", "bigbird", "strided", "fixed", "moba", *MIXERS)
 ALIASES = {"transformer": "full", "sparse_transformer": "strided", "sparse-transformer": "strided"}
 #: LRA's settings over the presets' defaults: Longformer with a global CLS token, as LRA ran it
 LRA_SETTINGS: dict[str, dict] = {"longformer": {"global_cls": True}}
@@ -42,14 +42,15 @@ def check_attention(name: str) -> None:
         build_attention(name, 1)  # an expression does not depend on the length
 
 
-def build_attention(name: str, n: int, settings: dict | None = None) -> Pattern | CombinerMixer | FITMixer | None:
+def build_attention(name: str, n: int, settings: dict | None = None
+                    ) -> Pattern | CombinerMixer | FITMixer | NSAMixer | None:
     """The pattern of variant ``name`` for attention length ``n`` (None = full attention).
 
     ``name`` is one of ``ATTENTIONS`` (or an alias), or any preset of ``longattn.patterns.PRESETS``, with
     optional ``settings`` for its keywords; or a pattern expression for ``longattn.parse_pattern``.
     """
     key = ALIASES.get(name, name)
-    if key in MIXERS:  # settings: region for Combiner; group_size, latents for FIT
+    if key in MIXERS:  # settings: region for Combiner; group_size, latents for FIT; NSAMixer's sizes for NSA
         return replace(MIXERS[key], **(settings or {}))
     if key in PRESETS:
         return as_pattern(key, n, **{**LRA_SETTINGS.get(key, {}), **(settings or {})})

@@ -93,7 +93,9 @@ BASE: dict[str, LRAConfig] = {
 # half a minute of 2-core CPU training per (task, attention). Windows shrink with the input so that every
 # sparse variant really is sparse at these lengths, yet still spans what the task needs to relate: on 16x16
 # Pathfinder (raster order, 16 tokens per row) a window of 96 reaches 3 rows each side, BigBird's 16-token
-# blocks are image rows, strided(16) pairs a row (head A) with a column (head B).
+# blocks are image rows, strided(16) pairs a row (head A) with a column (head B). MoBA and NSA choose rows of
+# 16 tokens (ListOps: 3 blocks, 48 keys; Pathfinder: 6 rows, as many keys as the window); NSA's summaries
+# cover 2 rows on Pathfinder.
 QUICK: dict[str, LRAConfig] = {
     "listops": LRAConfig(
         "listops", ModelShape(dim=64, depth=2, heads=4, ffn_dim=128, dropout=0.0, attn_dropout=0.0),
@@ -102,7 +104,8 @@ QUICK: dict[str, LRAConfig] = {
         max_len=256, attention_settings={
             "local": {"window": 32}, "longformer": {"window": 32},
             "bigbird": {"block": 16, "window_blocks": 3, "global_blocks": 1, "random_blocks": 2},
-            "fixed": {"c": 4}},
+            "fixed": {"c": 4}, "moba": {"block": 16, "top_k": 3},
+            "nsa": {"cmp_length": 8, "cmp_stride": 4, "select_block": 16, "select_top": 3, "window": 32}},
         generate={"min_length": 60, "max_length": 250, "num_train": 6000, "num_val": 500, "num_test": 500}),
     # Two heads of 16 and a high learning rate: with four heads of 8, full attention and BigBird sat on
     # the 0.693 plateau for the whole run (attention over 256 pixels stays near uniform for longer).
@@ -114,7 +117,8 @@ QUICK: dict[str, LRAConfig] = {
         attention_settings={
             "local": {"window": 96}, "longformer": {"window": 96},
             "bigbird": {"block": 16, "window_blocks": 3, "global_blocks": 1, "random_blocks": 2},
-            "fixed": {"c": 4}},
+            "fixed": {"c": 4}, "moba": {"block": 16, "top_k": 6},
+            "nsa": {"cmp_length": 32, "cmp_stride": 16, "select_block": 16, "select_top": 4, "window": 64}},
         generate={"preset": "simple", "examples": 5000}),
 }
 

@@ -27,8 +27,8 @@ PAPER_ACCURACY = {
     "bigbird": {"listops": 36.05, "text": 64.02, "retrieval": 59.29, "image": 40.83, "pathfinder32": 74.87},
 }
 TASK_ORDER = ("listops", "text", "retrieval", "image", "pathfinder16", "pathfinder32", "pathfinder64", "pathfinder128")
-ATTENTION_ORDER = ("full", "local", "longformer", "bigbird", "strided", "fixed", "combiner-fixed", "combiner-axial",
-                   "fit")
+ATTENTION_ORDER = ("full", "local", "longformer", "bigbird", "strided", "fixed", "moba", "combiner-fixed",
+                   "combiner-axial", "fit", "nsa")
 
 
 def load_results(out: Path) -> list[dict]:

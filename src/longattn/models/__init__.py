@@ -3,7 +3,7 @@
 from ._registry import create_model, default_config, list_models
 from .bigbird import BigBirdConfig, BigBirdModel
 from .botnet import BotNet, BotNetConfig, FeatureMaps
-from .encoder import CombinerMixer, EncoderConfig, FITMixer, SparseEncoderClassifier
+from .encoder import CombinerMixer, EncoderConfig, FITMixer, NSAMixer, SparseEncoderClassifier
 from .etc import EtcConfig, EtcModel, EtcOutput, EtcStructure, etc_structure
 from .fit import FIT, FITConfig, FITOutput
 from .fit_lm import FITLM
@@ -12,7 +12,7 @@ from .paraformer import DocumentStates, ParaformerConfig, ParaformerRetriever, p
 from .xl import TransformerXL, XLConfig, XLOutput
 
 __all__ = ["FIT", "FITLM", "BigBirdConfig", "BigBirdModel", "BotNet", "BotNetConfig", "CombinerMixer", "DocumentStates",
-           "EncoderConfig", "EtcConfig", "EtcModel", "EtcOutput", "EtcStructure", "FITConfig", "FITMixer", "FITOutput",
+           "EncoderConfig", "EtcConfig", "EtcModel", "EtcOutput", "EtcStructure", "FITConfig", "FITMixer", "FITOutput", "NSAMixer",
            "FeatureMaps", "LongformerConfig", "LongformerModel", "ParaformerConfig", "ParaformerRetriever",
            "SparseEncoderClassifier", "TransformerXL", "XLConfig", "XLOutput", "create_model", "default_config",
            "etc_structure", "list_models", "pad_documents"]

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..modules import Block, CombinerAttention
+from ..modules import Block, CombinerAttention, NativeSparseAttention, NSAShape
 from ..patterns import Pattern
 from ..patterns import documents as documents_pattern
 from .config_fields import check_fields
@@ -56,6 +56,26 @@ class FITMixer:
         return self.group_size or best_group_size(length, self.latents)
 
     schedule = staticmethod(schedule_for_depth)
+
+
+@dataclass(frozen=True)
+class NSAMixer:
+    """Every block attends with bidirectional ``NativeSparseAttention`` of these sizes (``NSAShape``'s fields;
+    a sparser default than the paper's, which at LRA's lengths would cover nearly every key)."""
+
+    cmp_length: int = 32
+    cmp_stride: int = 16
+    select_block: int = 64
+    select_top: int = 4
+    window: int = 128
+    init_blocks: int = 1
+    local_blocks: int = 2
+    shift_invariant = False  # blocks sit on absolute positions
+    name = "nsa"
+
+    def shape(self) -> NSAShape:
+        return NSAShape(self.cmp_length, self.cmp_stride, self.select_block, self.select_top, self.window,
+                        self.init_blocks, self.local_blocks)
 
 
 @dataclass(frozen=True)
@@ -130,6 +150,10 @@ class SparseEncoderClassifier(nn.Module):
                                      dropout=cfg.dropout, attn_dropout=cfg.attn_dropout), backend=backend, **factory)
 
         def attn() -> nn.Module | None:
+            if isinstance(pattern, NSAMixer):
+                return NativeSparseAttention(cfg.dim, cfg.heads, head_dim=(cfg.qkv_dim or cfg.dim) // cfg.heads,
+                                             shape=pattern.shape(), dropout=cfg.attn_dropout, backend=backend,
+                                             **factory)
             if not isinstance(pattern, CombinerMixer):
                 return None
             # one partition for every batch: the regions of the longest input, whatever a batch is padded to
@@ -160,7 +184,8 @@ class SparseEncoderClassifier(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
 

@@ -5,7 +5,7 @@ learns a shortcut through another's):
 
 - **compressed**: blocks of ``cmp_length`` keys every ``cmp_stride`` tokens, each summarised by a learned MLP
   over the block's keys plus an intra-block position embedding (one MLP for keys, one for values, shared by the
-  heads); the query attends every summary (causal: every summary whose block has ended at p);
+  heads); the query attends every summary of real tokens (causal: whose block has ended at p);
 - **selected**: the keys of ``select_top`` blocks of ``select_block`` tokens. A block's importance is the
   compressed branch's attention probability spread over its tokens: each summary's probability is divided
   evenly over the ``cmp_length / cmp_stride`` stride cells it covers and a block sums its cells (the paper's
@@ -99,10 +99,11 @@ class BlockCompressor(nn.Module):
 
 
 def summary_real(real: Tensor, shape: NSAShape) -> Tensor:
-    """(B, N) real tokens -> (B, S): the summary's block holds a real token."""
+    """(B, N) real tokens -> (B, S): the summary's block is all real tokens. A summary over padding would be
+    another summary than the same input alone has (its block would end inside the padding): it is left out."""
     if real.shape[1] < shape.cmp_length:
         return real[:, :0]
-    return real.unfold(1, shape.cmp_length, shape.cmp_stride).any(-1)
+    return real.unfold(1, shape.cmp_length, shape.cmp_stride).all(-1)
 
 
 @torch.no_grad()
