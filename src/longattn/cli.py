@@ -57,6 +57,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             write_json(Path(args.out) / "layer_cost.json", [r.row() for r in rows])
             print(f"wrote {Path(args.out) / 'layer_cost.json'}")
         return 0
+    if args.selection:
+        from .io import write_json
+        from .tools.bench import matmul_gflops
+        from .tools.selection_cost import cost_table, measure
+
+        rows = measure(args.lengths or [4096, 8192, 16384, 32768, 65536], head_dim=args.head_dim,
+                       min_run_time=args.min_run_time or 1.0, progress=not args.no_progress)
+        import torch
+
+        rates = {name: matmul_gflops(dtype, torch.device("cpu")) for name, dtype in
+                 (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        print(cost_table(rows))
+        print(f"machine: {os.cpu_count()} cores, matmul fp32 {rates['fp32']:.0f} / bf16 {rates['bf16']:.0f} GFLOP/s, "
+              f"load average {os.getloadavg()[0]:.1f}")
+        if args.out:
+            write_json(Path(args.out) / "selection_cost.json", [r.row() for r in rows])
+            print(f"wrote {Path(args.out) / 'selection_cost.json'}")
+        return 0
     if args.under_load:
         from .tools.contention import load_table, under_load
 
@@ -216,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"instead: one Transformer layer (width 256, heads of --head-dim: 4 of 64) of each of "
                         f"{listed(LAYERS)}, fwd and fwd+bwd, with the log-log slope of time against N "
                         f"(default lengths 1024 2048 4096 8192)")
+    b.add_argument("--selection", action="store_true", help="instead: content-chosen keys (MoBA, NSA) against causal "
+                   "SDPA and a window of the same key budget, one layer fwd and fwd+bwd, time and peak memory; the "
+                   "choice's share; FlexAttention with the same choice (default lengths 4096 ... 65536)")
     b.add_argument("--under-load", action="store_true", help="instead: blocked and SDPA forwards idle, then beside "
                    "one busy process per core (default patterns longformer_512 bigbird_64, length 4096)")
     b.set_defaults(func=_cmd_bench)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..functional import attention
 from ..patterns import Pattern, causal as causal_pattern, compressed_causal, sliding_window
-from ..patterns.topk_blocks import SelectedBlocks, _top_lower_index
+from ..patterns.topk_blocks import SelectedBlocks, increasing, top_indices
 
 BRANCHES = ("compressed", "selected", "window")
 _SELECT_CHUNK = 1 << 22  # compressed scores evaluated at once while choosing
@@ -153,10 +153,7 @@ def select_blocks(q: Tensor, k_cmp: Tensor, shape: NSAShape, *, causal: bool, kv
         forced = forced & ((starts <= p[:, None]) if causal else True) & (j < nsb)
         eligible = eligible | forced  # the own block is chosen even when it holds only padding
         scores = importance.masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
-        chosen = _top_lower_index(scores, eligible.expand_as(scores), shape.select_top)
-        big = torch.iinfo(torch.long).max
-        ordered = torch.sort(torch.where(chosen < 0, big, chosen), dim=-1).values
-        out[:, :, r0:r1] = ordered.masked_fill_(ordered == big, -1)
+        out[:, :, r0:r1] = increasing(top_indices(scores, shape.select_top))
     return out
 
 

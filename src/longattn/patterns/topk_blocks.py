@@ -107,14 +107,14 @@ def select_blocks(q: Tensor, k: Tensor, top: int, block: int, *, causal: bool = 
         if causal:
             eligible = eligible & (starts <= i[:, None])
         scores = scores.masked_fill(~eligible, float("-inf"))
-        chosen = _top_lower_index(scores, eligible, top - 1)  # (B, H, c, top - 1)
+        chosen = top_indices(scores, top - 1)  # (B, H, c, top - 1)
         own_col = own.view(1, 1, -1, 1).expand(b, h, -1, 1)
-        out[:, :, r0:r1] = _increasing(torch.cat([own_col, chosen], dim=-1))
+        out[:, :, r0:r1] = increasing(torch.cat([own_col, chosen], dim=-1))
     return out
 
 
-def _top_lower_index(scores: Tensor, eligible: Tensor, n: int) -> Tensor:
-    """The n highest eligible entries of each row (indices, -1 where fewer are eligible), ties broken by the
+def top_indices(scores: Tensor, n: int) -> Tensor:
+    """The n highest entries of each row above -inf (indices, -1 where fewer are), ties broken by the
     lower index: torch.topk's order among equal values is unspecified, so rows whose n-th and (n+1)-th values
     tie are chosen again with a stable sort."""
     width = scores.shape[-1]
@@ -136,7 +136,7 @@ def _top_lower_index(scores: Tensor, eligible: Tensor, n: int) -> Tensor:
     return index
 
 
-def _increasing(index: Tensor) -> Tensor:
+def increasing(index: Tensor) -> Tensor:
     """Sort each row's block indices increasingly with the empty places (-1) last."""
     big = torch.iinfo(torch.long).max
     ordered = torch.sort(torch.where(index < 0, big, index), dim=-1).values
