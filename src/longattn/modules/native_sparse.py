@@ -118,7 +118,6 @@ def select_blocks(q: Tensor, k_cmp: Tensor, shape: NSAShape, *, causal: bool, kv
     s = shape.num_summaries(kv_len)
     block, cells = shape.select_block, shape.cmp_length // shape.cmp_stride
     nsb = -(-kv_len // block)
-    n_cells = -(-kv_len // shape.cmp_stride)
     per_block = block // shape.cmp_stride
     has_keys = F.pad(real, (0, nsb * block - kv_len)).view(b, nsb, block).any(-1)[:, None, None, :]
     summary_ok = summary_real(real, shape)[:, None, None, :]  # (B, 1, 1, S)
@@ -130,22 +129,25 @@ def select_blocks(q: Tensor, k_cmp: Tensor, shape: NSAShape, *, causal: bool, kv
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
         p = torch.arange(r0, r1, device=q.device) + offset  # token positions (c,)
-        importance = torch.zeros(b, h // group, r1 - r0, nsb, dtype=dtype, device=q.device)
-        if s:
-            scores = torch.matmul(q[:, :, r0:r1].to(dtype), keys.transpose(-1, -2)) * scale  # (B, H, c, S)
+        if not s:
+            importance = torch.zeros(b, h // group, r1 - r0, nsb, dtype=dtype, device=q.device)
+        else:
+            scores = torch.matmul(q[:, :, r0:r1].to(dtype) * scale, keys.transpose(-1, -2))  # (B, H, c, S)
             visible = summary_ok
             if causal:
                 ends = torch.arange(s, device=q.device) * shape.cmp_stride + shape.cmp_length - 1
                 visible = visible & (ends <= p[:, None])
-            probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).nan_to_num_(0.0)
-            probs = probs.view(b, h // group, group, r1 - r0, s).sum(2)  # GQA: one choice per key head
-            # Spread each summary over its stride cells, then sum the cells of each block (prefix sums).
-            csum = F.pad(probs.cumsum(-1), (1, 0))  # csum[t] = sum of summaries < t
-            u = torch.arange(n_cells, device=q.device)
-            cell = (csum[..., (u + 1).clamp(max=s)] - csum[..., (u - cells + 1).clamp(0, s)]) / cells
-            ccum = F.pad(cell.cumsum(-1), (1, 0))
-            j = torch.arange(nsb, device=q.device)
-            importance = ccum[..., ((j + 1) * per_block).clamp(max=n_cells)] - ccum[..., j * per_block]
+            probs = torch.softmax(scores.masked_fill_(~visible, float("-inf")), -1)
+            blind = ~visible.any(-1)  # (B, 1, c): rows that see no summary (NaN): importance 0
+            if bool(blind.any()):
+                probs[blind.expand(b, h, -1)] = 0.0
+            if group > 1:  # GQA: one choice per key head
+                probs = probs.view(b, h // group, group, r1 - r0, s).sum(2)
+            # Summary t covers the stride cells [t, t + cells): each gets 1/cells of it; a block sums its cells.
+            cell = probs.new_zeros(*probs.shape[:-1], nsb * per_block)
+            for shift in range(cells):
+                cell[..., shift:shift + s] += probs
+            importance = cell.view(*cell.shape[:-1], nsb, per_block).sum(-1).div_(cells)
         own = p.div(block, rounding_mode="floor")  # (c,)
         j = torch.arange(nsb, device=q.device)
         eligible = has_keys & ((starts <= p[:, None]) if causal else torch.ones_like(starts, dtype=torch.bool))

@@ -204,9 +204,13 @@ class _PairAttention(torch.autograd.Function):
         out = q.new_zeros(q.shape[0], v.shape[-1])
         # One pass per group of heads: each chunk row's maximum, sum and unnormalised output, merged over the
         # row's chunks once the group is done (the online softmax's reduction, by scatter).
+        qc = call.chunks.rows.shape[1]
         for group in call.groups(v.shape[-1]):
-            maxima, sums, parts = [], [], []
+            size = (group.stop - group.start) * qc
+            maxima, sums = q.new_empty(size), q.new_empty(size)
+            parts = q.new_empty(size, v.shape[-1])  # unnormalised outputs, each row's part of each chunk
             for n, sl, masked in call.batches(group):
+                at = slice((sl.start - group.start) * qc, (sl.stop - group.start) * qc)
                 qg, kg, vg = _operands(call, sl, q, k, v)
                 scores = call.scores(ws, sl, masked, qg, kg)
                 m = scores.amax(-1, keepdim=True)  # (c, Qc, 1)
@@ -214,16 +218,16 @@ class _PairAttention(torch.autograd.Function):
                     scores.sub_(torch.where(m > float("-inf"), m, 0.0)).exp_()
                 else:
                     scores.sub_(m).exp_()
-                maxima.append(m.flatten())
-                sums.append(scores.sum(-1).flatten())
+                maxima[at] = m.flatten()
+                torch.sum(scores, -1, out=sums[at].view(m.shape[:2]))
                 keep = call.dropout_keep(n, scores)
-                parts.append(torch.bmm(scores if keep is None else scores * keep, vg).flatten(0, 1))
+                torch.bmm(scores if keep is None else scores * keep, vg, out=parts[at].view(*m.shape[:2], -1))
             rows = call.chunks.rows[group].reshape(-1)
-            m = torch.cat(maxima)
-            top.scatter_reduce_(0, rows, m, "amax")
-            weight = torch.where(m > float("-inf"), torch.exp(m - top[rows].clamp(min=torch.finfo(q.dtype).min)), 0.0)
-            total.index_add_(0, rows, torch.cat(sums) * weight)
-            out.index_add_(0, rows, torch.cat(parts).mul_(weight[:, None]))
+            top.scatter_reduce_(0, rows, maxima, "amax")
+            weight = torch.where(maxima > float("-inf"),
+                                 torch.exp(maxima - top[rows].clamp(min=torch.finfo(q.dtype).min)), 0.0)
+            total.index_add_(0, rows, sums.mul_(weight))
+            out.index_add_(0, rows, parts.mul_(weight[:, None]))
         live = total > 0
         out = torch.where(live[:, None], out / torch.where(live, total, 1.0)[:, None], 0.0)
         lse = torch.where(live, top + torch.log(total), float("-inf"))
