@@ -119,9 +119,10 @@ def add_parser(sub) -> None:
     train.add_argument("--preset", default="small", choices=sorted(PRESETS), help="base config")
     train.add_argument("--corpus", type=ExistingPath("corpus file", folder=False),
                        help="raw byte file or .zip (enwik8); default: this Python's standard library")
-    train.add_argument("--pattern", help="full, window, strided, fixed, bigbird, a pattern expression, "
-                       "combiner-fixed|combiner-logsparse|combiner-mixture[-REGION] (causal Combiner, region 32) "
-                       "or fit (the FIT decoder LM) (default: the preset's)")
+    train.add_argument("--pattern", help="full, window, strided, fixed, bigbird, moba (content-chosen blocks), a "
+                       "pattern expression, combiner-fixed|combiner-logsparse|combiner-mixture[-REGION] (causal "
+                       "Combiner, region 32), fit (the FIT decoder LM) or nsa (Native Sparse Attention) (default: "
+                       "the preset's)")
     for flag, kind, text in (("--seg-len", positive_int, "bytes per training segment"),
                              ("--mem-len", nonnegative_int, "memory length"),
                              ("--clamp-len", positive_int, "relative distances beyond it share one encoding"),

@@ -48,10 +48,6 @@ class Chunks:
     masked: Tensor  # (C,) bool: some pair of the chunk needs a token mask
     head: Tensor  # (C,) long: b * H + h
 
-    @property
-    def spare_row(self) -> int:
-        return int(self.rows.max()) if self.rows.numel() else 0
-
 
 def chunk_pairs(blocks: Tensor, chosen: Tensor | None, num_kv_blocks: int, qc: int) -> tuple[Tensor, ...]:
     """Group the pairs of ``blocks`` (B, H, Nq, K) long (-1 = none) into chunks of at most ``qc`` rows ordered
