@@ -14,6 +14,7 @@ from ..patterns import Geometry, Pattern
 from ..patterns.full import Full
 from ..caches import named_cache
 from ..patterns.layout import compact, get_plan
+from ..patterns.topk_blocks import content_parts
 from .inputs import AttentionInputs
 
 FLEX_BLOCK = 128
@@ -74,8 +75,11 @@ def build_block_mask(pattern: Pattern, geo: Geometry, device: torch.device, *, k
                      bool_mask: Tensor | None = None) -> "BlockMask":
     """A ``BlockMask`` for ``pattern`` (and optional extra masks) from the pattern's exact plan."""
     block = flex_block(pattern, device)
-    plan = get_plan(pattern, geo, block, device)
-    layout = plan.layout()
+    chosen = bool(content_parts(pattern))  # blocks chosen for this call: no plan to refine or cache
+    plan = None if chosen else get_plan(pattern, geo, block, device)
+    # A call's choice lists its blocks directly (the union of each query block's rows' choices), every one
+    # partial: building costs O(N * k), where refining a plan would evaluate the mask over all of them.
+    layout = pattern.candidates(geo, block, device) if chosen else plan.layout()
     allowed = pattern.allowed_fn(geo, device)
     offset = geo.offset
     extra = key_padding_mask is not None or bool_mask is not None
@@ -93,7 +97,7 @@ def build_block_mask(pattern: Pattern, geo: Geometry, device: torch.device, *, k
         return keep
 
     mask_mod.__name__ = pattern.name
-    if extra:  # extra masks can empty any block: every block must evaluate the mask
+    if extra or chosen:  # extra masks can empty any block: every block must evaluate the mask
         partial, full = layout, None
     else:
         full = plan.full_layout()
