@@ -157,7 +157,7 @@ def test_selection_cost_bench_measures_every_row():
     from longattn.tools.selection_cost import LAYERS, cost_table, measure
 
     rows = measure([256], min_run_time=0.01, flex=False, progress=False)
-    assert {r.what for r in rows if r.mode == "fwd+bwd"} == set(LAYERS)
-    assert all(r.ms > 0 for r in rows) and all(r.peak_mb > 0 for r in rows if r.what in LAYERS)
+    assert {r.layer for r in rows if r.mode == "fwd+bwd"} == set(LAYERS)
+    assert all(r.ms > 0 for r in rows) and all(r.peak_mb > 0 for r in rows if r.layer in LAYERS)
     table = cost_table(rows)
     assert "moba: choice" in table and "choice's share" in table

@@ -59,23 +59,11 @@ class FITMixer:
 
 
 @dataclass(frozen=True)
-class NSAMixer:
-    """Every block attends with bidirectional ``NativeSparseAttention`` of these sizes (``NSAShape``'s fields;
-    a sparser default than the paper's, which at LRA's lengths would cover nearly every key)."""
+class NSAMixer(NSAShape):
+    """Every block attends with bidirectional ``NativeSparseAttention`` of these sizes (``NSAShape``)."""
 
-    cmp_length: int = 32
-    cmp_stride: int = 16
-    select_block: int = 64
-    select_top: int = 4
-    window: int = 128
-    init_blocks: int = 1
-    local_blocks: int = 2
     shift_invariant = False  # blocks sit on absolute positions
     name = "nsa"
-
-    def shape(self) -> NSAShape:
-        return NSAShape(self.cmp_length, self.cmp_stride, self.select_block, self.select_top, self.window,
-                        self.init_blocks, self.local_blocks)
 
 
 @dataclass(frozen=True)
@@ -152,8 +140,7 @@ class SparseEncoderClassifier(nn.Module):
         def attn() -> nn.Module | None:
             if isinstance(pattern, NSAMixer):
                 return NativeSparseAttention(cfg.dim, cfg.heads, head_dim=(cfg.qkv_dim or cfg.dim) // cfg.heads,
-                                             shape=pattern.shape(), dropout=cfg.attn_dropout, backend=backend,
-                                             **factory)
+                                             shape=pattern, dropout=cfg.attn_dropout, backend=backend, **factory)
             if not isinstance(pattern, CombinerMixer):
                 return None
             # one partition for every batch: the regions of the longest input, whatever a batch is padded to

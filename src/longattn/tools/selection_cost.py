@@ -16,8 +16,6 @@ Each layer is a pre-LN Transformer layer (attention + MLP) of width ``dim`` and 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 
 from ..io import markdown_table
@@ -26,23 +24,12 @@ from ..modules.native_sparse import NSAShape, select_blocks as nsa_select
 from ..patterns import Geometry, causal, sliding_window
 from ..patterns.topk_blocks import resolve, topk_blocks
 from ..training.progress import progress_bar
+from .layer_cost import LayerRow
 from .measure import median_ms, peak_mb
 
 LAYERS = ("full", "window", "moba", "nsa")
 MOBA_BLOCK, MOBA_TOP = 128, 4  # 512 keys per query
 NSA = NSAShape()  # the paper's sizes
-
-
-@dataclass
-class CostRow:
-    what: str  # a layer, or an attention-only measurement
-    length: int
-    mode: str  # "fwd" or "fwd+bwd"
-    ms: float
-    peak_mb: float | None
-
-    def row(self) -> dict:
-        return asdict(self)
 
 
 def build_layer(name: str, *, dim: int, heads: int) -> torch.nn.Module:
@@ -60,7 +47,7 @@ def build_layer(name: str, *, dim: int, heads: int) -> torch.nn.Module:
 
 def measure(lengths: list[int], *, layers: tuple[str, ...] = LAYERS, dim: int = 256, head_dim: int = 64,
             full_max: int = 32768, flex: bool = True, min_run_time: float = 1.0, progress: bool = True
-            ) -> list[CostRow]:
+            ) -> list[LayerRow]:
     """Every (layer, length, mode), then the attention-only forwards; full attention up to ``full_max`` tokens."""
     heads = dim // head_dim
     cpu = torch.device("cpu")
@@ -81,7 +68,7 @@ def measure(lengths: list[int], *, layers: tuple[str, ...] = LAYERS, dim: int = 
                 layer(x, None).sum().backward()
 
         step()
-        rows.append(CostRow(name, n, mode, median_ms(step, cpu, min_run_time), peak_mb(step, cpu, False)))
+        rows.append(LayerRow(name, n, mode, median_ms(step, cpu, min_run_time), peak_mb(step, cpu, False)))
         bar.update(1)
         bar.set_postfix(last=f"{name}@{n} {mode} {rows[-1].ms:.0f} ms")
     for n in lengths:
@@ -92,7 +79,7 @@ def measure(lengths: list[int], *, layers: tuple[str, ...] = LAYERS, dim: int = 
 
 
 @torch.no_grad()
-def attention_only(n: int, *, heads: int, head_dim: int, flex: bool, min_run_time: float) -> list[CostRow]:
+def attention_only(n: int, *, heads: int, head_dim: int, flex: bool, min_run_time: float) -> list[LayerRow]:
     """Forward of the attention alone (B = 1): MoBA's choice, the whole call on the pair kernel, FlexAttention
     with a block mask from the same choice (building it, and the compiled kernel); NSA's choice (the compressed
     scores included) and its whole attention (three branches)."""
@@ -108,7 +95,7 @@ def attention_only(n: int, *, heads: int, head_dim: int, flex: bool, min_run_tim
 
     def timed(what: str, fn) -> None:
         fn()
-        out.append(CostRow(what, n, "fwd", median_ms(fn, cpu, min_run_time), None))
+        out.append(LayerRow(what, n, "fwd", median_ms(fn, cpu, min_run_time), None))
 
     timed("moba: choice", lambda: pattern.select(q, k))
     timed("moba: attention (pair kernel)", lambda: attention(q, k, v, pattern=pattern, backend="blocked"))
@@ -128,12 +115,12 @@ def attention_only(n: int, *, heads: int, head_dim: int, flex: bool, min_run_tim
     return out
 
 
-def cost_table(rows: list[CostRow]) -> str:
+def cost_table(rows: list[LayerRow]) -> str:
     lengths = sorted({r.length for r in rows})
-    by = {(r.what, r.length, r.mode): r for r in rows}
+    by = {(r.layer, r.length, r.mode): r for r in rows}
     out = []
     for mode in ("fwd", "fwd+bwd"):
-        names = list(dict.fromkeys(r.what for r in rows if r.mode == mode))
+        names = list(dict.fromkeys(r.layer for r in rows if r.mode == mode))
         head = ["layer" if mode == "fwd+bwd" else "layer / attention alone"] + [f"{n} ms (MB)" for n in lengths]
         body = []
         for name in names:

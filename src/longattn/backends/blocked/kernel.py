@@ -218,11 +218,7 @@ class BlockedCall:
 
     def dropout_keep(self, n: int, like: Tensor) -> Tensor | None:
         """Group n's dropout mask, scaled by 1/(1-p); regenerated identically in backward from its seed."""
-        if self.dropout_p == 0:
-            return None
-        gen = torch.Generator(device=like.device).manual_seed(self.seed + n)
-        keep = torch.rand(like.shape, generator=gen, device=like.device, dtype=like.dtype) >= self.dropout_p
-        return keep.to(like.dtype) / (1 - self.dropout_p)
+        return dropout_keep(self.dropout_p, self.seed + n, like)
 
     def work(self, ops: _Operands) -> Iterator[tuple[int, Tile, tuple[slice, slice], list[Part], Tensor | None,
                                                      Tensor | None]]:
@@ -283,6 +279,16 @@ class BlockedCall:
             torch.mul(_scores(qt, parts, "k", raw), self.scale, out=scores)
         probs = self.probabilities(scores, bias, dead)
         return qt, probs, self.dropout_keep(n, probs)
+
+
+def dropout_keep(p: float, seed: int, like: Tensor) -> Tensor | None:
+    """A dropout mask shaped as ``like``, scaled by 1/(1-p), drawn from ``seed`` (None when p is 0): the same
+    mask again in backward, without storing it."""
+    if p == 0:
+        return None
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    keep = torch.rand(like.shape, generator=gen, device=like.device, dtype=like.dtype) >= p
+    return keep.to(like.dtype) / (1 - p)
 
 
 def _mix(weights: Tensor, parts: list[Part], operand: str, acc: torch.dtype | None = None) -> Tensor:

@@ -29,7 +29,7 @@ from ...patterns import Geometry
 from ...patterns.layout import get_plan
 from ...patterns.topk_blocks import Resolved
 from ..inputs import AttentionInputs
-from .kernel import TILE_BYTES, _Workspace
+from .kernel import TILE_BYTES, _Workspace, dropout_keep
 
 PairMask = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 GROUP_BYTES = 32 << 20  # partial outputs kept at once (whole heads; one head at least)
@@ -167,12 +167,8 @@ class PairCall:
         return bias.masked_fill_(~keep, float("-inf"))
 
     def dropout_keep(self, n: int, like: Tensor) -> Tensor | None:
-        """Batch n's dropout mask scaled by 1/(1-p), regenerated identically in backward from its seed."""
-        if self.dropout_p == 0:
-            return None
-        gen = torch.Generator(device=like.device).manual_seed(self.seed + n)
-        keep = torch.rand(like.shape, generator=gen, device=like.device, dtype=like.dtype) >= self.dropout_p
-        return keep.to(like.dtype) / (1 - self.dropout_p)
+        """The dropout mask of the batch starting at chunk n, regenerated identically in backward."""
+        return dropout_keep(self.dropout_p, self.seed + n, like)
 
     def scores(self, ws: _Workspace, sl: slice, masked: bool, qg: Tensor, kg: Tensor) -> Tensor:
         """A batch's scores (c, Qc, s) in the workspace (queries come scaled), masked chunks' bias added."""
