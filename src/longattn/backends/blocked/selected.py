@@ -9,11 +9,13 @@ block, gathered into one (Qc, d) operand, and is one small dense product against
 pairs' scores plus at most one partly filled chunk per key block (on average a key block is chosen by
 k * s * Nq / Nk rows, so chunks are nearly full).
 
-A row's pairs lie in several chunks. Two passes make its softmax exact without keeping partial outputs: the
-first finds each row's log-sum-exp (maximum and sum per chunk row, merged by scatter), the second adds
-``exp(s - lse) @ V`` into the output rows. Backward recomputes the probabilities the same way, as the tile
-kernel does. Memory: the pair list and one batch of chunks, never a score matrix. Half-precision inputs
-compute in float32.
+A row's pairs lie in several chunks. The forward keeps, for every chunk row, its maximum, sum and
+unnormalised output, and merges them per row by scatter once a group of heads is done (the online softmax's
+reduction; 16K causal MoBA: one pass instead of two, 300 -> 177 ms). Backward recomputes the probabilities
+from each row's log-sum-exp, as the tile kernel does. Chunks whose key block holds no padding and ends before
+their first query take no mask; empty slots point at a spare row whose log-sum-exp is +inf. Memory: the pair
+list, one group's partial outputs (``GROUP_BYTES``) and one batch of chunks, never a score matrix.
+Half-precision inputs compute in float32.
 """
 
 from __future__ import annotations
