@@ -12,7 +12,8 @@ from .paraformer import DocumentStates, ParaformerConfig, ParaformerRetriever, p
 from .xl import TransformerXL, XLConfig, XLOutput
 
 __all__ = ["FIT", "FITLM", "BigBirdConfig", "BigBirdModel", "BotNet", "BotNetConfig", "CombinerMixer", "DocumentStates",
-           "EncoderConfig", "EtcConfig", "EtcModel", "EtcOutput", "EtcStructure", "FITConfig", "FITMixer", "FITOutput", "NSAMixer",
+           "EncoderConfig", "EtcConfig", "EtcModel", "EtcOutput", "EtcStructure", "FITConfig", "FITMixer", "FITOutput",
+           "NSAMixer",
            "FeatureMaps", "LongformerConfig", "LongformerModel", "ParaformerConfig", "ParaformerRetriever",
            "SparseEncoderClassifier", "TransformerXL", "XLConfig", "XLOutput", "create_model", "default_config",
            "etc_structure", "list_models", "pad_documents"]
