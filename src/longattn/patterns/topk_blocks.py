@@ -4,7 +4,8 @@
 
 - the score of key block b is ``q_i . mean(k_j for the real keys j of b)``: padding is left out of the mean,
   and a block with no real key is never chosen;
-- the block holding key position i (the query's own block) always takes one of the k places;
+- the block holding key position i (the query's own block) always takes one of the k places (one of none but
+  padding keeps it and adds no key);
 - with ``causal=True`` blocks that start after i are not eligible, and inside the own block only ``j <= i``;
 - the other k - 1 places go to the highest-scoring eligible blocks, ties broken by the lower block index
   (all of them when fewer are eligible);
