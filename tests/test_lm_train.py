@@ -310,5 +310,7 @@ def test_sweep_trains_each_pattern_evaluates_each_memory_and_reuses_both(corpus_
     for row in (*again["rows"], *report["rows"]):
         row.pop("paired_seconds_per_step")  # timed afresh, the rest reused
     assert again["rows"] == report["rows"]
+    untimed = run_sweep(tmp_path, **{**kwargs, "step_repeats": 0})  # no pairing: the table has no such column
+    assert "s/step (paired)" not in (tmp_path / "sweep.md").read_text() and len(untimed["rows"]) == 2
     with pytest.raises(ValueError, match="patterns"):
         run_sweep(tmp_path, **{**kwargs, "patterns": []})

@@ -148,7 +148,7 @@ def table(report: dict) -> str:
             + [f"ms/byte, mem {m}" for m in mems])
     formats = ["", "", ".2f"] + [".2f"] * paired + [".4f"] * len(mems) + [".3f"] * len(mems)
     rows = [[r["pattern"], f"{r['params'] / 1e6:.2f}M", r["seconds_per_step"]]
-            + [r["paired_seconds_per_step"]] * paired
+            + ([r["paired_seconds_per_step"]] if paired else [])
             + [r["memory"][str(m)]["bits_per_byte"] for m in mems]
             + [r["memory"][str(m)]["ms_per_byte"] for m in mems] for r in report["rows"]]
     lines = [markdown_table(head, rows, formats=formats)]
