@@ -58,14 +58,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"wrote {Path(args.out) / 'layer_cost.json'}")
         return 0
     if args.selection:
+        import torch
+
         from .io import write_json
         from .tools.bench import matmul_gflops
         from .tools.selection_cost import cost_table, measure
 
         rows = measure(args.lengths or [4096, 8192, 16384, 32768, 65536], head_dim=args.head_dim,
                        min_run_time=args.min_run_time or 1.0, progress=not args.no_progress)
-        import torch
-
         rates = {name: matmul_gflops(dtype, torch.device("cpu")) for name, dtype in
                  (("fp32", torch.float32), ("bf16", torch.bfloat16))}
         print(cost_table(rows))

@@ -76,6 +76,15 @@ def _positive(value: object, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def summarise(compress_k: "BlockCompressor", compress_v: "BlockCompressor", k: Tensor, v: Tensor, stride: int,
+              key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The compressed branch's summaries (B, H, S, D) of keys and values (B, H, N, D); padded tokens are zeroed
+    first (a summary over padding is masked anyway, ``summary_real``: this keeps NaN in padding out of it)."""
+    if key_padding_mask is not None:
+        k, v = (t * key_padding_mask[:, None, :, None].to(t.dtype) for t in (k, v))
+    return compress_k(k, stride), compress_v(v, stride)
+
+
 class BlockCompressor(nn.Module):
     """phi: a block of ``length`` vectors of width ``dim`` -> one vector (an MLP over the block's vectors plus a
     learned intra-block position embedding)."""
@@ -148,11 +157,13 @@ def select_blocks(q: Tensor, k_cmp: Tensor, shape: NSAShape, *, causal: bool, kv
             for shift in range(cells):
                 cell[..., shift:shift + s] += probs
             importance = cell.view(*cell.shape[:-1], nsb, per_block).sum(-1).div_(cells)
-        own = p.div(block, rounding_mode="floor")  # (c,)
+        own = p.div(block, rounding_mode="floor")[:, None]  # (c, 1)
         j = torch.arange(nsb, device=q.device)
-        eligible = has_keys & ((starts <= p[:, None]) if causal else torch.ones_like(starts, dtype=torch.bool))
-        forced = (j < shape.init_blocks) | ((j <= own[:, None]) & (j > own[:, None] - shape.local_blocks))
-        forced = forced & ((starts <= p[:, None]) if causal else True) & (j < nsb)
+        forced = (j < shape.init_blocks) | ((j <= own) & (j > own - shape.local_blocks))  # (c, nSB)
+        eligible = has_keys
+        if causal:
+            started = starts <= p[:, None]
+            forced, eligible = forced & started, eligible & started
         eligible = eligible | forced  # the own block is chosen even when it holds only padding
         scores = importance.masked_fill(forced, float("inf")).masked_fill(~eligible, float("-inf"))
         out[:, :, r0:r1] = increasing(top_indices(scores, shape.select_top))
@@ -255,12 +266,9 @@ class NativeSparseAttention(nn.Module):
         b, n, _ = x.shape
         q = self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         kv = self.kv(x).view(b, n, len(BRANCHES), 2, self.kv_heads, self.head_dim).permute(2, 3, 0, 4, 1, 5)
-        if key_padding_mask is not None:  # padded keys never enter a summary
-            kv = kv * key_padding_mask[:, None, :, None].to(kv.dtype)
         (k_cmp, v_cmp), (k_sel, v_sel), (k_win, v_win) = kv.unbind(0)
-        stride = self.shape.cmp_stride
-        branches = {"compressed": (self.compress_k(k_cmp, stride), self.compress_v(v_cmp, stride)),
-                    "selected": (k_sel, v_sel), "window": (k_win, v_win)}
+        summaries = summarise(self.compress_k, self.compress_v, k_cmp, v_cmp, self.shape.cmp_stride, key_padding_mask)
+        branches = {"compressed": summaries, "selected": (k_sel, v_sel), "window": (k_win, v_win)}
         gates = torch.sigmoid(self.gate(x)).view(b, n, self.heads, len(BRANCHES)).transpose(1, 2)
         return q, branches, gates
 

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from ..functional import attention
 from ..patterns import Pattern, causal
 from .combiner import abstractions, attend
-from .native_sparse import BRANCHES, BlockCompressor, NSAShape, native_sparse_attention
+from .native_sparse import BRANCHES, BlockCompressor, NSAShape, native_sparse_attention, summarise
 
 METHODS = ("auto", "factorised", "shift")
 COMBINER_KINDS = ("fixed", "logsparse", "mixture")  # the causal kinds on a 1-D sequence (axial needs rows)
@@ -304,9 +304,7 @@ class RelativeAttention(nn.Module):
         shape = self.nsa
         kc, vc, kw, vw = nn.functional.linear(context, self.nsa_kv.weight).view(b, nk, 4, h, d).permute(
             2, 0, 3, 1, 4).unbind(0)
-        if key_padding_mask is not None:  # padded keys never enter a summary
-            kc, vc = (t * key_padding_mask[:, None, :, None].to(t.dtype) for t in (kc, vc))
-        k_sum, v_sum = self.compress_k(kc, shape.cmp_stride), self.compress_v(vc, shape.cmp_stride)
+        k_sum, v_sum = summarise(self.compress_k, self.compress_v, kc, vc, shape.cmp_stride, key_padding_mask)
         centres = torch.arange(k_sum.shape[2], device=k.device) * shape.cmp_stride + (shape.cmp_length - 1) / 2
         widen = lambda t, feats: torch.cat([t, feats.to(t.dtype).expand(b, h, -1, -1)], dim=-1)  # noqa: E731
         branches = {"compressed": (widen(k_sum, key_features(centres, self.pos_dim)), v_sum),

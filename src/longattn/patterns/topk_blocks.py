@@ -244,14 +244,21 @@ class Resolved:
         return mask
 
 
-def content_parts(pattern: Pattern) -> list[TopKBlocks | SelectedBlocks]:
+def content_parts(pattern: Pattern) -> tuple[TopKBlocks | SelectedBlocks, ...]:
     """The content-dependent parts of a pattern (a composition's, recursively): ``topk_blocks``, and blocks
-    chosen by the caller (``SelectedBlocks``: NSA's selection), which the same kernels run."""
+    chosen by the caller (``SelectedBlocks``: NSA's selection), which the same kernels run. Kept on the
+    (frozen) pattern, as its ``key`` is: every attention call asks."""
+    cached = pattern.__dict__.get("_content_parts")
+    if cached is not None:
+        return cached
     if isinstance(pattern, (TopKBlocks, SelectedBlocks)):
-        return [pattern]
-    out: list[TopKBlocks | SelectedBlocks] = []
-    for child in _children(pattern):
-        out += [p for p in content_parts(child) if p not in out]
+        out: tuple[TopKBlocks | SelectedBlocks, ...] = (pattern,)
+    else:
+        found: list[TopKBlocks | SelectedBlocks] = []
+        for child in _children(pattern):
+            found += [p for p in content_parts(child) if p not in found]
+        out = tuple(found)
+    object.__setattr__(pattern, "_content_parts", out)
     return out
 
 

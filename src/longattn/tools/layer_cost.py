@@ -72,22 +72,29 @@ def measure_layers(layers: list[str], lengths: list[int], *, dim: int = 256, hea
     rows = []
     for name, n, mode in jobs:
         torch.manual_seed(0)
-        layer = build_layer(name, n, dim=dim, heads=heads)
-        x = torch.randn(batch, n, dim, requires_grad=mode != "fwd")
-
-        def step() -> None:
-            if mode == "fwd":
-                with torch.no_grad():
-                    run(layer, x)
-            else:
-                run(layer, x).sum().backward()
-
-        step()  # warm-up: plans and schedules
-        rows.append(LayerRow(name, n, mode, median_ms(step, device, min_run_time), peak_mb(step, device, False)))
+        rows.append(time_layer(name, build_layer(name, n, dim=dim, heads=heads), n, mode, dim=dim, batch=batch,
+                               device=device, min_run_time=min_run_time))
         bar.update(1)
         bar.set_postfix(last=f"{name}@{n} {mode} {rows[-1].ms:.0f} ms")
     bar.close()
     return rows
+
+
+def time_layer(name: str, layer: torch.nn.Module, n: int, mode: str, *, dim: int, batch: int,
+               device: torch.device, min_run_time: float) -> LayerRow:
+    """One layer's median time and peak memory on ``batch`` random inputs of ``n`` tokens, forward ("fwd") or
+    forward+backward, after a warm-up call (plans and schedules)."""
+    x = torch.randn(batch, n, dim, requires_grad=mode != "fwd")
+
+    def step() -> None:
+        if mode == "fwd":
+            with torch.no_grad():
+                run(layer, x)
+        else:
+            run(layer, x).sum().backward()
+
+    step()
+    return LayerRow(name, n, mode, median_ms(step, device, min_run_time), peak_mb(step, device, False))
 
 
 def run(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

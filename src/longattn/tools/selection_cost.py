@@ -24,8 +24,8 @@ from ..modules.native_sparse import NSAShape, select_blocks as nsa_select
 from ..patterns import Geometry, causal, sliding_window
 from ..patterns.topk_blocks import resolve, topk_blocks
 from ..training.progress import progress_bar
-from .layer_cost import LayerRow
-from .measure import median_ms, peak_mb
+from .layer_cost import LayerRow, time_layer
+from .measure import median_ms
 
 LAYERS = ("full", "window", "moba", "nsa")
 MOBA_BLOCK, MOBA_TOP = 128, 4  # 512 keys per query
@@ -57,18 +57,8 @@ def measure(lengths: list[int], *, layers: tuple[str, ...] = LAYERS, dim: int = 
     rows = []
     for name, n, mode in jobs:
         torch.manual_seed(0)
-        layer = build_layer(name, dim=dim, heads=heads)
-        x = torch.randn(1, n, dim, requires_grad=mode != "fwd")
-
-        def step() -> None:
-            if mode == "fwd":
-                with torch.no_grad():
-                    layer(x, None)
-            else:
-                layer(x, None).sum().backward()
-
-        step()
-        rows.append(LayerRow(name, n, mode, median_ms(step, cpu, min_run_time), peak_mb(step, cpu, False)))
+        rows.append(time_layer(name, build_layer(name, dim=dim, heads=heads), n, mode, dim=dim, batch=1, device=cpu,
+                               min_run_time=min_run_time))
         bar.update(1)
         bar.set_postfix(last=f"{name}@{n} {mode} {rows[-1].ms:.0f} ms")
     for n in lengths:
